@@ -1,0 +1,50 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vdm import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, "configs", "base.py")
+
+
+def test_load_and_override():
+    c = config_lib.load_config(BASE, ["model.depth=3", "--config.train.batch_size=4"])
+    assert c.model.depth == 3 and c.train.batch_size == 4
+    c = config_lib.load_config(BASE, {"optim.learning_rate": 1})  # int -> float field is fine
+    assert c.optim.learning_rate == 1.0 and isinstance(c.optim.learning_rate, float)
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.depht.*config\.model\.depth"):
+        config_lib.load_config(BASE, ["model.depht=3"])
+    with pytest.raises(config_lib.ConfigError, match=r"config\.train\.num_steps"):
+        config_lib.load_config(BASE, ["trian.num_steps=3"])
+
+
+def test_wrong_type_and_choice():
+    with pytest.raises(config_lib.ConfigError, match=r"model\.depth is a int"):
+        config_lib.load_config(BASE, ["model.depth=abc"])
+    with pytest.raises(config_lib.ConfigError, match=r"stage='decoder' is not one of"):
+        config_lib.load_config(BASE, ["stage=decoder"])
+    with pytest.raises(config_lib.ConfigError, match=r"num_frames=16 is not 1 \+ k"):
+        config_lib.load_config(BASE, ["data.num_frames=16"])
+
+
+def test_required_fields_present_in_every_config():
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        if name.endswith(".py") and not name.startswith("_"):
+            config_lib.load_config(os.path.join(ROOT, "configs", name))
+
+
+def test_cli_typo_exits_with_message(tmp_path):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), f"--config={BASE}",
+         f"--workdir={tmp_path}", "--config.model.depht=3"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode == 2
+    assert "Did you mean: config.model.depth" in out.stderr
+    assert "Traceback" not in out.stderr

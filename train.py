@@ -1,0 +1,31 @@
+"""Trains a vdm stage (autoencoder or denoiser). All logic lives in `vdm.train_lib`.
+
+  python train.py --config configs/quickstart.py --workdir workdirs/quickstart \
+      [--config.train.num_steps=1000 ...]
+
+Resumes from --workdir when it holds a checkpoint.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vdm import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    from vdm import cli_errors, train_lib
+
+    with cli_errors.clear_errors():
+        config = _CONFIG.value
+        config_lib.validate(config)
+        train_lib.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=config_lib.parse_flags_with_help)

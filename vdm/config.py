@@ -1,0 +1,244 @@
+"""Loading configs, applying `--config.a.b=value` overrides, and validating them with clear errors.
+
+The CLIs use `ml_collections.config_flags.DEFINE_config_file(lock_config=True)`; absl's own
+messages for a typo'd key are a bare KeyError, so `parse_flags_with_help` re-raises them as a
+`ConfigError` that names the key and the closest valid keys. Tests and notebooks use
+`load_config(path, overrides)`, which goes through the same rules without absl flags.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterable, Sequence
+
+import ml_collections
+from ml_collections import ConfigDict
+
+
+class ConfigError(ValueError):
+    """A config file, key or value the user gave is wrong; the message says which and why."""
+
+
+def flat_keys(config: ConfigDict, prefix: str = "") -> list[str]:
+    """All leaf keys of `config` as dotted paths, e.g. ``["data.height", "model.depth", ...]``."""
+    keys = []
+    for k, v in config.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, ConfigDict) and len(v) > 0 and k != "shape":
+            keys.extend(flat_keys(v, path + "."))
+        else:
+            keys.append(path)
+    return keys
+
+
+def closest_keys(config: ConfigDict, key: str, n: int = 3) -> list[str]:
+    """The valid dotted keys most similar to `key` (for "did you mean" messages)."""
+    candidates = flat_keys(config)
+    close = difflib.get_close_matches(key, candidates, n=n, cutoff=0.5)
+    if not close:  # Match on the last component: `--config.depht=4` -> `model.depth`.
+        last = key.rsplit(".", 1)[-1]
+        by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        close = [by_leaf[m] for m in difflib.get_close_matches(last, list(by_leaf), n=n, cutoff=0.6)]
+    return close
+
+
+def unknown_key_message(config: ConfigDict, key: str) -> str:
+    close = closest_keys(config, key)
+    hint = f" Did you mean: {', '.join('config.' + c for c in close)}?" if close else ""
+    return (
+        f"Unknown config key 'config.{key}'. Configs are locked so a typo cannot create a new "
+        f"field silently.{hint} All fields are documented in configs/base.py."
+    )
+
+
+def load_config_file(path: str, arg: str | None = None) -> ConfigDict:
+    """Imports a config file and calls its `get_config()` (or `get_config(arg)` for `path:arg`)."""
+    if arg is None and ":" in os.path.basename(path):
+        path, arg = path.rsplit(":", 1)
+    if not os.path.exists(path):
+        raise ConfigError(f"Config file '{path}' does not exist (working directory: {os.getcwd()}).")
+    name = "vdm_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    # Config files import each other (`from configs import base`); make the repo root importable.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"Config file '{path}' has no get_config() function.")
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # A bare string such as `--config.stage=autoencoder`.
+
+
+def apply_override(config: ConfigDict, key: str, text: str) -> None:
+    """Sets dotted `key` of a locked `config` from its command-line `text`, with clear errors."""
+    *parents, leaf = key.split(".")
+    node = config
+    for i, p in enumerate(parents):
+        if not isinstance(node, ConfigDict) or p not in node:
+            raise ConfigError(unknown_key_message(config, key))
+        node = node[p]
+    if not isinstance(node, ConfigDict) or leaf not in node:
+        raise ConfigError(unknown_key_message(config, key))
+    old = node[leaf]
+    value = _parse_value(text)
+    if isinstance(old, ConfigDict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config.{key} is a group of fields; give a dict, got {text!r}.")
+        with node.ignore_type():
+            node[leaf] = ConfigDict(value)
+        return
+    if isinstance(old, bool) and not isinstance(value, bool):
+        raise ConfigError(f"config.{key} is a bool; give True or False, got {text!r}.")
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, tuple) and not isinstance(value, tuple):
+        value = (value,)
+    if old is not None and not isinstance(value, type(old)):
+        raise ConfigError(
+            f"config.{key} is a {type(old).__name__} (default {old!r}); "
+            f"cannot set it to {text!r} ({type(value).__name__})."
+        )
+    try:
+        node[leaf] = value
+    except (TypeError, AttributeError) as e:
+        raise ConfigError(f"Cannot set config.{key} to {text!r}: {e}") from None
+
+
+def load_config(path: str, overrides: Iterable[str] | dict = ()) -> ConfigDict:
+    """Loads a config file, locks it, applies `key=value` overrides and validates it.
+
+    Args:
+      path: a config file (optionally `file.py:arg`).
+      overrides: `["model.depth=4", ...]` (with or without a leading `--config.`), or a dict.
+
+    Returns:
+      The locked, validated ConfigDict.
+    """
+    config = load_config_file(path)
+    config.lock()
+    items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
+    for key, text in items:
+        apply_override(config, key, text if isinstance(text, str) else repr(text))
+    validate(config)
+    return config
+
+
+def _split(override: str) -> tuple[str, str]:
+    override = override.removeprefix("--").removeprefix("config.")
+    if "=" not in override:
+        raise ConfigError(f"Override '{override}' is not of the form key=value.")
+    key, value = override.split("=", 1)
+    return key, value
+
+
+_CHOICES = {
+    "stage": ("autoencoder", "denoiser"),
+    "parallel": ("jit", "pmap"),
+    "model.attention": ("factorized", "full", "spatial_only"),
+    "model.remat": ("none", "block", "dots"),
+    "diffusion.objective": ("flow", "eps", "v"),
+    "diffusion.time_sampling": ("logit_normal", "uniform"),
+    "sample.sampler": ("euler", "ddim", "dpmpp2m"),
+    "vae.temporal_factor": (1, 2, 4),
+    "vae.spatial_factor": (4, 8),
+}
+
+REQUIRED = (
+    "seed",
+    "stage",
+    "parallel",
+    "train.num_steps",
+    "train.batch_size",
+    "checkpoint.every_steps",
+    "mesh.shape",
+)
+
+
+def _get(config: ConfigDict, key: str):
+    node = config
+    for p in key.split("."):
+        node = node[p]
+    return node
+
+
+def validate(config: ConfigDict) -> None:
+    """Checks required fields, enumerated choices and shape constraints; raises ConfigError."""
+    problems = []
+    for key in REQUIRED:
+        try:
+            _get(config, key)
+        except (KeyError, AttributeError):
+            problems.append(f"required field config.{key} is missing")
+    for key, choices in _CHOICES.items():
+        try:
+            value = _get(config, key)
+        except (KeyError, AttributeError):
+            continue
+        if value not in choices:
+            problems.append(f"config.{key}={value!r} is not one of {choices}")
+    if "data" in config and "vae" in config:
+        t, ft = config.data.num_frames, config.vae.temporal_factor
+        if ft in (1, 2, 4) and (t - 1) % ft:
+            valid = ", ".join(str(1 + k * ft) for k in range(1, 6))
+            problems.append(
+                f"data.num_frames={t} is not 1 + k*vae.temporal_factor ({ft}); valid: {valid}, ..."
+            )
+        fs = config.vae.spatial_factor
+        for name in ("height", "width"):
+            size = config.data[name]
+            if fs in (4, 8) and size % fs:
+                problems.append(f"data.{name}={size} is not divisible by vae.spatial_factor={fs}")
+    if "train" in config and config.train.batch_size <= 0:
+        problems.append("train.batch_size must be positive")
+    if problems:
+        raise ConfigError("Invalid config: " + "; ".join(problems) + ".")
+
+
+def parse_flags_with_help(argv: Sequence[str]):
+    """absl `flags_parser` for `app.run`: turns flag errors into one clear message and exit 2.
+
+    Unknown `--config.*` keys are checked against the config file before absl parses anything, so
+    the message names the key and the closest valid ones instead of a KeyError traceback.
+    """
+    from absl import flags
+
+    config_path = None
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            config_path = argv[i + 1]
+    try:
+        if config_path is not None:
+            config = load_config_file(config_path)
+            for arg in argv[1:]:
+                if arg.startswith("--config.") and "=" in arg:
+                    key = arg[len("--config.") :].split("=", 1)[0]
+                    try:
+                        _get(config, key)
+                    except (KeyError, AttributeError):
+                        raise ConfigError(unknown_key_message(config, key)) from None
+        return flags.FLAGS(argv)
+    except (ConfigError, flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        message = str(e).strip("'\"")
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def to_dict(config: ConfigDict) -> dict:
+    """Plain dict (JSON-serialisable) copy of a config, e.g. to store beside a checkpoint."""
+    return ml_collections.ConfigDict(config).to_dict()

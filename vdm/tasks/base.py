@@ -1,0 +1,59 @@
+"""The contract between a training stage and the shared training loop (`vdm.train_lib`).
+
+A `Task` says *what* is learned: how parameters are initialised, what the loss is, which frozen
+weights it needs, how host batches become device arrays, and how it is evaluated. `train_lib` does
+the rest the same way for every stage: mesh and shardings, optimizer, EMA, the jitted step,
+checkpoints, logging, resume. Stages are registered by name in `vdm.tasks.get_task`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+PyTree = Any
+
+
+class Task(abc.ABC):
+    """One training stage ("autoencoder" or "denoiser")."""
+
+    def __init__(self, config: ConfigDict):
+        self.config = config
+
+    @abc.abstractmethod
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        """A device batch of zeros with the real shapes and dtypes (for init and eval_shape)."""
+
+    @abc.abstractmethod
+    def init(self, key: jax.Array, batch: dict[str, jax.Array]) -> PyTree:
+        """Trainable parameters. Leaves may be `nn.Partitioned` boxes carrying logical axis names
+        (from `nn.with_logical_partitioning`); train_lib maps them to mesh shardings."""
+
+    def frozen(self) -> PyTree:
+        """Frozen weights the loss needs (VAE, text encoder, latent statistics); {} if none.
+
+        Passed to `loss` as an argument (never closed over), so they are sharded once and not
+        baked into the compiled program as constants."""
+        return {}
+
+    @abc.abstractmethod
+    def loss(
+        self, params: PyTree, frozen: PyTree, batch: dict[str, jax.Array], key: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Scalar training loss (the mean of per-example losses) and scalar metrics.
+
+        Pure and jit-able. `key` is already folded with the step (and the device under pmap);
+        derive named streams from it with `vdm.rng.stream(key, "noise")`."""
+
+    @abc.abstractmethod
+    def device_batch(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Host batch from the data pipeline -> numeric arrays for the step (drops strings,
+        tokenizes captions, casts). Runs on the host, outside jit."""
+
+    def evaluate(self, params: PyTree, frozen: PyTree, step: int, workdir: str) -> dict[str, float]:
+        """Held-out metrics and previews (contact sheets) written under `workdir`. Outside jit."""
+        return {}
