@@ -57,3 +57,8 @@ class Task(abc.ABC):
     def evaluate(self, params: PyTree, frozen: PyTree, step: int, workdir: str) -> dict[str, float]:
         """Held-out metrics and previews (contact sheets) written under `workdir`. Outside jit."""
         return {}
+
+    def metadata(self, params: PyTree, frozen: PyTree) -> dict[str, Any]:
+        """JSON-able facts saved with each checkpoint (item "metadata"), e.g. the VAE's latent
+        statistics or the paths of the frozen VAE / text encoder a denoiser was trained with."""
+        return {}
