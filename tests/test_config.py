@@ -41,9 +41,16 @@ def test_required_fields_present_in_every_config():
 
 def test_cli_typo_exits_with_message(tmp_path):
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), f"--config={BASE}",
-         f"--workdir={tmp_path}", "--config.model.depht=3"],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            f"--config={BASE}",
+            f"--workdir={tmp_path}",
+            "--config.model.depht=3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 2
     assert "Did you mean: config.model.depth" in out.stderr

@@ -42,7 +42,9 @@ def closest_keys(config: ConfigDict, key: str, n: int = 3) -> list[str]:
     if not close:  # Match on the last component: `--config.depht=4` -> `model.depth`.
         last = key.rsplit(".", 1)[-1]
         by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
-        close = [by_leaf[m] for m in difflib.get_close_matches(last, list(by_leaf), n=n, cutoff=0.6)]
+        close = [
+            by_leaf[m] for m in difflib.get_close_matches(last, list(by_leaf), n=n, cutoff=0.6)
+        ]
     return close
 
 
@@ -60,7 +62,9 @@ def load_config_file(path: str, arg: str | None = None) -> ConfigDict:
     if arg is None and ":" in os.path.basename(path):
         path, arg = path.rsplit(":", 1)
     if not os.path.exists(path):
-        raise ConfigError(f"Config file '{path}' does not exist (working directory: {os.getcwd()}).")
+        raise ConfigError(
+            f"Config file '{path}' does not exist (working directory: {os.getcwd()})."
+        )
     name = "vdm_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -85,7 +89,7 @@ def apply_override(config: ConfigDict, key: str, text: str) -> None:
     """Sets dotted `key` of a locked `config` from its command-line `text`, with clear errors."""
     *parents, leaf = key.split(".")
     node = config
-    for i, p in enumerate(parents):
+    for p in parents:
         if not isinstance(node, ConfigDict) or p not in node:
             raise ConfigError(unknown_key_message(config, key))
         node = node[p]

@@ -1,0 +1,59 @@
+"""Generates videos from text prompts. All logic lives in `vdm.pipeline`.
+
+  python sample.py --prompt "the digit 4 moving down" [--prompt ...] [--checkpoint DIR] --seed 0 \
+      [--num_samples N] [--num_steps 30] [--sampler euler|ddim|dpmpp2m] [--guidance 5.0] \
+      [--negative_prompt ...] [--output_dir out/] [--formats mp4,gif,npy,png]
+
+With no --checkpoint it uses the bundled default model. Writes
+out/{prompt_idx:03d}_{sample_idx:02d}.{ext} and out/samples.jsonl (one line per file).
+"""
+
+from absl import app, flags
+
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Text prompt (repeat for several).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "Denoiser workdir, checkpoint step dir or exported model dir (default: the bundled model).",
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Base seed; same seed, same videos.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Videos per prompt.")
+_NUM_STEPS = flags.DEFINE_integer(
+    "num_steps", None, "Sampling steps (default: the model's config)."
+)
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["euler", "ddim", "dpmpp2m"], "Sampler.")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale.")
+_ETA = flags.DEFINE_float("eta", None, "DDIM stochasticity (0 = deterministic).")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Prompt to steer away from.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "out", "Where videos and samples.jsonl go.")
+_FORMATS = flags.DEFINE_list("formats", ["mp4", "gif", "npy", "png"], "Output formats.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Videos per compiled call (result is unchanged).")
+flags.mark_flag_as_required("prompt")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    from vdm import cli_errors, sample_lib
+
+    with cli_errors.clear_errors():
+        sample_lib.run(
+            prompts=_PROMPT.value,
+            checkpoint=_CHECKPOINT.value,
+            seed=_SEED.value,
+            num_samples=_NUM_SAMPLES.value,
+            num_steps=_NUM_STEPS.value,
+            sampler=_SAMPLER.value,
+            guidance=_GUIDANCE.value,
+            eta=_ETA.value,
+            negative_prompt=_NEGATIVE.value,
+            output_dir=_OUTPUT_DIR.value,
+            formats=_FORMATS.value,
+            batch_size=_BATCH.value,
+        )
+
+
+if __name__ == "__main__":
+    from vdm.config import parse_flags_with_help
+
+    app.run(main, flags_parser=parse_flags_with_help)

@@ -1,0 +1,314 @@
+"""Text -> video: load the parts, encode prompts, sample latents, decode frames, write files.
+
+    pipe = vdm.load_pipeline()                 # the bundled default model
+    videos = pipe(["a 3 moving up"], seed=0)   # uint8 [P * num_samples, T, H, W, 3]
+
+Reproducibility: the initial noise of sample i of prompt p is drawn from
+`fold_in(fold_in(key(seed), p), i)` and the sampler is deterministic (DDIM with eta > 0 folds the
+same per-example key), so a video depends only on (seed, p, i, prompt, settings), never on what
+else is in the batch or how many devices run it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdm import rng
+from vdm.cli_errors import UserError
+from vdm.diffusion import samplers
+from vdm.models import autoencoder as ae
+from vdm.models import denoiser as dn
+from vdm.models import text_encoder as te
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default_model")
+
+# Fixed prompts for in-training previews: every digit and direction, numerals and words.
+PREVIEW_PROMPTS = (
+    "the digit 0 moving to the right",
+    "a handwritten one moving down",
+    "the number 2 moving to the left",
+    "3 moving up",
+    "a handwritten four drifting up and to the right",
+    "the digit 5 moving down and to the left",
+    "six moving to the right",
+    "the digit 7 moving up and to the left",
+    "an 8 moving down and to the right",
+    "the digit 9 moving to the left",
+)
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """All inference parts of a trained text-to-video model. Call it with prompts."""
+
+    config: Any
+    text: te.TextEncoder
+    vae: ae.VideoAutoencoder
+    vae_params: Any
+    latent_stats: dict
+    model: dn.Denoiser
+    params: Any
+
+    def __post_init__(self):
+        self.latent_shape = tuple(
+            ae.latent_shape(
+                self.config.vae,
+                self.config.data.num_frames,
+                self.config.data.height,
+                self.config.data.width,
+            )
+        )
+        self._shift = jnp.asarray(self.latent_stats["shift"], jnp.float32)
+        self._scale = jnp.asarray(self.latent_stats["scale"], jnp.float32)
+        self._generate = jax.jit(self._generate_impl, static_argnames=("sampler", "num_steps"))
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_parts(cls, config, task, params, frozen) -> Pipeline:
+        """A pipeline over a training task's modules and the given (EMA) params."""
+        return cls(
+            config=config,
+            text=task.text,
+            vae=task.vae,
+            vae_params=frozen["vae"],
+            latent_stats=task.latent_stats,
+            model=task.model,
+            params=params,
+        )
+
+    # -- sampling --------------------------------------------------------------------------------
+    def _generate_impl(
+        self,
+        params,
+        vae_params,
+        ctx,
+        mask,
+        null_ctx,
+        null_mask,
+        noise,
+        guidance,
+        eta,
+        key,
+        *,
+        sampler,
+        num_steps,
+    ):
+        def model_fn(x, t, cond):
+            return self.model.apply({"params": params}, x, t, cond[0], cond[1])
+
+        z = samplers.sample(
+            model_fn,
+            noise,
+            (ctx, mask),
+            (null_ctx, null_mask),
+            sampler=sampler,
+            num_steps=num_steps,
+            guidance=guidance,
+            diffusion_config=self.config.diffusion,
+            eta=eta,
+            key=key,
+        )
+        z = z * self._scale + self._shift
+        video = ae.decode(self.vae, vae_params, z, chunk=self.config.vae.decode_chunk)
+        return jnp.round((jnp.clip(video, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+    def encode_prompts(self, prompts: Sequence[str]):
+        """Prompts -> (hidden [B, L, D], mask [B, L]); warns when a prompt is truncated."""
+        ids, mask = self.text.tokenize(list(prompts))
+        return self.text.encode(self.text.params, ids, mask), jnp.asarray(mask)
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        *,
+        seed: int = 0,
+        num_samples: int = 1,
+        num_steps: int | None = None,
+        sampler: str | None = None,
+        guidance: float | None = None,
+        negative_prompt: str | None = None,
+        eta: float | None = None,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Generates `num_samples` videos per prompt.
+
+        Args:
+          prompts: captions; the empty string is the unconditional prompt.
+          seed: base seed; sample i of prompt p uses fold_in(fold_in(key(seed), p), i).
+          num_samples: videos per prompt.
+          num_steps, sampler, guidance, negative_prompt, eta: default to `config.sample`.
+          batch_size: videos per compiled call (does not change the result).
+          progress: show a tqdm bar over batches.
+
+        Returns:
+          uint8 array [len(prompts) * num_samples, T, H, W, 3], prompt-major.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise UserError("No prompt given: pass at least one prompt.")
+        s = self.config.sample
+        sampler = sampler or s.sampler
+        num_steps = int(num_steps or s.num_steps)
+        guidance = float(s.guidance if guidance is None else guidance)
+        eta = float(s.eta if eta is None else eta)
+        negative = s.negative_prompt if negative_prompt is None else negative_prompt
+        if sampler not in samplers.SAMPLERS:
+            raise UserError(
+                f"Unknown sampler '{sampler}'; choose one of {sorted(samplers.SAMPLERS)}."
+            )
+
+        ctx, mask = self.encode_prompts(prompts)
+        eta_key = rng.stream(jax.random.key(seed), "sampler")  # only DDIM with eta > 0 uses it
+        null_ctx, null_mask = self.encode_prompts([negative])
+        pairs = [(p, i) for p in range(len(prompts)) for i in range(num_samples)]
+        out = []
+        batches = range(0, len(pairs), batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=f"sampling ({sampler}, {num_steps} steps)", unit="batch")
+        for start in batches:
+            chunk = pairs[start : start + batch_size]
+            n = len(chunk)
+            # Pad to a fixed batch so every call reuses one compiled program; padding rows are
+            # extra samples of the last pair, computed independently and then dropped.
+            padded = chunk + [chunk[-1]] * (batch_size - n) if len(pairs) > batch_size else chunk
+            p_idx = np.array([p for p, _ in padded], np.int32)
+            i_idx = np.array([i for _, i in padded], np.int32)
+            noise = samplers.initial_noise(seed, p_idx, i_idx, self.latent_shape)
+            keys = jax.vmap(lambda p, i: jax.random.fold_in(jax.random.fold_in(eta_key, p), i))(
+                p_idx, i_idx
+            )
+            b = len(padded)
+            video = self._generate(
+                self.params,
+                self.vae_params,
+                ctx[p_idx],
+                mask[p_idx],
+                jnp.broadcast_to(null_ctx, (b, *null_ctx.shape[1:])),
+                jnp.broadcast_to(null_mask, (b, *null_mask.shape[1:])),
+                noise,
+                jnp.float32(guidance),
+                jnp.float32(eta),
+                keys,
+                sampler=sampler,
+                num_steps=num_steps,
+            )
+            out.append(np.asarray(video)[:n])
+        return np.concatenate(out, axis=0)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def save_tree(path: str, tree) -> None:
+    """Saves a param pytree as an orbax checkpoint dir (used for exported bundles)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(path), tree, force=True)
+
+
+def restore_tree(path: str):
+    """Restores a param pytree saved by `save_tree` onto the default device."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.abspath(path))
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_pipeline(path: str | None = None, *, item: str = "ema") -> Pipeline:
+    """Loads a pipeline from an exported model dir (default: the bundled model) or a denoiser
+    training workdir / checkpoint step dir.
+
+    Raises:
+      UserError: the path does not exist or holds no model.
+    """
+    from ml_collections import ConfigDict
+
+    from vdm import checkpoint
+
+    path = path or DEFAULT_MODEL
+    if not os.path.exists(path):
+        hint = (
+            " The bundled default model is missing from this install; reinstall vdm."
+            if path == DEFAULT_MODEL
+            else " Pass a denoiser workdir, a checkpoint step dir or an exported model dir."
+        )
+        raise UserError(f"Checkpoint '{path}' does not exist.{hint}")
+    if os.path.exists(os.path.join(path, "model.json")):  # an exported bundle (see `export`)
+        meta = _read_json(os.path.join(path, "model.json"))
+        config = ConfigDict(meta["config"])
+        params = restore_tree(os.path.join(path, "denoiser"))
+        vae_params = restore_tree(os.path.join(path, "vae"))
+        stats = meta["latent_stats"]
+    else:
+        try:
+            config = ConfigDict(checkpoint.load_config(path))
+            meta = checkpoint.load_metadata(path)
+            params = checkpoint.load_params(path, item=item)
+        except FileNotFoundError as e:
+            raise UserError(f"No vdm checkpoint found at '{path}': {e}") from None
+        if config.stage != "denoiser":
+            raise UserError(
+                f"'{path}' is a checkpoint of stage '{config.stage}', not a denoiser; sample.py "
+                "needs a denoiser checkpoint (its VAE is found through the checkpoint metadata)."
+            )
+        vae_path = meta.get("vae_checkpoint", "")
+        stats = meta["latent_stats"]
+        if vae_path:
+            vae_params = checkpoint.load_params(vae_path, item="ema")
+        else:
+            logging.warning("Denoiser checkpoint has no VAE reference: using a random VAE.")
+            from vdm.tasks.denoiser import load_frozen_vae
+
+            _, vae_params, _ = load_frozen_vae(config)
+    text = te.load_text_encoder(
+        meta.get("text_encoder", config.text_encoder.name),
+        max_length=config.text_encoder.max_length,
+        dtype=jnp.dtype(config.text_encoder.dtype),
+    )
+    return Pipeline(
+        config=config,
+        text=text,
+        vae=ae.VideoAutoencoder.from_config(config.vae),
+        vae_params=vae_params,
+        latent_stats=stats,
+        model=dn.Denoiser.from_config(config.model, config.vae.latent_channels),
+        params=params,
+    )
+
+
+def export(denoiser_path: str, out_dir: str, *, item: str = "ema") -> str:
+    """Writes a compact, self-contained model dir (EMA denoiser + EMA VAE + config + stats).
+
+    The text encoder is referenced by name (e.g. "minilm"), not copied.
+    """
+
+    pipe = load_pipeline(denoiser_path, item=item)
+    os.makedirs(out_dir, exist_ok=True)
+    save_tree(os.path.join(out_dir, "denoiser"), pipe.params)
+    save_tree(os.path.join(out_dir, "vae"), pipe.vae_params)
+    meta = {
+        "config": pipe.config.to_dict(),
+        "latent_stats": pipe.latent_stats,
+        "text_encoder": pipe.config.text_encoder.name,
+        "source": os.path.abspath(denoiser_path),
+    }
+    with open(os.path.join(out_dir, "model.json"), "w") as f:
+        json.dump(meta, f, indent=1, default=list)
+    return out_dir

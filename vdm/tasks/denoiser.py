@@ -1,0 +1,151 @@
+"""Stage "denoiser": learn to denoise VAE latents conditioned on caption embeddings.
+
+Frozen inputs (passed to the step as arguments, never trained): the VAE's encoder, the text
+encoder, the latent statistics that make latents unit-variance, and the null (empty-prompt)
+embedding used both for classifier-free-guidance dropout and for unconditional sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdm import rng
+from vdm.diffusion import losses
+from vdm.models import autoencoder as ae
+from vdm.models import denoiser as dn
+from vdm.models import text_encoder as te
+from vdm.tasks.base import Task
+
+
+def load_frozen_vae(config) -> tuple[Any, Any, dict]:
+    """The VAE module, its (EMA) params and latent statistics from `config.vae.checkpoint`.
+
+    With no checkpoint configured (tiny test configs only) the VAE is randomly initialised from the
+    config seed and the statistics are identity; this is logged loudly because a real run needs a
+    trained VAE.
+    """
+    module = ae.VideoAutoencoder.from_config(config.vae)
+    path = config.vae.checkpoint
+    if path:
+        from vdm import checkpoint
+
+        params = checkpoint.load_params(path, item="ema")
+        stats = checkpoint.load_metadata(path).get("latent_stats")
+        if stats is None:
+            raise ValueError(
+                f"VAE checkpoint '{path}' has no latent statistics in its metadata; re-export it "
+                "with the current code (stage 'autoencoder' stores them at every checkpoint)."
+            )
+        return module, params, stats
+    logging.warning(
+        "config.vae.checkpoint is empty: using a RANDOMLY INITIALISED VAE (fine for tests, useless "
+        "for real training). Train one with stage 'autoencoder' and set --config.vae.checkpoint."
+    )
+    t, h, w = config.data.num_frames, config.data.height, config.data.width
+    video = jnp.zeros((1, t, h, w, 3), jnp.float32)
+    params = module.init(jax.random.key(config.seed), video)["params"]
+    c = config.vae.latent_channels
+    return module, params, {"shift": [0.0] * c, "scale": [1.0] * c}
+
+
+class DenoiserTask(Task):
+    """Latent flow matching / diffusion on frozen VAE latents and frozen text embeddings."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.text = te.load_text_encoder(
+            config.text_encoder.name,
+            max_length=config.text_encoder.max_length,
+            dtype=jnp.dtype(config.text_encoder.dtype),
+        )
+        self.vae, self._vae_params, self.latent_stats = load_frozen_vae(config)
+        d = config.data
+        self.latent_shape = ae.latent_shape(config.vae, d.num_frames, d.height, d.width)
+        self.model = dn.Denoiser.from_config(config.model, config.vae.latent_channels)
+        ids, mask = self.text.tokenize([""])
+        self._null = (np.asarray(ids), np.asarray(mask))
+
+    # -- Task contract ---------------------------------------------------------------------------
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        d, length = self.config.data, self.text.max_length
+        return {
+            "video": np.zeros((batch_size, d.num_frames, d.height, d.width, 3), np.uint8),
+            "ids": np.zeros((batch_size, length), np.int32),
+            "mask": np.ones((batch_size, length), np.int32),
+        }
+
+    def init(self, key, batch):
+        b = batch["ids"].shape[0]
+        z = jnp.zeros((b, *self.latent_shape), jnp.float32)
+        ctx = jnp.zeros((b, self.text.max_length, self.text.dim), jnp.float32)
+        t = jnp.zeros((b,), jnp.float32)
+        return self.model.init(key, z, t, ctx, batch["mask"])["params"]
+
+    def frozen(self):
+        return {
+            "vae": self._vae_params,
+            "text": self.text.params,
+            "shift": jnp.asarray(self.latent_stats["shift"], jnp.float32),
+            "scale": jnp.asarray(self.latent_stats["scale"], jnp.float32),
+            "null_ids": jnp.asarray(self._null[0]),
+            "null_mask": jnp.asarray(self._null[1]),
+        }
+
+    def device_batch(self, batch):
+        ids, mask = self.text.tokenize([str(c) for c in batch["caption"]])
+        return {"video": np.asarray(batch["video"]), "ids": ids, "mask": mask}
+
+    def encode_latents(self, frozen, video_uint8, key):
+        """uint8 video -> normalized latents (a posterior sample, so training sees VAE noise)."""
+        x = video_uint8.astype(jnp.float32) / 127.5 - 1.0
+        z = ae.encode(self.vae, frozen["vae"], x, key=key)
+        return (z - frozen["shift"]) / frozen["scale"]
+
+    def loss(self, params, frozen, batch, key):
+        frozen = jax.lax.stop_gradient(frozen)
+        z0 = self.encode_latents(frozen, batch["video"], rng.stream(key, "vae"))
+        ctx = self.text.encode(frozen["text"], batch["ids"], batch["mask"])
+        b = z0.shape[0]
+        null_ctx = self.text.encode(frozen["text"], frozen["null_ids"], frozen["null_mask"])
+        null_cond = (
+            jnp.broadcast_to(null_ctx, ctx.shape),
+            jnp.broadcast_to(frozen["null_mask"], batch["mask"].shape),
+        )
+
+        def model_fn(x, t, cond):
+            return self.model.apply({"params": params}, x, t, cond[0], cond[1])
+
+        per_example = losses.diffusion_loss(
+            model_fn, z0, (ctx, batch["mask"]), key, self.config.diffusion, null_cond=null_cond
+        )
+        return per_example.mean(), {"latent_std": z0.std(), "batch": jnp.float32(b)}
+
+    def metadata(self, params, frozen):
+        return {
+            "vae_checkpoint": os.path.abspath(self.config.vae.checkpoint)
+            if self.config.vae.checkpoint
+            else "",
+            "text_encoder": self.config.text_encoder.name,
+            "latent_stats": {k: list(map(float, v)) for k, v in self.latent_stats.items()},
+            "latent_shape": list(self.latent_shape),
+        }
+
+    def evaluate(self, params, frozen, step, workdir):
+        """Writes a contact sheet of samples for fixed preview prompts (EMA params)."""
+        from vdm import pipeline
+
+        prompts = pipeline.PREVIEW_PROMPTS[: self.config.train.num_preview_samples]
+        pipe = pipeline.Pipeline.from_parts(self.config, self, params, frozen)
+        videos = pipe(prompts, seed=self.config.seed, num_steps=self.config.sample.num_steps)
+        path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        from vdm import video_io
+
+        video_io.contact_sheet(videos, captions=prompts, path=path)
+        return {}
