@@ -175,3 +175,66 @@ def score_videos(
             video_features(videos, clf), video_features(reference, clf)
         )
     return out
+
+
+def test_examples(data_config, num: int) -> dict[str, np.ndarray]:
+    """The first `num` moving-digits test videos with their labels and both caption sets.
+
+    Rendered directly from the generator (bit-identical to the prepared tfds split), so evaluation
+    needs no prepared data set.
+    """
+    m = data_config.moving_digits
+    cfg = md.MovingDigitsConfig(
+        num_frames=data_config.num_frames,
+        height=data_config.height,
+        width=data_config.width,
+        num_train=m.num_train,
+        num_test=m.num_test,
+        colour=m.colour,
+        speeds=tuple(m.speeds),
+        digit_size=m.digit_size,
+        seed=m.generator_seed,
+    )
+    labels = md.sample_labels(cfg, "test")
+    num = min(num, len(labels["digit"]))
+    colour = labels["colour"][:num] if m.colour else None
+    videos = md.render(cfg, labels["source_index"][:num], labels["top_left"][:num], colour)
+    return {
+        "video": videos,
+        "digit": labels["digit"][:num],
+        "direction": labels["direction"][:num],
+        "caption": np.asarray(labels["caption"][:num]),
+        "caption_heldout": np.asarray(labels["caption_heldout"][:num]),
+    }
+
+
+def evaluate_pipeline(
+    pipe,
+    num_videos: int,
+    *,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    captions: str = "caption",
+) -> tuple[dict[str, float], np.ndarray, list[str]]:
+    """Generates one video per test prompt and scores it against the prompt's labels.
+
+    Args:
+      pipe: a `vdm.pipeline.Pipeline` on a moving-digits config.
+      num_videos: how many test prompts (one video each).
+      sampler, num_steps, guidance: sampling settings (default: the model's config).
+      seed: sampling seed.
+      captions: "caption" (training templates) or "caption_heldout" (paraphrases never trained on).
+
+    Returns:
+      (metrics, generated uint8 videos, prompts).
+    """
+    ex = test_examples(pipe.config.data, num_videos)
+    prompts = [str(c) for c in ex[captions]]
+    videos = pipe(
+        prompts, seed=seed, sampler=sampler, num_steps=num_steps, guidance=guidance, progress=True
+    )
+    clf = classifier_for(pipe.config.data)
+    metrics = score_videos(videos, ex["digit"], ex["direction"], clf, reference=ex["video"])
+    return metrics, videos, prompts

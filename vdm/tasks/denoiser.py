@@ -137,15 +137,20 @@ class DenoiserTask(Task):
         }
 
     def evaluate(self, params, frozen, step, workdir):
-        """Writes a contact sheet of samples for fixed preview prompts (EMA params)."""
-        from vdm import pipeline
+        """Samples test prompts with the given (EMA) params, scores them with the project's
+        metrics (moving digits only) and writes a contact sheet of previews."""
+        from vdm import evaluation, pipeline, video_io
 
-        prompts = pipeline.PREVIEW_PROMPTS[: self.config.train.num_preview_samples]
         pipe = pipeline.Pipeline.from_parts(self.config, self, params, frozen)
-        videos = pipe(prompts, seed=self.config.seed, num_steps=self.config.sample.num_steps)
+        metrics = {}
+        n = self.config.eval.during_training
+        if n and self.config.data.source == "moving_digits":
+            metrics, videos, prompts = evaluation.evaluate_pipeline(pipe, n, seed=self.config.seed)
+        else:
+            prompts = list(pipeline.PREVIEW_PROMPTS)
+            videos = pipe(prompts, seed=self.config.seed)
+        k = self.config.train.num_preview_samples
         path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        from vdm import video_io
-
-        video_io.contact_sheet(videos, captions=prompts, path=path)
-        return {}
+        video_io.contact_sheet(videos[:k], captions=prompts[:k], path=path)
+        return {f"eval/{k}": v for k, v in metrics.items()}

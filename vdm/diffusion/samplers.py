@@ -1,0 +1,359 @@
+"""Samplers: noise -> data, each ONE `jax.lax.scan` over steps inside one jitted function.
+
+Time grid (`schedules.sampling_times`): t_i = 1 - i / num_steps, i = 0..num_steps, uniform in t;
+flow applies its resolution shift t' = shift t / (1 + (shift - 1) t) to every t_i; discrete
+objectives round t_i to the training grid n / N. Step i goes from s = t_i to t = t_{i+1}; the last
+step lands on t = 0 exactly.
+
+Solvers (all work for every objective through the (x0, eps) predictions of `schedules`):
+* "euler": Euler on the probability-flow ODE dx/dt = alpha'(t) x0_hat + sigma'(t) eps_hat in t.
+  For flow that is the model's velocity itself, x_t = x_s + (t - s) v (and it coincides with
+  DDIM algebraically). For the cosine VP path sigma'(t) ~ 1/sqrt(t) near 0, so Euler in t is a
+  crude solver there; it is offered for comparison, DDIM / DPM-Solver++ are the ones to use.
+* "ddim" (Song et al. 2021, eq. 12), for any path: x_t = alpha_t x0 + sqrt(sigma_t^2 - c^2) eps
+  + c z with c = eta sigma_t sqrt(1 - e^{-2h}), h = lambda_t - lambda_s, lambda = log(alpha/sigma)
+  (for VP this is exactly Song's sigma_t(eta); eta = 1 is ancestral DDPM-like sampling).
+* "dpmpp2m": DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, multistep:
+  x_t = (sigma_t/sigma_s) x_s - alpha_t (e^{-h} - 1) D, D = (1 + 1/(2r)) x0_s - 1/(2r) x0_prev,
+  r = h_prev / h. The first step is first-order (no previous x0). The last step lands on t = 0
+  where sigma = 0 and h = inf, so it is necessarily first-order and returns x0_hat (this is
+  diffusers' forced `lower_order_final` for a zero final sigma). For flow, lambda(1) = -inf, so
+  the second step's r is infinite and its 1/(2r) = 0: it is first-order too, the exact limit.
+
+Classifier-free guidance (Ho & Salimans 2022) is applied to the RAW model output:
+out = uncond + g (cond - uncond), computed as cond + (g - 1)(cond - uncond) so g = 1 returns the
+conditional output bit-for-bit. Because every conversion output -> (x0, eps, velocity) is affine
+in the output with coefficients that depend only on (x_t, t) -- shared by both branches --
+guiding the raw output is exactly guiding x0, eps or the velocity: one formula for every
+objective, and no choice to get wrong. The cond and uncond branches run in ONE model call with
+the batch concatenated [cond; uncond]. A negative prompt is simply passed as `null_cond`.
+
+Reproducibility: `initial_noise` draws sample i of prompt p from fold_in(fold_in(key(seed), p), i)
+per example; every solver step is per-example, and DDIM's eta-noise can use per-example keys, so
+a sample does not depend on the rest of the batch or on the device count.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+
+from vdm import rng
+from vdm.diffusion import schedules
+from vdm.diffusion.schedules import DiffusionSpec, _expand
+
+PyTree = Any
+SAMPLERS = ("euler", "ddim", "dpmpp2m")
+
+
+# -- single steps (pure; tests call them on fixed inputs) ----------------------------------------
+def ode_velocity(output, x, t, spec: DiffusionSpec):
+    """dx/dt of the probability-flow ODE at (x, t) from the raw model output."""
+    if spec.is_flow:
+        return output.astype(jnp.float32)  # the model predicts the velocity directly.
+    x0, eps = schedules.predictions(output, x, t, spec)
+    dalpha, dsigma = schedules.alpha_sigma_derivatives(_expand(t, x), spec)
+    return dalpha * x0 + dsigma * eps
+
+
+def euler_step(x, output, s, t, spec: DiffusionSpec):
+    """One Euler step of the probability-flow ODE from time s to time t (< s).
+
+    Args:
+      x: x_s [B, ...].
+      output: raw model output at (x_s, s) [B, ...].
+      s: current time (scalar or [B]).
+      t: next time.
+      spec: the DiffusionSpec.
+
+    Returns:
+      x_t, float32.
+    """
+    x = x.astype(jnp.float32)
+    dt = _expand(jnp.asarray(t, jnp.float32) - jnp.asarray(s, jnp.float32), x)
+    return x + dt * ode_velocity(output, x, s, spec)
+
+
+def ddim_step(x, output, s, t, spec: DiffusionSpec, eta=0.0, noise=None):
+    """One DDIM step (Song et al. 2021, eq. 12) from time s to time t (< s), any path.
+
+    Args:
+      x: x_s [B, ...].
+      output: raw model output at (x_s, s).
+      s: current time (scalar or [B]).
+      t: next time.
+      spec: the DiffusionSpec.
+      eta: stochasticity (0 = deterministic DDIM); scalar or [B].
+      noise: z ~ N(0, I) shaped like x; required for eta > 0 (ignored when None).
+
+    Returns:
+      x_t, float32.
+    """
+    x0, eps = schedules.predictions(output, x, s, spec)
+    alpha_s, sigma_s = schedules.alpha_sigma(_expand(s, x0), spec)
+    alpha_t, sigma_t = schedules.alpha_sigma(_expand(t, x0), spec)
+    # e^{-h} = (alpha_s sigma_t) / (sigma_s alpha_t) in [0, 1): finite even where lambda is not.
+    expm_h = (alpha_s * sigma_t) / (sigma_s * alpha_t)
+    eta = _expand(jnp.asarray(eta, jnp.float32), x0)
+    ratio = eta * jnp.sqrt(jnp.maximum(1.0 - expm_h**2, 0.0))  # c / sigma_t
+    x_t = alpha_t * x0 + sigma_t * jnp.sqrt(jnp.maximum(1.0 - ratio**2, 0.0)) * eps
+    if noise is not None:
+        x_t = x_t + sigma_t * ratio * noise.astype(jnp.float32)
+    return x_t
+
+
+def dpmpp2m_step(x, output, x0_prev, t_prev, s, t, spec: DiffusionSpec, first_order=False):
+    """One DPM-Solver++(2M) step (Lu et al. 2022, Algorithm 2) from time s to time t (< s).
+
+    Args:
+      x: x_s [B, ...].
+      output: raw model output at (x_s, s).
+      x0_prev: the data prediction of the previous step (at t_prev); ignored if first-order.
+      t_prev: the previous step's time (> s).
+      s: current time.
+      t: next time.
+      spec: the DiffusionSpec.
+      first_order: force the first-order update (DDIM); traced bool is fine.
+
+    Returns:
+      (x_t, x0_hat at s): the new state and this step's data prediction (next step's x0_prev).
+    """
+    x0, _ = schedules.predictions(output, x, s, spec)
+    alpha_s, sigma_s = schedules.alpha_sigma(_expand(s, x0), spec)
+    alpha_t, sigma_t = schedules.alpha_sigma(_expand(t, x0), spec)
+    alpha_p, sigma_p = schedules.alpha_sigma(_expand(t_prev, x0), spec)
+    expm_h = (alpha_s * sigma_t) / (sigma_s * alpha_t)  # e^{-h}, finite where h is not
+    h = -jnp.log(expm_h)
+    h_prev = schedules.log_snr(alpha_s, sigma_s) - schedules.log_snr(alpha_p, sigma_p)
+    # Second order needs finite, positive h and h_prev; otherwise the r -> inf limit (1/(2r) = 0)
+    # or an undefined correction: fall back to first order.
+    ok = jnp.logical_not(first_order) & jnp.isfinite(h) & jnp.isfinite(h_prev) & (h_prev > 0)
+    half_inv_r = jnp.where(ok, h / (2.0 * jnp.where(ok, h_prev, 1.0)), 0.0)  # 1 / (2r)
+    d = x0 if x0_prev is None else x0 + half_inv_r * (x0 - x0_prev.astype(jnp.float32))
+    x = x.astype(jnp.float32)
+    return (sigma_t / sigma_s) * x + alpha_t * (1.0 - expm_h) * d, x0
+
+
+# -- guidance --------------------------------------------------------------------------------------
+def _batch_null(null_cond, cond):
+    """Broadcasts null_cond leaves with batch 1 to cond's batch; checks the structures match."""
+    if jax.tree.structure(cond) != jax.tree.structure(null_cond):
+        raise ValueError(
+            "null_cond must have the same pytree structure as cond (e.g. both (context, mask)); "
+            f"got {jax.tree.structure(null_cond)} vs {jax.tree.structure(cond)}."
+        )
+
+    def bcast(c, n):
+        n = jnp.asarray(n)
+        if n.shape != c.shape:
+            if n.shape[1:] != c.shape[1:] or n.shape[0] != 1:
+                raise ValueError(
+                    f"null_cond leaf of shape {n.shape} does not match cond leaf {c.shape}: it "
+                    "must have the same shape or batch size 1."
+                )
+            n = jnp.broadcast_to(n, c.shape)
+        return n.astype(c.dtype)
+
+    return jax.tree.map(bcast, cond, null_cond)
+
+
+def guided_output(model_fn, x, t, cond, null_cond, guidance):
+    """The classifier-free-guided raw model output at (x, t) (see the module docstring).
+
+    Args:
+      model_fn: `model_fn(x [B', ...], t [B'], cond) -> output [B', ...]`.
+      x: [B, ...].
+      t: scalar time (broadcast to [B]) or [B].
+      cond: condition pytree, batch B.
+      null_cond: None (no guidance: one conditional call) or the uncond / negative condition,
+        same structure as `cond`, batch B or 1.
+      guidance: g, scalar or [B]; g = 1 returns the conditional output exactly.
+
+    Returns:
+      float32 [B, ...].
+    """
+    b = x.shape[0]
+    tt = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    if null_cond is None:
+        return model_fn(x, tt, cond).astype(jnp.float32)
+    null_cond = _batch_null(null_cond, cond)
+    both = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), cond, null_cond)
+    out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([tt, tt]), both)
+    out = out.astype(jnp.float32)
+    out_c, out_u = out[:b], out[b:]
+    g = _expand(jnp.asarray(guidance, jnp.float32), out_c)
+    return out_c + (g - 1.0) * (out_c - out_u)
+
+
+# -- the sampler -----------------------------------------------------------------------------------
+def _step_noise(key, step, shape):
+    """DDIM eta-noise for one step: from one key ([]) or per-example keys ([B])."""
+    if key.ndim == 0:
+        return jax.random.normal(jax.random.fold_in(key, step), shape, jnp.float32)
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape[1:]))(key)
+
+
+def _sample_impl(model_fn, noise, cond, null_cond, guidance, eta, key, *, sampler, num_steps, spec):
+    ts = schedules.sampling_times(num_steps, spec)
+    t_prev = np.concatenate([ts[:1], ts[:-2]])  # step i's previous time (step 0: itself, unused)
+    xs = (jnp.arange(num_steps), jnp.asarray(t_prev), jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]))
+    if null_cond is not None:
+        null_cond = _batch_null(null_cond, cond)
+    if key is not None:
+        # Never the same bits as the caller's other draws with this key.
+        stream = functools.partial(rng.stream, name="ddim_noise")
+        key = stream(key) if key.ndim == 0 else jax.vmap(stream)(key)
+
+    def body(carry, inp):
+        x, x0_prev = carry
+        i, tp, s, t = inp
+        out = guided_output(model_fn, x, s, cond, null_cond, guidance)
+        if sampler == "euler":
+            x_new, x0 = euler_step(x, out, s, t, spec), x0_prev
+        elif sampler == "ddim":
+            z = None if key is None else _step_noise(key, i, x.shape)
+            x_new, x0 = ddim_step(x, out, s, t, spec, eta=eta, noise=z), x0_prev
+        else:
+            x_new, x0 = dpmpp2m_step(x, out, x0_prev, tp, s, t, spec, first_order=i == 0)
+        return (x_new, x0), None
+
+    x = noise.astype(jnp.float32)
+    (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), xs)
+    return x
+
+
+_sample_jit = jax.jit(_sample_impl, static_argnames=("sampler", "num_steps", "spec"))
+
+
+def _is_traced(tree) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+def _as_key(key):
+    """None, a typed key ([] or [B]) or raw uint32 key data ([2] or [B, 2]) -> typed key or None."""
+    if key is None:
+        return None
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)
+
+
+def sample(
+    model_fn: Callable[[jax.Array, jax.Array, PyTree], jax.Array],
+    noise: jax.Array,
+    cond: PyTree,
+    null_cond: PyTree | None,
+    *,
+    sampler: str,
+    num_steps: int,
+    guidance,
+    diffusion_config,
+    eta=0.0,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Integrates from `noise` (t = 1) to data (t = 0) with classifier-free guidance.
+
+    Called eagerly it runs one jitted program (`sampler`, `num_steps` and the diffusion settings
+    are static; `guidance` and `eta` are traced, so changing them does not recompile). Pass
+    `model_fn` as a `jax.tree_util.Partial(apply_fn, params)` so new params are traced arguments
+    rather than baked-in constants; a plain function is keyed by identity. Called inside an outer
+    `jax.jit` it simply inlines (the outer jit owns compilation).
+
+    Args:
+      model_fn: `model_fn(x [B', ...], t [B'], cond) -> raw output` (velocity / eps / v, as
+        trained); with guidance it is called once per step on the doubled batch [cond; uncond].
+      noise: x at t = 1, [B, ...] (see `initial_noise`).
+      cond: condition pytree with batch B (e.g. `(context, mask)`).
+      null_cond: unconditional (empty or negative prompt) condition, same structure, batch B or 1;
+        None samples without guidance (one call per step, cond only).
+      sampler: "euler" | "ddim" | "dpmpp2m".
+      num_steps: number of steps (= model evaluations).
+      guidance: guidance scale g (scalar or [B]); 1 = conditional only.
+      diffusion_config: `config.diffusion` or a `schedules.DiffusionSpec` (must match training).
+      eta: DDIM stochasticity (scalar or [B]); ignored by the other samplers.
+      key: DDIM eta-noise key: one key, or per-example keys [B] so each sample is independent of
+        the batch (the "ddim_noise" stream is folded in, then the step index). Required for
+        "ddim" unless eta is a concrete 0.
+
+    Returns:
+      x0, float32, shaped like `noise`.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {SAMPLERS}.")
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
+    spec = DiffusionSpec.from_config(diffusion_config)
+    key = _as_key(key)
+    if sampler == "ddim" and key is None and (_is_traced(eta) or np.any(np.asarray(eta) != 0)):
+        raise ValueError(
+            "DDIM with eta > 0 (or a traced eta) needs `key` for its per-step noise; pass "
+            "key=... (one key or per-example keys), or eta=0.0."
+        )
+    if sampler != "ddim":
+        key = None  # only DDIM draws noise; keeps the other programs free of unused inputs.
+    if key is not None and key.shape not in ((), (noise.shape[0],)):
+        raise ValueError(f"key must be one key or [B={noise.shape[0]}] keys, got {key.shape}.")
+    guidance = jnp.asarray(guidance, jnp.float32)
+    eta = jnp.asarray(eta, jnp.float32)
+    kwargs = dict(sampler=sampler, num_steps=int(num_steps), spec=spec)
+    args = (noise, cond, null_cond, guidance, eta, key)
+    if _is_traced(args) or _is_traced(model_fn):
+        return _sample_impl(model_fn, *args, **kwargs)
+    if not isinstance(model_fn, Partial):
+        model_fn = Partial(model_fn)
+    return _sample_jit(model_fn, *args, **kwargs)
+
+
+# -- per-example noise -----------------------------------------------------------------------------
+def example_keys(seed, prompt_indices, sample_indices) -> jax.Array:
+    """Per-example keys fold_in(fold_in(key(seed), p), i) [B] (typed keys).
+
+    Args:
+      seed: int seed (or a typed base key).
+      prompt_indices: int [B], the prompt index p of each example.
+      sample_indices: int [B], the sample index i of each example.
+
+    Returns:
+      typed PRNG keys [B].
+    """
+    typed = isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key)
+    base = seed if typed else jax.random.key(seed)
+    p = jnp.asarray(prompt_indices, jnp.int32)
+    i = jnp.asarray(sample_indices, jnp.int32)
+    if p.shape != i.shape or p.ndim != 1:
+        raise ValueError(
+            f"prompt_indices {p.shape} and sample_indices {i.shape} must be equal-length 1-D."
+        )
+    return jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(base, a), b))(p, i)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _noise_from_keys(keys, shape, dtype):
+    return jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(keys)
+
+
+def initial_noise(seed, prompt_indices, sample_indices, shape, dtype=jnp.float32) -> jax.Array:
+    """Starting noise: example b is N(0, I) drawn from its own key (`example_keys`).
+
+    Each example's noise depends only on (seed, p, i), never on the batch it sits in or on how many
+    devices compute it (threefry is partitionable, `vdm/__init__.py`).
+
+    Args:
+      seed: int seed (or a typed base key).
+      prompt_indices: int [B].
+      sample_indices: int [B].
+      shape: per-example shape, e.g. the latent shape (t, h, w, c).
+      dtype: float dtype of the noise.
+
+    Returns:
+      [B, *shape] noise.
+    """
+    keys = example_keys(seed, prompt_indices, sample_indices)
+    return _noise_from_keys(keys, tuple(int(d) for d in shape), jnp.dtype(dtype))
