@@ -1,0 +1,208 @@
+"""A folder of your own clips as a data set (`config.data.source = "folder:/path/to/clips"`).
+
+Layout:
+  clips/
+    captions.jsonl          {"file": "a.mp4", "caption": "a dog runs"}  (one JSON object a line)
+      or captions.csv       header `file,caption`, one row per clip
+    a.mp4  b.gif  c.webm  d.npy  e/ (a folder of frame_000.png ...)  sub/dir/f.mp4 ...
+
+`file` is relative to the folder. An optional `split` field ("train", "test", ...) assigns a clip
+to one split; clips without it belong to every split. The caption field name is
+`config.data.caption_key` (default "caption").
+
+Reading a clip (in `FolderSource.__getitem__`, so in grain workers when there are any):
+  * temporal sampling is fps-aware: every `stride = round(file_fps / config.data.fps)`-th frame
+    is kept (stride 1 when the file stores no frame rate: npy and frame folders are taken as
+    already at the target rate), at most `MAX_FRAMES` frames;
+  * each frame is immediately resized (bilinear, aspect kept) so that it covers the target
+    height x width, so a long HD clip never sits in memory at full size; `vdm.data.pipeline` then
+    center-crops it and picks `num_frames` frames (clips that are too short are padded by
+    repeating their last frame: a freeze looks like a clip that ended, a loop would add a jump
+    cut that the model would learn as motion).
+  * a corrupt or unreadable file is skipped with one warning naming it and counted in
+    `FolderSource.skipped` (per process / worker); it never stops a run. A missing folder,
+    missing captions file, or no usable entry raises a clear error at construction.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+from vdm import video_io
+
+log = logging.getLogger(__name__)
+
+MAX_FRAMES = 1024  # frames kept per clip after striding (bounds memory for very long clips)
+CAPTION_FILES = ("captions.jsonl", "captions.csv")
+
+
+def cover_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """The smallest (h', w') with the aspect of (h, w) that covers (height, width)."""
+    scale = max(height / h, width / w)
+    return max(height, math.ceil(h * scale - 1e-6)), max(width, math.ceil(w * scale - 1e-6))
+
+
+def resize_frame(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (antialiased when shrinking) resize of uint8 [H, W, 3] to size (h, w)."""
+    if frame.shape[:2] == tuple(size):
+        return frame
+    image = Image.fromarray(frame).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def read_captions(root: str, caption_key: str = "caption") -> list[dict]:
+    """Parses captions.jsonl or captions.csv of a clip folder.
+
+    Args:
+      root: the folder.
+      caption_key: name of the caption field.
+
+    Returns:
+      Entries {"file": path relative to root, "caption": str, "split": str | None}.
+
+    Raises:
+      FileNotFoundError: no folder or no captions file.
+      ValueError: a malformed line / row (the message names file and line).
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"Video folder '{root}' does not exist (config.data.source).")
+    paths = [os.path.join(root, n) for n in CAPTION_FILES if os.path.exists(os.path.join(root, n))]
+    if not paths:
+        raise FileNotFoundError(
+            f"Video folder '{root}' has no {' or '.join(CAPTION_FILES)}. Add one line per clip, "
+            f'e.g. {{"file": "clip.mp4", "{caption_key}": "a dog runs on the beach"}}.'
+        )
+    path = paths[0]
+    rows = []
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((line_no, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e}).") from None
+    else:
+        with open(path, encoding="utf-8", newline="") as f:
+            for line_no, row in enumerate(csv.DictReader(f), 2):
+                rows.append((line_no, row))
+    entries = []
+    for line_no, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{line_no}: expected an object with 'file' and a caption.")
+        file = row.get("file", row.get("video"))
+        caption = row.get(caption_key)
+        if not file or caption is None:
+            raise ValueError(
+                f"{path}:{line_no}: needs fields 'file' and '{caption_key}'; got {sorted(row)}."
+            )
+        split = row.get("split") or None
+        entries.append({"file": str(file), "caption": str(caption), "split": split})
+    return entries
+
+
+class FolderSource:
+    """Random-access source over a clip folder (see the module docstring).
+
+    Args:
+      root: the folder.
+      split: keep entries whose `split` is this (entries without a split are in every split).
+      height, width: target frame size (frames are resized to cover it; cropping happens later).
+      fps: target frame rate for temporal striding.
+      caption_key: caption field name in the captions file.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        split: str,
+        height: int,
+        width: int,
+        fps: float = 8,
+        caption_key: str = "caption",
+    ):
+        self.root = os.path.abspath(root)
+        self.split = split
+        self.height, self.width, self.fps = int(height), int(width), float(fps)
+        entries = read_captions(self.root, caption_key)
+        entries = [e for e in entries if e["split"] in (None, split)]
+        self.missing = 0
+        kept = []
+        for e in entries:
+            if os.path.exists(os.path.join(self.root, e["file"])):
+                kept.append(e)
+            else:
+                self.missing += 1
+                log.warning(
+                    "Video folder %s: listed file %s does not exist; skipped.", root, e["file"]
+                )
+        if not kept:
+            raise ValueError(
+                f"Video folder '{root}' has no usable clips for split '{split}' ({len(entries)} "
+                f"listed, {self.missing} missing on disk). Check the captions file and 'split'."
+            )
+        self.entries = kept
+        self.skipped = 0  # unreadable files met so far (in this process)
+        self._bad: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        return (
+            f"FolderSource(root={self.root!r}, split={self.split!r}, n={len(self)}, "
+            f"size={self.height}x{self.width}, fps={self.fps:g})"
+        )
+
+    def load(self, index: int) -> dict:
+        """Reads clip `index`; raises `video_io.VideoReadError` / OSError if it is unreadable."""
+        entry = self.entries[index]
+        path = os.path.join(self.root, entry["file"])
+        file_fps, frames = video_io.iter_video(path)
+        stride = max(1, int(round(file_fps / self.fps))) if file_fps else 1
+        kept = []
+        size = None
+        try:
+            for i, frame in enumerate(frames):
+                if i % stride:
+                    continue
+                if size is None:
+                    size = cover_size(frame.shape[0], frame.shape[1], self.height, self.width)
+                kept.append(resize_frame(frame, size))
+                if len(kept) >= MAX_FRAMES:
+                    break
+        finally:
+            frames.close()
+        if not kept:
+            raise video_io.VideoReadError(f"Video '{path}' contains no frames.")
+        return {"video": np.stack(kept), "caption": entry["caption"], "file": entry["file"]}
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.load(index)
+        except (video_io.VideoReadError, OSError, ValueError) as e:
+            file = self.entries[index]["file"]
+            if file not in self._bad:
+                self._bad.add(file)
+                self.skipped += 1
+                log.warning(
+                    "Skipping unreadable video %s (%d skipped so far in this process): %s",
+                    file,
+                    self.skipped,
+                    e,
+                )
+            if len(self._bad) == len(self.entries):  # else an endless loader would spin forever
+                raise ValueError(
+                    f"Every clip listed for split '{self.split}' in '{self.root}' is unreadable "
+                    f"(last: {file}: {e})."
+                ) from e
+            return {"_skip": True, "file": file}

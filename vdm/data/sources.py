@@ -1,0 +1,223 @@
+"""Random-access sources of (video, caption, labels) records, chosen by `config.data.source`.
+
+  "moving_digits"          the bundled procedural set, prepared on first use (moving_digits.py)
+  "folder:/path/to/clips"  a directory of videos + captions.jsonl / captions.csv (vdm.data.folder)
+  "tfds:name[/config]"     any tfds data set already prepared in array_record format, read through
+                           `tfds.data_source` (needs no TensorFlow); `config.data.video_key` and
+                           `config.data.caption_key` name its features (a ClassLabel caption
+                           feature, e.g. ucf101's "label", becomes its class name as text).
+
+Every source is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`, a stable `__repr__`
+for iterator checkpoints, picklable for grain workers) whose records are dicts with
+  video    uint8 [T', H', W', 3] (shape as stored; `vdm.data.pipeline` crops / resizes it),
+  caption  python str,
+and any other features of the source (bytes become str), e.g. the moving-digits labels.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+SOURCE_KINDS = ("moving_digits", "folder:/path", "tfds:name[/config]")
+
+
+def _to_text(value: Any) -> Any:
+    """bytes -> str; python scalars -> int32 / float32 numpy scalars (the promised batch dtypes)."""
+    if isinstance(value, bool | np.bool_):
+        return np.bool_(value)
+    if isinstance(value, int):
+        return np.int32(value) if -(2**31) <= value < 2**31 else np.int64(value)
+    if isinstance(value, float):
+        return np.float32(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray) and value.dtype.kind in "SO" and value.ndim == 0:
+        return _to_text(value.item())
+    return value
+
+
+def _label_text(name: str) -> str:
+    """A class name as a caption: "ApplyEyeMakeup" / "apply_eye_makeup" -> "apply eye makeup"."""
+    name = name.replace("_", " ").replace("-", " ")
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name)
+    return " ".join(name.split()).lower()
+
+
+class TfdsSource:
+    """A tfds `ArrayRecordDataSource` whose records are renamed to `video` / `caption`.
+
+    Args:
+      data_source: what `tfds.data_source(name, split=...)` or `builder.as_data_source(split)`
+        returns.
+      name: the tfds name (for repr and messages).
+      split: the split name.
+      video_key: the feature holding uint8 [T, H, W, 3] frames.
+      caption_key: the text feature (Text, bytes, or ClassLabel) used as the caption.
+      features: the builder's `info.features` (to name ClassLabel captions), or None.
+    """
+
+    def __init__(
+        self,
+        data_source,
+        *,
+        name: str,
+        split: str,
+        video_key: str = "video",
+        caption_key: str = "caption",
+        features=None,
+    ):
+        self._source = data_source
+        self._name = name
+        self._split = split
+        self._video_key = video_key
+        self._caption_key = caption_key
+        self._label_names = None
+        if features is not None:
+            keys = list(features.keys())
+            for key in (video_key, caption_key):
+                if key not in keys:
+                    raise ValueError(
+                        f"tfds data set '{name}' has no feature '{key}'; its features are "
+                        f"{keys}. Set config.data.video_key / config.data.caption_key."
+                    )
+            import tensorflow_datasets as tfds
+
+            feature = features[caption_key]
+            if isinstance(feature, tfds.features.ClassLabel):
+                self._label_names = [_label_text(n) for n in feature.names]
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __repr__(self) -> str:
+        return (
+            f"TfdsSource(name={self._name!r}, split={self._split!r}, "
+            f"video_key={self._video_key!r}, caption_key={self._caption_key!r}, n={len(self)})"
+        )
+
+    def _convert(self, example: dict) -> dict:
+        out = {}
+        for key, value in example.items():
+            if key == self._video_key:
+                continue
+            out[key] = _to_text(value)
+        video = np.asarray(example[self._video_key])
+        if video.ndim == 3:  # grey video [T, H, W]
+            video = video[..., None]
+        if video.ndim != 4 or video.dtype != np.uint8:
+            raise ValueError(
+                f"Feature '{self._video_key}' of '{self._name}' must be uint8 [T, H, W, C]; got "
+                f"{video.dtype} {video.shape}. Set config.data.video_key to the video feature."
+            )
+        if video.shape[-1] == 1:
+            # A read-only view; batching copies it into the batch array (no extra copy here).
+            video = np.broadcast_to(video, (*video.shape[:-1], 3))
+        elif video.shape[-1] == 4:
+            video = video[..., :3]
+        out["video"] = video
+        caption = example[self._caption_key]
+        if self._label_names is not None:
+            caption = self._label_names[int(caption)]
+        out["caption"] = str(_to_text(caption))
+        if self._caption_key != "caption":
+            out.pop(self._caption_key, None)
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        return self._convert(self._source[index])
+
+    def __getitems__(self, indices) -> list[dict]:
+        if hasattr(self._source, "__getitems__"):
+            return [self._convert(e) for e in self._source.__getitems__(indices)]
+        return [self[i] for i in indices]
+
+
+def _tfds_source(spec: str, data_config, split: str) -> TfdsSource:
+    import tensorflow_datasets as tfds
+
+    from vdm.data.moving_digits import resolve_data_dir
+
+    data_dir = resolve_data_dir(data_config)
+    missing = FileNotFoundError(
+        f"tfds data set '{spec}' is not prepared in data_dir '{data_dir}'. Prepare it first (with "
+        f"file_format='array_record'; nothing is downloaded here), or set config.data.data_dir."
+    )
+    try:
+        builder = tfds.builder(spec, data_dir=data_dir)
+        if not builder.is_prepared():
+            raise missing
+        source = builder.as_data_source(split=split)
+        info = builder.info
+    except tfds.core.registered.DatasetNotFoundError:
+        raise missing from None
+    except ModuleNotFoundError as e:
+        if e.name != "tensorflow":
+            raise
+        raise ValueError(
+            f"tfds data set '{spec}' uses features that need TensorFlow to decode (e.g. "
+            f"tfds.features.Video, as in ucf101), and TensorFlow is not installed. Install "
+            f"tensorflow-cpu, or store the frames as tfds.features.Tensor(dtype=uint8)."
+        ) from None
+    except (ValueError, KeyError, AssertionError) as e:
+        raise ValueError(
+            f"Cannot read split '{split}' of tfds data set '{spec}' from '{data_dir}' through "
+            f"tfds.data_source: {e}. Random access needs the array_record format; re-prepare with "
+            f"`tfds.builder('{spec}', file_format='array_record').download_and_prepare()`."
+        ) from None
+    return TfdsSource(
+        source,
+        name=spec,
+        split=split,
+        video_key=data_config.video_key,
+        caption_key=data_config.caption_key,
+        features=info.features,
+    )
+
+
+def get_source(data_config, split: str):
+    """The random-access source for `config.data` and a split name.
+
+    Args:
+      data_config: `config.data`.
+      split: a split name ("train", "test"; tfds sources also accept slices like "train[:90%]").
+
+    Returns:
+      A grain-compatible random-access source of record dicts (see the module docstring).
+    """
+    spec = str(data_config.source)
+    if spec == "moving_digits":
+        from vdm.data import moving_digits
+
+        builder = moving_digits.prepare(data_config)
+        if split.split("[")[0] not in moving_digits.SPLITS:
+            raise ValueError(
+                f"Unknown moving_digits split '{split}'; valid: {moving_digits.SPLITS}."
+            )
+        return TfdsSource(
+            builder.as_data_source(split=split),
+            name=f"moving_digits/{builder.builder_config.name}",
+            split=split,
+            features=builder.info.features,
+        )
+    if spec.startswith("folder:"):
+        from vdm.data.folder import FolderSource
+
+        root = os.path.expanduser(spec[len("folder:") :])
+        return FolderSource(
+            root,
+            split=split,
+            height=data_config.height,
+            width=data_config.width,
+            fps=data_config.fps,
+            caption_key=data_config.caption_key,
+        )
+    if spec.startswith("tfds:"):
+        return _tfds_source(spec[len("tfds:") :], data_config, split)
+    raise ValueError(
+        f"Unknown config.data.source '{spec}'. Valid: {', '.join(SOURCE_KINDS)} "
+        f"(e.g. --config.data.source=folder:/data/my_clips)."
+    )
