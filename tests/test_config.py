@@ -55,3 +55,13 @@ def test_cli_typo_exits_with_message(tmp_path):
     assert out.returncode == 2
     assert "Did you mean: config.model.depth" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_placeholder_fields_and_diffusion_validation():
+    c = config_lib.load_config(BASE, ["vae.base_channels=48", "vae.channel_multipliers=[1,2]"])
+    assert c.vae.base_channels == 48 and c.vae.channel_multipliers == (1, 2)
+    with pytest.raises(config_lib.ConfigError, match=r"vae\.base_channels is a int"):
+        config_lib.load_config(BASE, ["vae.base_channels=abc"])
+    # A resolution shift only exists for flow; asking for it with eps fails at load time.
+    with pytest.raises(config_lib.ConfigError, match=r"config\.diffusion"):
+        config_lib.load_config(BASE, ["diffusion.objective=eps", "diffusion.shift=3.0"])

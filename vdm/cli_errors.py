@@ -1,6 +1,12 @@
-"""Turns known user errors into a one-paragraph message and a non-zero exit, not a traceback."""
+"""Turns user errors into a one-paragraph message and a non-zero exit, not a traceback.
+
+Modules raise `ValueError` / `FileNotFoundError` (or `UserError`) with a message that names the bad
+input and what is valid; the CLIs print that message alone. Set VDM_TRACEBACK=1 to see the full
+traceback (for bug reports).
+"""
 
 import contextlib
+import os
 import sys
 
 from vdm.config import ConfigError
@@ -14,6 +20,8 @@ class UserError(Exception):
 def clear_errors():
     try:
         yield
-    except (ConfigError, UserError, FileNotFoundError) as e:
-        sys.stderr.write(f"error: {e}\n")
+    except (ConfigError, UserError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("VDM_TRACEBACK"):
+            raise
+        sys.stderr.write(f"error: {e}\n(set VDM_TRACEBACK=1 to see where it was raised)\n")
         sys.exit(2)

@@ -97,6 +97,16 @@ def apply_override(config: ConfigDict, key: str, text: str) -> None:
         raise ConfigError(unknown_key_message(config, key))
     old = node[leaf]
     value = _parse_value(text)
+    if old is None:  # a typed placeholder: check against its declared type instead
+        ftype = node.get_type(leaf)
+        if ftype is tuple and isinstance(value, list | int | float | str):
+            value = tuple(value) if isinstance(value, list) else (value,)
+        if ftype is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if ftype not in (type(None), object) and not isinstance(value, ftype):
+            raise ConfigError(
+                f"config.{key} is a {ftype.__name__} (default: unset); cannot set it to {text!r}."
+            )
     if isinstance(old, ConfigDict):
         if not isinstance(value, dict):
             raise ConfigError(f"config.{key} is a group of fields; give a dict, got {text!r}.")
@@ -206,6 +216,13 @@ def validate(config: ConfigDict) -> None:
             size = config.data[name]
             if fs in (4, 8) and size % fs:
                 problems.append(f"data.{name}={size} is not divisible by vae.spatial_factor={fs}")
+    if "diffusion" in config:
+        from vdm.diffusion.schedules import DiffusionSpec
+
+        try:
+            DiffusionSpec.from_config(config.diffusion)
+        except ValueError as e:
+            problems.append(f"config.diffusion: {e}")
     if "train" in config and config.train.batch_size <= 0:
         problems.append("train.batch_size must be positive")
     if problems:
