@@ -3,7 +3,9 @@
   python train.py --config configs/quickstart.py --workdir workdirs/quickstart \
       [--config.train.num_steps=1000 ...]
 
-Resumes from --workdir when it holds a checkpoint.
+Resumes from --workdir when it holds a checkpoint. Multi-host: run the same command on every host
+with --coordinator_address=HOST0:PORT --num_processes=N --process_id=I (or the JAX_* environment
+variables; --auto_distributed lets JAX detect TPU pods / SLURM).
 """
 
 from absl import app, flags
@@ -13,15 +15,22 @@ from vdm import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_AUTO = flags.DEFINE_bool("auto_distributed", False, "Let JAX detect the cluster (TPU, SLURM).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from vdm import cli_errors, train_lib
+    from vdm import cli_errors, parallel, train_lib
 
     with cli_errors.clear_errors():
+        parallel.initialize_distributed(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_AUTO.value
+        )
         config = _CONFIG.value
         config_lib.validate(config)
         train_lib.train_and_evaluate(config, _WORKDIR.value)

@@ -20,7 +20,7 @@ class UserError(Exception):
 def clear_errors():
     try:
         yield
-    except (ConfigError, UserError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, UserError, FileNotFoundError, ValueError, FloatingPointError) as e:
         if os.environ.get("VDM_TRACEBACK"):
             raise
         sys.stderr.write(f"error: {e}\n(set VDM_TRACEBACK=1 to see where it was raised)\n")

@@ -6,6 +6,8 @@ yields host-local batches
   caption  numpy array of str [B_local]
   ...      the source's labels (moving digits: digit, direction, speed, trajectory, ...)
 and has `get_state()` / `set_state(state)` (bytes) to checkpoint and restore the exact position.
+A latent-cache source (`cache:DIR`, vdm.data.cache) yields its cached fields (latent_mean,
+latent_logvar, context, context_mask, caption, labels) instead of `video`, uncropped.
 
 Determinism: the order is a function of (seed, epoch) only (grain IndexSampler), each process
 reads a disjoint contiguous shard of the records (grain ShardOptions, drop_remainder=True so all
@@ -161,12 +163,14 @@ def make_loader(
         seed=seed,
     )
     num_frames = int(data.num_frames)
-    operations = [
-        SkipUnreadable(),
-        RandomTemporalCrop(num_frames) if shuffle else CenterTemporalCrop(num_frames),
-        ResizeCenterCrop(int(data.height), int(data.width)),
-        grain.transforms.Batch(batch_size=local_batch, drop_remainder=drop_remainder),
-    ]
+    operations = [SkipUnreadable()]
+    # Latent caches (vdm.data.cache) hold no video: their records were cropped before encoding.
+    if getattr(source, "provides_video", True):
+        operations += [
+            RandomTemporalCrop(num_frames) if shuffle else CenterTemporalCrop(num_frames),
+            ResizeCenterCrop(int(data.height), int(data.width)),
+        ]
+    operations.append(grain.transforms.Batch(batch_size=local_batch, drop_remainder=drop_remainder))
     workers = int(data.num_workers) if worker_count is None else int(worker_count)
     if workers > 0:
         # grain's worker processes read absl flags; programs that never parsed them (tests,

@@ -6,12 +6,15 @@
                            `tfds.data_source` (needs no TensorFlow); `config.data.video_key` and
                            `config.data.caption_key` name its features (a ClassLabel caption
                            feature, e.g. ucf101's "label", becomes its class name as text).
+  "cache:/path/to/dir"     a latent cache built by `python -m vdm.data.cache` (vdm.data.cache):
+                           records hold VAE posteriors and text contexts instead of a video.
 
 Every source is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`, a stable `__repr__`
 for iterator checkpoints, picklable for grain workers) whose records are dicts with
   video    uint8 [T', H', W', 3] (shape as stored; `vdm.data.pipeline` crops / resizes it),
   caption  python str,
 and any other features of the source (bytes become str), e.g. the moving-digits labels.
+Cache sources have no `video`; their records are described in `vdm.data.cache`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-SOURCE_KINDS = ("moving_digits", "folder:/path", "tfds:name[/config]")
+SOURCE_KINDS = ("moving_digits", "folder:/path", "tfds:name[/config]", "cache:/path")
 
 
 def _to_text(value: Any) -> Any:
@@ -217,6 +220,10 @@ def get_source(data_config, split: str):
         )
     if spec.startswith("tfds:"):
         return _tfds_source(spec[len("tfds:") :], data_config, split)
+    if spec.startswith("cache:"):
+        from vdm.data.cache import CacheSource
+
+        return CacheSource(spec[len("cache:") :], split, data_config=data_config)
     raise ValueError(
         f"Unknown config.data.source '{spec}'. Valid: {', '.join(SOURCE_KINDS)} "
         f"(e.g. --config.data.source=folder:/data/my_clips)."

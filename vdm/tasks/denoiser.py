@@ -71,6 +71,13 @@ class DenoiserTask(Task):
         ids, mask = self.text.tokenize([""])
         self._null = (np.asarray(ids), np.asarray(mask))
 
+    @property
+    def tokens_per_example(self) -> int:
+        """Denoiser tokens per video (latent t*h*w over the patch), for tokens/s in the logs."""
+        t, h, w, _ = self.latent_shape
+        pt, ph, pw = self.config.model.patch_size
+        return (t // pt) * (h // ph) * (w // pw)
+
     # -- Task contract ---------------------------------------------------------------------------
     def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         d, length = self.config.data, self.text.max_length
@@ -149,8 +156,10 @@ class DenoiserTask(Task):
         else:
             prompts = list(pipeline.PREVIEW_PROMPTS)
             videos = pipe(prompts, seed=self.config.seed)
-        k = self.config.train.num_preview_samples
-        path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        video_io.contact_sheet(videos[:k], captions=prompts[:k], path=path)
+        if jax.process_index() == 0:
+            k = self.config.train.num_preview_samples
+            path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            video_io.contact_sheet(videos[:k], captions=prompts[:k], path=path)
+        del pipe  # holds the params, which the next train step donates
         return {f"eval/{k}": v for k, v in metrics.items()}

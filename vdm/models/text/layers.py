@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vdm.models.layers import Linear
+
 Dtype = Any
 
 # HF `hidden_act` / `dense_act_fn` name -> jax function, numerically matching transformers'
@@ -85,17 +87,16 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         """Self-attention of x `[B, L, D]` under an additive float32 bias `[B|1, H|1, L, L]`."""
-        init = nn.initializers.normal(self.init_std)
-        zeros = nn.initializers.zeros_init()
-
         def proj(name):
-            return nn.DenseGeneral(
+            # Our Linear creates the kernel at its 3-axis shape; nn.DenseGeneral reshapes a flat
+            # kernel, which breaks the 3-name logical annotation under an active mesh.
+            return Linear(
                 (self.num_heads, self.head_dim),
+                ("embed", "heads", "kv"),
                 use_bias=self.use_bias,
+                init_std=self.init_std,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                kernel_init=partitioned(init, ("embed", "heads", "kv")),
-                bias_init=partitioned(zeros, ("heads", "kv")),
                 name=name,
             )(x)
 
@@ -107,14 +108,14 @@ class Attention(nn.Module):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc)
         weights = jax.nn.softmax(scores * scale + bias, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return nn.DenseGeneral(
-            x.shape[-1],
-            axis=(-2, -1),
+        return Linear(
+            (x.shape[-1],),
+            ("heads", "kv", "embed"),
+            n_in=2,
             use_bias=self.use_bias,
+            init_std=self.init_std,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=partitioned(init, ("heads", "kv", "embed")),
-            bias_init=partitioned(zeros, ("embed",)),
             name="out",
         )(out)
 
