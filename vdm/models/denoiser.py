@@ -1,0 +1,585 @@
+"""The latent video denoiser: a space-time DiT on VAE latents `[B, t, h, w, c]`.
+
+```
+x [B,t,h,w,c] --patchify (pt,ph,pw)--> [B,t',h',w',P] --patch_embed--> tokens [B,t',h',w',D]
+t [B] --x1000, sinusoid(256), MLP--> c ;  (+ MLP(masked mean of context) if pooled_text)
+context [B,L,Dtxt] --text_embed MLP--> [B,L,D]  (keys/values of every cross-attention)
+depth x block_i:
+   x += gate * attn(modulate(LN(x)))            spatial (within a frame), or joint over t'h'w'
+   x += gate * temporal_attn(modulate(LN(x)))   across frames, per position ("factorized" only)
+   x += cross_attn(LN(x), context, mask)        ungated, output zero-initialised (PixArt-alpha)
+   x += gate * mlp(modulate(LN(x)))
+final: modulate(LN(x)) -> final_linear (zero-init) -> unpatchify -> [B,t,h,w,c]
+```
+(shift, scale, gate) are per-block zero-initialised projections of SiLU(c) (adaLN-Zero, DiT), so
+every gated branch starts as the identity and the output is exactly 0 at init.
+
+`model.attention` (ablation switch) and the parameter trees it gives:
+  * "spatial_only": `attn` is spatial; no temporal mixing at all (a per-frame image model).
+  * "full": `attn` is one joint attention over all t'*h'*w' tokens.
+  * "factorized": `attn` is spatial, and each block also has `temporal_attn` + `temporal_mod`.
+  "full" and "spatial_only" have IDENTICAL param trees; "factorized" has exactly that tree plus
+  `block_i/temporal_attn` and `block_i/temporal_mod`. Every shared path has the same shape in all
+  three modes, so checkpoints can be compared (or a spatial model warm-started) across modes.
+
+`model.pos_encoding`: "rope3d" rotates q/k of self-attention by 3-D RoPE (head dim split over
+t, h, w by `layers.axis_split`); "sincos" adds a factorized 3-D sin-cos embedding to the tokens.
+Both use integer grid positions, so any frame count / size works after training. Note that with
+"rope3d", "spatial_only" has no frame-index information (RoPE's t rotation cancels within a
+frame); with "sincos" each frame knows its index.
+
+Pooled text (`model.pooled_text`, default on): the masked mean of the context is embedded and
+added to the timestep embedding, so caption content also modulates every block through adaLN
+(SD3-style global conditioning), on top of token-level cross-attention. It is cheap (once per
+example) and helps a small model pick up global attributes (digit identity, direction) early.
+
+Attention math: `jax.nn.dot_product_attention` (XLA implementation; runs on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vdm.models import layers as L
+
+Dtype = Any
+
+ATTENTION_MODES = ("factorized", "full", "spatial_only")
+POS_ENCODINGS = ("rope3d", "sincos")
+REMAT_MODES = ("none", "block", "dots")
+
+# Named sizes. `apply_variant(config.model, name)` writes these numbers into a config; the config
+# fields stay the truth (so `--config.model.depth=4` works on top of any variant).
+# Our block (spatial + temporal + cross attention + MLP, each with per-block adaLN) has ~29 w^2
+# params against DiT's 18 w^2, so B/L/XL keep DiT's widths and head counts and take fewer blocks
+# to land near DiT's sizes. Params with "factorized" attention and a 384-wide text encoder:
+# mu 0.10M, S 2.14M, B 124M, L 463M, XL 663M ("full" / "spatial_only": 15-24% fewer).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "mu": dict(depth=2, width=32, num_heads=2, mlp_ratio=4.0, qk_norm=True),  # tests only.
+    # The 2-core CPU quickstart: 5x8x8x8 latents, patch 1x2x2 -> 80 tokens, 2.1M params,
+    # 0.21 GFLOP/example forward; fwd+bwd at batch 32 ~0.3 s (depth 6: ~0.47 s). No qk-norm: it
+    # costs ~10% of a CPU step (XLA materialises the broadcast scales) and a float32 model this
+    # small is stable without it.
+    "S": dict(depth=4, width=128, num_heads=4, mlp_ratio=4.0, qk_norm=False),
+    "B": dict(depth=7, width=768, num_heads=12, mlp_ratio=4.0, qk_norm=True),
+    "L": dict(depth=15, width=1024, num_heads=16, mlp_ratio=4.0, qk_norm=True),
+    "XL": dict(depth=17, width=1152, num_heads=16, mlp_ratio=4.0, qk_norm=True),
+}
+
+
+def apply_variant(model_config, name: str):
+    """Writes variant `name` (depth, width, num_heads, mlp_ratio, qk_norm) into a config.
+
+    Args:
+      model_config: `config.model` (a ConfigDict, may be locked: only existing fields are set).
+      name: a key of `VARIANTS`.
+
+    Returns:
+      `model_config`, modified in place.
+    """
+    if name not in VARIANTS:
+        raise ValueError(
+            f"Unknown denoiser variant {name!r}; valid: {', '.join(VARIANTS)} "
+            "(see vdm.models.denoiser.VARIANTS)."
+        )
+    for key, value in VARIANTS[name].items():
+        model_config[key] = value
+    return model_config
+
+
+def token_grid(latent_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
+    """The token grid `(t', h', w')` of latents `(t, h, w[, c])` patchified by `patch_size`.
+
+    Raises:
+      ValueError: a latent axis is not divisible by its patch size (the message says which).
+    """
+    t, h, w = (int(s) for s in latent_shape[:3])
+    bad = [
+        f"{axis}={size} % {p} = {size % p}"
+        for axis, size, p in zip("thw", (t, h, w), patch_size, strict=True)
+        if size % p
+    ]
+    if bad:
+        raise ValueError(
+            f"Latent shape (t, h, w) = {(t, h, w)} is not divisible by model.patch_size="
+            f"{tuple(patch_size)} ({'; '.join(bad)}). Use a patch size that divides the latent "
+            "grid (e.g. --config.model.patch_size='(1, 2, 2)' or (1, 1, 1)), or change "
+            "data.num_frames / data.height / data.width so the VAE latents are divisible."
+        )
+    return t // patch_size[0], h // patch_size[1], w // patch_size[2]
+
+
+def patchify(x: jax.Array, patch_size: Sequence[int]) -> jax.Array:
+    """`[B, t, h, w, c]` -> `[B, t', h', w', pt*ph*pw*c]` (non-overlapping 3-D patches)."""
+    b, t, h, w, c = x.shape
+    pt, ph, pw = patch_size
+    gt, gh, gw = token_grid((t, h, w), patch_size)
+    x = x.reshape(b, gt, pt, gh, ph, gw, pw, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(b, gt, gh, gw, pt * ph * pw * c)
+
+
+def unpatchify(x: jax.Array, patch_size: Sequence[int], channels: int) -> jax.Array:
+    """Inverse of `patchify`: `[B, t', h', w', pt*ph*pw*c]` -> `[B, t, h, w, c]`."""
+    b, gt, gh, gw, _ = x.shape
+    pt, ph, pw = patch_size
+    x = x.reshape(b, gt, gh, gw, pt, ph, pw, channels)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, gt * pt, gh * ph, gw * pw, channels)
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a param tree (arrays, `nn.Partitioned` boxes or ShapeDtypeStructs)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+class DiTBlock(nn.Module):
+    """One space-time block; see the module docstring for its four residual branches."""
+
+    width: int  # D.
+    num_heads: int
+    mlp_ratio: float = 4.0
+    attention: str = "factorized"  # see ATTENTION_MODES.
+    qk_norm: bool = False
+    dropout: float = 0.0  # on every residual branch output.
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        c_act: jax.Array,
+        context: jax.Array,
+        context_mask: jax.Array,
+        rope: tuple[jax.Array, jax.Array] | None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """`x [B,t,h,w,D]`, `c_act = SiLU(c) [B,D]`, `context [B,L,D]`, `context_mask [B,L]`."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn_kw = dict(
+            num_heads=self.num_heads, head_dim=self.width // self.num_heads, qk_norm=self.qk_norm
+        )
+
+        def drop(y):
+            return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+        def adaln_branch(name: str, fn, x):
+            shift, scale, g = L.AdaLNModulation(3, self.width, name=f"{name}_mod", **kw)(c_act)
+            h = L.layer_norm(f"{name}_norm", affine=False, param_dtype=self.param_dtype)(x)
+            h = L.modulate(h, shift, scale).astype(self.dtype)
+            return x + L.gate(drop(fn(h)), g)
+
+        self_mode = "full" if self.attention == "full" else "spatial"
+        attn = L.Attention(name="attn", **attn_kw, **kw)
+        x = adaln_branch("attn", lambda h: attn(h, mode=self_mode, rope=rope), x)
+        if self.attention == "factorized":
+            tattn = L.Attention(name="temporal_attn", **attn_kw, **kw)
+            x = adaln_branch("temporal", lambda h: tattn(h, mode="temporal", rope=rope), x)
+        x = L.constrain(x, L.ACT_5D)
+
+        h = L.layer_norm("cross_norm", affine=True, param_dtype=self.param_dtype)(x)
+        cross = L.Attention(name="cross_attn", zero_out=True, **attn_kw, **kw)
+        y = cross(h.astype(self.dtype), mode="cross", context=context, context_mask=context_mask)
+        x = x + drop(y)
+
+        mlp = L.Mlp(int(self.width * self.mlp_ratio), name="mlp", **kw)
+        x = adaln_branch("mlp", mlp, x)
+        return L.constrain(x, L.ACT_5D)
+
+
+class Denoiser(nn.Module):
+    """Space-time DiT denoiser on latents; see the module docstring for the architecture.
+
+    Build it with `Denoiser.from_config(config.model, latent_channels)`.
+    """
+
+    latent_channels: int  # c of the VAE latents (input and output channels).
+    depth: int = 4  # number of DiTBlocks.
+    width: int = 128  # D, the token width.
+    num_heads: int = 4  # head dim = width // num_heads.
+    mlp_ratio: float = 4.0  # MLP hidden = int(width * mlp_ratio).
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (t, h, w) latent patch per token.
+    attention: str = "factorized"  # "factorized" | "full" | "spatial_only" (ATTENTION_MODES).
+    pos_encoding: str = "rope3d"  # "rope3d" | "sincos".
+    qk_norm: bool = False  # RMSNorm on q, k per head in every self- and cross-attention.
+    pooled_text: bool = True  # add an embedding of the masked-mean context to the time embedding.
+    dropout: float = 0.0  # residual-branch dropout (needs a "dropout" rng when > 0 in training).
+    remat: str = "none"  # "none" | "block" (recompute each block) | "dots" (save matmul outputs).
+    time_scale: float = 1000.0  # t in [0, 1] is scaled by this before the sinusoid (DiT scale).
+    freq_dim: int = 256  # width of the sinusoidal timestep features.
+    rope_theta: float = 10000.0  # base of RoPE / sin-cos frequencies.
+    dtype: Dtype = jnp.float32  # compute dtype (bfloat16 on accelerators); output is float32.
+    param_dtype: Dtype = jnp.float32
+
+    @classmethod
+    def from_config(cls, model_config: Mapping[str, Any], latent_channels: int) -> Denoiser:
+        """The denoiser described by `config.model` for latents with `latent_channels` channels.
+
+        Args:
+          model_config: `config.model` (fields documented in configs/base.py).
+          latent_channels: channels of the VAE latents (`config.vae.latent_channels`).
+
+        Returns:
+          An unbound `Denoiser`; raises ValueError for an invalid combination of fields.
+        """
+        get = model_config.get
+        model = cls(
+            latent_channels=int(latent_channels),
+            depth=int(model_config["depth"]),
+            width=int(model_config["width"]),
+            num_heads=int(model_config["num_heads"]),
+            mlp_ratio=float(model_config["mlp_ratio"]),
+            patch_size=tuple(int(p) for p in model_config["patch_size"]),
+            attention=str(model_config["attention"]),
+            pos_encoding=str(model_config["pos_encoding"]),
+            # Fields added after the first checkpoints: default so old config JSONs still load.
+            qk_norm=bool(get("qk_norm", False)),
+            pooled_text=bool(get("pooled_text", True)),
+            dropout=float(get("dropout", 0.0)),
+            remat=str(get("remat", "none")),
+            dtype=jnp.dtype(get("dtype", "float32")),
+            param_dtype=jnp.dtype(get("param_dtype", "float32")),
+        )
+        model.check()
+        return model
+
+    # -- validation ------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raises ValueError naming the config field if the hyper-parameters are inconsistent."""
+        problems = []
+        if self.attention not in ATTENTION_MODES:
+            problems.append(f"model.attention={self.attention!r} is not one of {ATTENTION_MODES}")
+        if self.pos_encoding not in POS_ENCODINGS:
+            problems.append(
+                f"model.pos_encoding={self.pos_encoding!r} is not one of {POS_ENCODINGS}"
+            )
+        if self.remat not in REMAT_MODES:
+            problems.append(f"model.remat={self.remat!r} is not one of {REMAT_MODES}")
+        if self.depth < 1:
+            problems.append(f"model.depth={self.depth} must be >= 1")
+        if len(self.patch_size) != 3 or any(int(p) < 1 for p in self.patch_size):
+            problems.append(f"model.patch_size={self.patch_size} must be 3 positive ints (t, h, w)")
+        if self.width % self.num_heads:
+            problems.append(
+                f"model.width={self.width} is not divisible by model.num_heads={self.num_heads}"
+            )
+        if problems:
+            raise ValueError("Invalid denoiser config: " + "; ".join(problems) + ".")
+        if self.pos_encoding == "rope3d":
+            L.check_axis_split(self.width // self.num_heads, "head dim (model.width/num_heads)")
+        else:
+            L.check_axis_split(self.width, "model.width (for sincos positions)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        return math.prod(self.patch_size) * self.latent_channels
+
+    def _check_inputs(self, x, t, context, context_mask) -> None:
+        if x.ndim != 5 or x.shape[-1] != self.latent_channels:
+            raise ValueError(
+                f"Denoiser expects latents [B, t, h, w, {self.latent_channels}], got shape "
+                f"{tuple(x.shape)}; check vae.latent_channels and that latents are channels-last."
+            )
+        b = x.shape[0]
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != b):
+            raise ValueError(f"Diffusion times must have shape [B={b}] or [], got {t.shape}.")
+        if context.ndim != 3 or context.shape[0] != b:
+            raise ValueError(f"context must be [B={b}, L, D], got shape {tuple(context.shape)}.")
+        if tuple(context_mask.shape) != tuple(context.shape[:2]):
+            raise ValueError(
+                f"context_mask must be [B, L] = {tuple(context.shape[:2])}, got "
+                f"{tuple(context_mask.shape)}."
+            )
+
+    # -- forward ---------------------------------------------------------------------------------
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        context: jax.Array,
+        context_mask: jax.Array,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Predicts the diffusion target (velocity / eps / v) for noisy latents.
+
+        Args:
+          x: noisy normalized latents `[B, t, h, w, c]`.
+          t: diffusion times in [0, 1], `[B]` (or a scalar, broadcast).
+          context: text encoder hidden states `[B, L, D_txt]`.
+          context_mask: `[B, L]` int/bool, nonzero = a real token (padding is ignored exactly).
+          deterministic: disables dropout; training with `dropout > 0` passes False and a
+            "dropout" rng.
+
+        Returns:
+          `[B, t, h, w, c]` float32, the same shape as `x`.
+        """
+        self.check()
+        t = jnp.asarray(t)
+        self._check_inputs(x, t, context, context_mask)
+        b = x.shape[0]
+        grid = token_grid(x.shape[1:4], self.patch_size)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mask = context_mask.astype(bool)
+
+        h = L.dense(self.width, (None, "embed"), name="patch_embed", **kw)(
+            patchify(x.astype(self.dtype), self.patch_size)
+        )
+        if self.pos_encoding == "sincos":
+            h = h + L.sincos_3d(grid, self.width, self.rope_theta).astype(self.dtype)
+        h = L.constrain(h, L.ACT_5D)
+        rope = (
+            L.rope_3d(grid, self.head_dim, self.rope_theta)
+            if self.pos_encoding == "rope3d"
+            else None
+        )
+
+        # Conditioning vector c [B, D]: time (and pooled caption); SiLU(c) feeds every adaLN.
+        t_feat = L.timestep_embedding(jnp.broadcast_to(t, (b,)) * self.time_scale, self.freq_dim)
+        c = L.EmbedMLP(self.width, "silu", init_std=0.02, name="time_embed", **kw)(t_feat)
+        ctx = L.EmbedMLP(self.width, "gelu", name="text_embed", **kw)(context.astype(self.dtype))
+        ctx = L.constrain(ctx, ("batch", "tokens", "embed"))
+        if self.pooled_text:
+            m = mask.astype(jnp.float32)[..., None]
+            # An all-padding caption pools to 0 (not NaN): max(count, 1).
+            pooled = (context.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+            c = c + L.EmbedMLP(self.width, "silu", name="pooled_embed", **kw)(
+                pooled.astype(self.dtype)
+            )
+        c_act = nn.silu(c)
+
+        block_cls = DiTBlock
+        if self.remat == "block":
+            block_cls = nn.remat(DiTBlock, static_argnums=(6,))
+        elif self.remat == "dots":
+            block_cls = nn.remat(
+                DiTBlock, static_argnums=(6,), policy=jax.checkpoint_policies.checkpoint_dots
+            )
+        for i in range(self.depth):
+            h = block_cls(
+                width=self.width,
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                attention=self.attention,
+                qk_norm=self.qk_norm,
+                dropout=self.dropout,
+                name=f"block_{i}",
+                **kw,
+            )(h, c_act, ctx, mask, rope, deterministic)
+
+        shift, scale = L.AdaLNModulation(2, self.width, name="final_mod", **kw)(c_act)
+        h = L.layer_norm("final_norm", affine=False, param_dtype=self.param_dtype)(h)
+        h = L.modulate(h, shift, scale).astype(self.dtype)
+        out = L.dense(self.patch_dim, ("embed", None), name="final_linear", zero_init=True, **kw)(h)
+        out = unpatchify(out, self.patch_size, self.latent_channels)
+        return L.constrain(out.astype(jnp.float32), L.ACT_5D[:-1] + (None,))
+
+    # -- accounting ------------------------------------------------------------------------------
+    def param_groups(self, context_dim: int) -> dict[str, int]:
+        """Analytic parameter count per top-level group (must equal `count_params` of `init`).
+
+        Args:
+          context_dim: width of the text encoder's hidden states (384 for MiniLM).
+
+        Returns:
+          `{"patch_embed": n, "time_embed": n, ..., "block": n per block, "final": n}`.
+        """
+        w, m, p, d = self.width, self.mlp_hidden, self.patch_dim, context_dim
+        attn = 4 * (w * w + w) + (2 * self.head_dim if self.qk_norm else 0)
+        mod3 = w * 3 * w + 3 * w
+        block = (attn + mod3) + (w * m + m + m * w + w + mod3) + (attn + 2 * w)
+        if self.attention == "factorized":
+            block += attn + mod3
+        groups = {
+            "patch_embed": p * w + w,
+            "time_embed": self.freq_dim * w + w + w * w + w,
+            "text_embed": d * w + w + w * w + w,
+        }
+        if self.pooled_text:
+            groups["pooled_embed"] = d * w + w + w * w + w
+        groups["block"] = block
+        groups["final"] = w * 2 * w + 2 * w + w * p + p
+        return groups
+
+    def num_params(self, context_dim: int) -> int:
+        """Analytic total parameter count (see `param_groups`)."""
+        g = self.param_groups(context_dim)
+        return sum(g.values()) + (self.depth - 1) * g["block"]
+
+    def flops_per_example(
+        self, latent_shape: Sequence[int], context_len: int, context_dim: int
+    ) -> int:
+        """Forward-pass matmul FLOPs (2 per multiply-add) for one example.
+
+        Counts every Dense and the attention scores / weighted sums; ignores elementwise ops,
+        norms and softmax (a few % at these widths). A training step costs about 3x this
+        (forward + backward), more with remat.
+
+        Args:
+          latent_shape: `(t, h, w[, c])` of one example's latents.
+          context_len: L, text tokens per caption.
+          context_dim: width of the text encoder's hidden states.
+
+        Returns:
+          FLOPs as an int.
+        """
+        gt, gh, gw = token_grid(latent_shape, self.patch_size)
+        n, s, ln = gt * gh * gw, gh * gw, context_len
+        w, m, p = self.width, self.mlp_hidden, self.patch_dim
+        proj = 2 * n * 4 * w * w  # q, k, v, out of one self-attention over n tokens
+        self_ctx = n if self.attention == "full" else s  # keys each query sees
+        block = proj + 4 * n * self_ctx * w
+        if self.attention == "factorized":
+            block += proj + 4 * n * gt * w
+        block += 2 * n * 2 * w * w + 2 * ln * 2 * w * w + 4 * n * ln * w  # cross-attention
+        block += 2 * n * 2 * w * m  # MLP
+        block += 2 * w * 3 * w * (3 if self.attention == "factorized" else 2)  # adaLN
+        total = 2 * n * p * w  # patch embed
+        total += 2 * (self.freq_dim * w + w * w)  # time MLP
+        total += 2 * ln * (context_dim * w + w * w)  # caption MLP
+        if self.pooled_text:
+            total += 2 * (context_dim * w + w * w)
+        total += self.depth * block
+        total += 2 * w * 2 * w + 2 * n * w * p  # final adaLN + linear
+        return int(total)
+
+    def summary(
+        self,
+        params: Any = None,
+        *,
+        latent_shape: Sequence[int] | None = None,
+        context_shape: tuple[int, int] = (32, 384),
+    ) -> str:
+        """A few human-readable lines: architecture, parameter counts, tokens and FLOPs.
+
+        Args:
+          params: the model's params (counted exactly); None = the analytic count.
+          latent_shape: `(t, h, w[, c])` of one example, for token and FLOP counts.
+          context_shape: `(L, D_txt)` of the text context.
+
+        Returns:
+          A multi-line string (train.py prints it).
+        """
+        ln, d = context_shape
+        groups = self.param_groups(d)
+        total = count_params(params) if params is not None else self.num_params(d)
+        arch = (
+            f"Denoiser: {self.attention} attention, {self.pos_encoding}, depth {self.depth} x "
+            f"width {self.width} ({self.num_heads} heads x {self.head_dim}), mlp {self.mlp_hidden}"
+            f", patch {'x'.join(map(str, self.patch_size))}, qk_norm={self.qk_norm}, "
+            f"pooled_text={self.pooled_text}, remat={self.remat}, dtype="
+            f"{jnp.dtype(self.dtype).name}/{jnp.dtype(self.param_dtype).name}"
+        )
+        parts = [f"{k} {_human(v)}" for k, v in groups.items() if k != "block"]
+        parts.insert(3 + self.pooled_text, f"blocks {self.depth} x {_human(groups['block'])}")
+        lines = [arch, f"  params: {_human(total)} ({total:,}) = " + " + ".join(parts)]
+        if latent_shape is not None:
+            gt, gh, gw = token_grid(latent_shape, self.patch_size)
+            f = self.flops_per_example(latent_shape, ln, d)
+            lines.append(
+                f"  latents {'x'.join(map(str, latent_shape))} -> {gt}x{gh}x{gw} = {gt * gh * gw}"
+                f" tokens; forward {f / 1e9:.3f} GFLOP/example (train step ~{3 * f / 1e9:.2f})"
+            )
+        return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def variant_model(name: str, latent_channels: int = 8, **overrides) -> Denoiser:
+    """A `Denoiser` of variant `name` (with dataclass `overrides`), e.g. for tests and benches."""
+    if name not in VARIANTS:
+        raise ValueError(f"Unknown denoiser variant {name!r}; valid: {', '.join(VARIANTS)}.")
+    fields = {f.name for f in dataclasses.fields(Denoiser)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"Unknown Denoiser fields {sorted(unknown)}.")
+    model = Denoiser(latent_channels=latent_channels, **{**VARIANTS[name], **overrides})
+    model.check()
+    return model
+
+
+def _benchmark(argv: Sequence[str] | None = None) -> None:
+    """Times one jitted forward+backward of a variant on random inputs (best of N).
+
+    python -m vdm.models.denoiser --variant S --batch 32 --latent 5,8,8,8 [--attention full]
+    """
+    import argparse
+    import time
+
+    import numpy as np
+
+    ap = argparse.ArgumentParser(description=_benchmark.__doc__)
+    ap.add_argument("--variant", default="S", choices=list(VARIANTS))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--latent", default="5,8,8,8", help="t,h,w,c of one example's latents")
+    ap.add_argument("--context", default="32,384", help="L,D of the text context")
+    ap.add_argument("--attention", default="factorized", choices=ATTENTION_MODES)
+    ap.add_argument("--patch", default="1,2,2")
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--heads", type=int, default=None)
+    ap.add_argument("--remat", default="none", choices=REMAT_MODES)
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args(argv)
+    (t, h, w, c), (ln, d) = (tuple(map(int, s.split(","))) for s in (args.latent, args.context))
+    over = {k: v for k, v in dict(depth=args.depth, width=args.width, num_heads=args.heads).items()
+            if v is not None}  # fmt: skip
+    model = variant_model(
+        args.variant, c, attention=args.attention, remat=args.remat,
+        patch_size=tuple(map(int, args.patch.split(","))), **over,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    b = args.batch
+    x = jnp.asarray(rng.normal(size=(b, t, h, w, c)), jnp.float32)
+    tt = jnp.asarray(rng.uniform(size=(b,)), jnp.float32)
+    ctx = jnp.asarray(rng.normal(size=(b, ln, d)), jnp.float32)
+    mask = jnp.ones((b, ln), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(0), x, tt, ctx, mask)["params"]
+    print(model.summary(params, latent_shape=(t, h, w, c), context_shape=(ln, d)))
+
+    def loss(p):
+        return jnp.mean((model.apply({"params": p}, x, tt, ctx, mask) - x) ** 2)
+
+    start = time.perf_counter()
+    step = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+    print(f"  compile {time.perf_counter() - start:.1f} s")
+    jax.block_until_ready(step(params))
+    wall, cpu = [], []
+    for _ in range(args.repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(step(params))
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    flops = 3 * b * model.flops_per_example((t, h, w, c), ln, d)
+    best = min(wall)
+    print(
+        f"  fwd+bwd batch {b}: best {best * 1e3:.0f} ms, median {np.median(wall) * 1e3:.0f} ms "
+        f"(cpu time best {min(cpu) * 1e3:.0f} ms) over {args.repeats}; ~{flops / 1e9:.1f} GFLOP "
+        f"-> {flops / best / 1e9:.0f} GFLOP/s"
+    )
+
+
+if __name__ == "__main__":
+    _benchmark()
