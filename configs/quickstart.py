@@ -17,7 +17,7 @@ def get_config():
     c.vae.checkpoint = "workdirs/vae_quickstart"
     c.text_encoder.name = "minilm"
     c.text_encoder.max_length = 24
-    c.model.depth = 6
+    c.model.depth = 4
     c.model.width = 128
     c.model.num_heads = 4
     c.model.patch_size = (1, 2, 2)

@@ -181,9 +181,10 @@ class Pipeline:
         for start in batches:
             chunk = pairs[start : start + batch_size]
             n = len(chunk)
-            # Pad to a fixed batch so every call reuses one compiled program; padding rows are
-            # extra samples of the last pair, computed independently and then dropped.
-            padded = chunk + [chunk[-1]] * (batch_size - n) if len(pairs) > batch_size else chunk
+            # Always pad to `batch_size`: every call reuses one compiled program, and a video's
+            # bits cannot depend on how many others were requested with it (XLA may pick other
+            # kernels for other batch shapes). Padding rows repeat the last pair and are dropped.
+            padded = chunk + [chunk[-1]] * (batch_size - n)
             p_idx = np.array([p for p, _ in padded], np.int32)
             i_idx = np.array([i for _, i in padded], np.int32)
             noise = samplers.initial_noise(seed, p_idx, i_idx, self.latent_shape)

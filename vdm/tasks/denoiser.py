@@ -49,13 +49,19 @@ def load_frozen_vae(config) -> tuple[Any, Any, dict]:
     )
     t, h, w = config.data.num_frames, config.data.height, config.data.width
     video = jnp.zeros((1, t, h, w, 3), jnp.float32)
-    params = module.init(jax.random.key(config.seed), video)["params"]
+    params = jax.jit(module.init)(jax.random.key(config.seed), video)["params"]
     c = config.vae.latent_channels
     return module, params, {"shift": [0.0] * c, "scale": [1.0] * c}
 
 
 class DenoiserTask(Task):
-    """Latent flow matching / diffusion on frozen VAE latents and frozen text embeddings."""
+    """Latent flow matching / diffusion on frozen VAE latents and frozen text embeddings.
+
+    Two kinds of batches: raw (`video` uint8 + captions, encoded inside the step) or cached
+    (`config.data.source = "cache:DIR"` built by `python -m vdm.data.cache`: posterior
+    `latent_mean` / `latent_logvar` and text `context` / `context_mask`, so the step runs the
+    denoiser alone). Both draw the same posterior sample `mean + exp(logvar / 2) * eps`.
+    """
 
     def __init__(self, config):
         super().__init__(config)
@@ -68,8 +74,20 @@ class DenoiserTask(Task):
         d = config.data
         self.latent_shape = ae.latent_shape(config.vae, d.num_frames, d.height, d.width)
         self.model = dn.Denoiser.from_config(config.model, config.vae.latent_channels)
+        self.cached = d.source.startswith("cache:")
+        self.data_kind = d.source.split(":", 1)[0]
+        if self.cached:
+            from vdm.data import cache
+
+            manifest = cache.read_manifest(d.source.split(":", 1)[1])
+            cache.check_compatible(manifest, config, d.train_split)
+            self.latent_stats = manifest["latent_stats"]
+            self.data_kind = str(manifest["data"]["source"]).split(":", 1)[0]
         ids, mask = self.text.tokenize([""])
-        self._null = (np.asarray(ids), np.asarray(mask))
+        # The empty prompt's embedding: dropped captions in training, the unconditional branch of
+        # guidance in sampling. Computed once; it is a frozen input like the weights.
+        self._null_ctx = np.asarray(self.text.encode(self.text.params, ids, mask))
+        self._null_mask = np.asarray(mask)
 
     @property
     def tokens_per_example(self) -> int:
@@ -81,18 +99,21 @@ class DenoiserTask(Task):
     # -- Task contract ---------------------------------------------------------------------------
     def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         d, length = self.config.data, self.text.max_length
-        return {
-            "video": np.zeros((batch_size, d.num_frames, d.height, d.width, 3), np.uint8),
-            "ids": np.zeros((batch_size, length), np.int32),
-            "mask": np.ones((batch_size, length), np.int32),
-        }
+        mask = np.ones((batch_size, length), np.int32)
+        if self.cached:
+            z = np.zeros((batch_size, *self.latent_shape), np.float16)
+            ctx = np.zeros((batch_size, length, self.text.dim), np.float16)
+            return {"latent_mean": z, "latent_logvar": z, "context": ctx, "context_mask": mask}
+        video = np.zeros((batch_size, d.num_frames, d.height, d.width, 3), np.uint8)
+        return {"video": video, "ids": np.zeros_like(mask), "mask": mask}
 
     def init(self, key, batch):
-        b = batch["ids"].shape[0]
+        b = next(iter(batch.values())).shape[0]
         z = jnp.zeros((b, *self.latent_shape), jnp.float32)
         ctx = jnp.zeros((b, self.text.max_length, self.text.dim), jnp.float32)
         t = jnp.zeros((b,), jnp.float32)
-        return self.model.init(key, z, t, ctx, batch["mask"])["params"]
+        mask = jnp.ones((b, self.text.max_length), jnp.int32)
+        return self.model.init(key, z, t, ctx, mask)["params"]
 
     def frozen(self):
         return {
@@ -100,38 +121,46 @@ class DenoiserTask(Task):
             "text": self.text.params,
             "shift": jnp.asarray(self.latent_stats["shift"], jnp.float32),
             "scale": jnp.asarray(self.latent_stats["scale"], jnp.float32),
-            "null_ids": jnp.asarray(self._null[0]),
-            "null_mask": jnp.asarray(self._null[1]),
+            "null_ctx": jnp.asarray(self._null_ctx, jnp.float32),
+            "null_mask": jnp.asarray(self._null_mask),
         }
 
     def device_batch(self, batch):
+        if self.cached:
+            keys = ("latent_mean", "latent_logvar", "context", "context_mask")
+            return {k: np.asarray(batch[k]) for k in keys}
         ids, mask = self.text.tokenize([str(c) for c in batch["caption"]])
         return {"video": np.asarray(batch["video"]), "ids": ids, "mask": mask}
 
-    def encode_latents(self, frozen, video_uint8, key):
-        """uint8 video -> normalized latents (a posterior sample, so training sees VAE noise)."""
-        x = video_uint8.astype(jnp.float32) / 127.5 - 1.0
-        z = ae.encode(self.vae, frozen["vae"], x, key=key)
-        return (z - frozen["shift"]) / frozen["scale"]
+    def latents_and_context(self, frozen, batch, key):
+        """Normalized posterior-sample latents and the caption context of a device batch."""
+        if "latent_mean" in batch:
+            mean = batch["latent_mean"].astype(jnp.float32)
+            std = jnp.exp(0.5 * batch["latent_logvar"].astype(jnp.float32))
+            z = mean + std * jax.random.normal(key, mean.shape, jnp.float32)
+            ctx, mask = batch["context"].astype(jnp.float32), batch["context_mask"]
+        else:
+            x = batch["video"].astype(jnp.float32) / 127.5 - 1.0
+            z = ae.encode(self.vae, frozen["vae"], x, key=key)
+            mask = batch["mask"]
+            ctx = self.text.encode(frozen["text"], batch["ids"], mask)
+        return (z - frozen["shift"]) / frozen["scale"], ctx, mask
 
     def loss(self, params, frozen, batch, key):
         frozen = jax.lax.stop_gradient(frozen)
-        z0 = self.encode_latents(frozen, batch["video"], rng.stream(key, "vae"))
-        ctx = self.text.encode(frozen["text"], batch["ids"], batch["mask"])
-        b = z0.shape[0]
-        null_ctx = self.text.encode(frozen["text"], frozen["null_ids"], frozen["null_mask"])
+        z0, ctx, mask = self.latents_and_context(frozen, batch, rng.stream(key, "vae"))
         null_cond = (
-            jnp.broadcast_to(null_ctx, ctx.shape),
-            jnp.broadcast_to(frozen["null_mask"], batch["mask"].shape),
+            jnp.broadcast_to(frozen["null_ctx"], ctx.shape),
+            jnp.broadcast_to(frozen["null_mask"], mask.shape),
         )
 
         def model_fn(x, t, cond):
             return self.model.apply({"params": params}, x, t, cond[0], cond[1])
 
         per_example = losses.diffusion_loss(
-            model_fn, z0, (ctx, batch["mask"]), key, self.config.diffusion, null_cond=null_cond
+            model_fn, z0, (ctx, mask), key, self.config.diffusion, null_cond=null_cond
         )
-        return per_example.mean(), {"latent_std": z0.std(), "batch": jnp.float32(b)}
+        return per_example.mean(), {"latent_std": z0.std()}
 
     def metadata(self, params, frozen):
         return {
@@ -139,7 +168,10 @@ class DenoiserTask(Task):
             if self.config.vae.checkpoint
             else "",
             "text_encoder": self.config.text_encoder.name,
-            "latent_stats": {k: list(map(float, v)) for k, v in self.latent_stats.items()},
+            "latent_stats": {
+                k: [float(x) for x in v] if isinstance(v, list | tuple | np.ndarray) else v
+                for k, v in self.latent_stats.items()
+            },
             "latent_shape": list(self.latent_shape),
         }
 
@@ -151,7 +183,7 @@ class DenoiserTask(Task):
         pipe = pipeline.Pipeline.from_parts(self.config, self, params, frozen)
         metrics = {}
         n = self.config.eval.during_training
-        if n and self.config.data.source == "moving_digits":
+        if n and self.data_kind == "moving_digits":
             metrics, videos, prompts = evaluation.evaluate_pipeline(pipe, n, seed=self.config.seed)
         else:
             prompts = list(pipeline.PREVIEW_PROMPTS)

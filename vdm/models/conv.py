@@ -1,0 +1,106 @@
+"""Causal 3D convolution and per-frame normalization: the building blocks of the video VAE.
+
+Causality here means: output frame t depends only on input frames <= t. A convolution with a
+temporal kernel of size `kt` gets `kt - 1` frames of padding in *front* only (never behind); the
+padding replicates the first frame, so the first frame is processed exactly like a frame of a still
+video (the "first frame is an image" rule of CogVideoX / MAGVIT-v2).
+
+Streaming (decoding or encoding a long video chunk by chunk) needs, for each layer, the last few
+input frames of the previous chunk. They live in the flax variable collection "cache":
+
+  * `first=True`   the chunk starts the video: pad by replicating its first frame. If "cache" is
+                   mutable, store the frames the next chunk needs.
+  * `first=False`  the chunk continues a video: prepend the stored frames instead of padding, and
+                   (if mutable) replace them.
+
+A layer with temporal kernel `kt` and temporal stride `st` carries `kt - st` frames: the next output
+window starts `st` frames after the last one, i.e. `kt - st` frames before the end of the padded
+input, provided every non-first chunk has a multiple of `st` frames (the autoencoder guarantees it).
+Normalization is per frame (statistics over height, width and channel groups, never over time),
+because statistics over time would let later frames change earlier outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical axis names (see config.mesh.logical_axis_rules).
+KERNEL_AXES = ("kernel_t", "kernel_h", "kernel_w", "conv_in", "conv_out")
+
+
+def constrain(x: jnp.ndarray) -> jnp.ndarray:
+    """Annotates a [B, T, H, W, C] activation for sharding (a no-op without a mesh and rules)."""
+    return nn.with_logical_constraint(x, ("batch", "frames", "height", "width", None))
+
+
+class CausalConv3d(nn.Module):
+    """A 3D convolution over [B, T, H, W, C] that is causal in time and can stream.
+
+    Spatial padding is symmetric zero padding of `kernel // 2` (so stride 1 keeps H, W and stride 2
+    halves an even H, W). Temporal padding is `kt - 1` replicated first frames, or the cache.
+    """
+
+    features: int  # output channels.
+    kernel_size: tuple[int, int, int] = (3, 3, 3)  # (time, height, width).
+    strides: tuple[int, int, int] = (1, 1, 1)  # (time, height, width).
+    dtype: Dtype = jnp.float32  # compute dtype.
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, first: bool = True) -> jnp.ndarray:
+        kt, kh, kw = self.kernel_size
+        st = self.strides[0]
+        keep = kt - st  # frames the next chunk needs from this one.
+        if first:
+            x = jnp.concatenate([jnp.repeat(x[:, :1], kt - 1, axis=1), x], axis=1)
+        elif keep > 0:
+            if not self.has_variable("cache", "frames"):
+                raise ValueError(
+                    f"{self.path}: a streaming call with first=False needs the conv cache of the "
+                    "previous chunk; start the video with first=True and mutable=['cache']."
+                )
+            x = jnp.concatenate([self.get_variable("cache", "frames").astype(x.dtype), x], axis=1)
+        if keep > 0 and self.is_mutable_collection("cache"):
+            self.put_variable("cache", "frames", x[:, x.shape[1] - keep :])
+        y = nn.Conv(
+            self.features,
+            self.kernel_size,
+            strides=self.strides,
+            padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), KERNEL_AXES),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+            name="conv",
+        )(x)
+        return y
+
+
+class FrameGroupNorm(nn.Module):
+    """GroupNorm with statistics per frame (over H, W and the channels of a group), never over T."""
+
+    num_groups: int = 32  # upper bound; the largest divisor of the channel count <= this is used.
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        channels = x.shape[-1]
+        groups = max(g for g in range(1, min(self.num_groups, channels) + 1) if channels % g == 0)
+        return nn.GroupNorm(
+            num_groups=groups,
+            epsilon=self.epsilon,
+            reduction_axes=(-3, -2, -1),  # H, W, C (grouped): one set of statistics per frame.
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            # Norm parameters scale the channels that enter the next conv.
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_in",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_in",)),
+            name="norm",
+        )(x)
