@@ -246,7 +246,9 @@ def load_pipeline(path: str | None = None, *, item: str = "ema") -> Pipeline:
     path = path or DEFAULT_MODEL
     if not os.path.exists(path):
         hint = (
-            " The bundled default model is missing from this install; reinstall vdm."
+            " This install has no bundled default model (vdm/assets/default_model); train one "
+            "with configs/vae_quickstart.py and configs/quickstart.py (README: Training) and "
+            "pass --checkpoint WORKDIR."
             if path == DEFAULT_MODEL
             else " Pass a denoiser workdir, a checkpoint step dir or an exported model dir."
         )
