@@ -17,8 +17,8 @@ def get_config():
     c.vae.spatial_factor = 4
     c.vae.latent_channels = 8
     c.vae.train_frames = 9  # random 9-frame windows: the causal VAE is the same on 17 frames
-    c.train.num_steps = 4000
-    c.train.batch_size = 16
+    c.train.num_steps = 4000  # unproven: 22.8 dB at step 633 in a scratch run, still rising
+    c.train.batch_size = 4  # ~86 GFLOP per step at 16; 4 keeps a step ~1.3 s on 2 idle cores
     c.train.eval_every_steps = 1000
     c.train.log_every_steps = 50
     c.optim.learning_rate = 1e-3
