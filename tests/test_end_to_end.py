@@ -54,7 +54,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data_dir = str(root / "data")
     vae_dir, dit_dir = str(root / "vae"), str(root / "dit")
-    vae_cfg = config_lib.load_config(VAE_QUICKSTART, tiny(data_dir, **{"vae.stats_num_examples": 8}))
+    vae_cfg = config_lib.load_config(
+        VAE_QUICKSTART, tiny(data_dir, **{"vae.stats_num_examples": 8})
+    )
     train_lib.train_and_evaluate(vae_cfg, vae_dir)
     dit_cfg = config_lib.load_config(QUICKSTART, tiny(data_dir, **{"vae.checkpoint": vae_dir}))
     train_lib.train_and_evaluate(dit_cfg, dit_dir)
@@ -69,11 +71,27 @@ def _run(args, **kw):
 
 def test_sample_cli_writes_files_and_records(trained, tmp_path):
     out = tmp_path / "out"
-    r = _run([
-        "sample.py", "--checkpoint", trained["dit"], "--prompt", "the digit 4 moving down",
-        "--prompt", "a 7 moving left", "--num_samples", "2", "--num_steps", "2", "--seed", "3",
-        "--output_dir", str(out), "--formats", "npy,gif,png",
-    ])
+    r = _run(
+        [
+            "sample.py",
+            "--checkpoint",
+            trained["dit"],
+            "--prompt",
+            "the digit 4 moving down",
+            "--prompt",
+            "a 7 moving left",
+            "--num_samples",
+            "2",
+            "--num_steps",
+            "2",
+            "--seed",
+            "3",
+            "--output_dir",
+            str(out),
+            "--formats",
+            "npy,gif,png",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 2 * 2 * 3
@@ -91,7 +109,10 @@ def test_sample_is_independent_of_batch_and_reproducible(trained):
     alone = pipe(["the digit 4 moving down"], seed=5, num_steps=2)
     batch = pipe(
         ["the digit 4 moving down", "a 7 moving left", "3 moving up"],
-        seed=5, num_samples=2, num_steps=2, batch_size=4,
+        seed=5,
+        num_samples=2,
+        num_steps=2,
+        batch_size=4,
     )
     again = pipe(["the digit 4 moving down"], seed=5, num_steps=2)
     other = pipe(["the digit 4 moving down"], seed=6, num_steps=2)
@@ -115,11 +136,16 @@ def test_resume_continues_from_checkpoint(trained):
 
     cfg = config_lib.load_config(
         QUICKSTART,
-        tiny(str(trained["root"] / "data"), **{"vae.checkpoint": trained["vae"], "train.num_steps": 4}),
+        tiny(
+            str(trained["root"] / "data"),
+            **{"vae.checkpoint": trained["vae"], "train.num_steps": 4},
+        ),
     )
     state = train_lib.train_and_evaluate(cfg, trained["dit"])
     assert int(np.asarray(state.step).reshape(-1)[0]) == 4
-    assert checkpoint.CheckpointManager.for_workdir(trained["dit"], cfg.checkpoint).latest_step() == 4
+    assert (
+        checkpoint.CheckpointManager.for_workdir(trained["dit"], cfg.checkpoint).latest_step() == 4
+    )
 
 
 def test_cli_errors_are_one_paragraph(tmp_path):

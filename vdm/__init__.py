@@ -1,8 +1,8 @@
 """vdm: text-to-video latent diffusion in JAX/Flax.
 
-Data flow: caption -> tokenizer -> frozen text encoder -> context; video -> causal 3D VAE -> latents;
-a factorized space-time transformer denoises latents conditioned on the context; samplers are one
-`jax.lax.scan` over steps; the VAE decoder streams latents back to frames.
+Data flow: caption -> tokenizer -> frozen text encoder -> context; video -> causal 3D VAE ->
+latents; a factorized space-time transformer denoises latents conditioned on the context;
+samplers are one `jax.lax.scan` over steps; the VAE decoder streams latents back to frames.
 """
 
 import jax

@@ -87,6 +87,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         """Self-attention of x `[B, L, D]` under an additive float32 bias `[B|1, H|1, L, L]`."""
+
         def proj(name):
             # Our Linear creates the kernel at its 3-axis shape; nn.DenseGeneral reshapes a flat
             # kernel, which breaks the 3-name logical annotation under an active mesh.
