@@ -26,6 +26,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     from vdm import cli_errors, eval_lib
 
+    cli_errors.quiet_library_logs()
     with cli_errors.clear_errors():
         eval_lib.run(
             checkpoint=_CHECKPOINT.value,

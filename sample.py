@@ -36,6 +36,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     from vdm import cli_errors, sample_lib
 
+    cli_errors.quiet_library_logs()
     with cli_errors.clear_errors():
         sample_lib.run(
             prompts=_PROMPT.value,

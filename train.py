@@ -27,6 +27,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     from vdm import cli_errors, parallel, train_lib
 
+    cli_errors.quiet_library_logs()
     with cli_errors.clear_errors():
         parallel.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_AUTO.value

@@ -25,3 +25,12 @@ def clear_errors():
             raise
         sys.stderr.write(f"error: {e}\n(set VDM_TRACEBACK=1 to see where it was raised)\n")
         sys.exit(2)
+
+
+def quiet_library_logs() -> None:
+    """Hides library INFO chatter (orbax handler setup, 'no TPU backend') unless the user asked for
+    it with absl's --verbosity / -v; our own progress and summaries still print."""
+    from absl import flags, logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
