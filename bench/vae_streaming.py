@@ -12,9 +12,11 @@ Peak memory is measured two ways:
   * process RSS high-water mark, in a fresh subprocess per size: `ru_maxrss` after compiling and
     decoding, minus the RSS before the first compile (the runtime's own footprint).
 Throughput is output frames per second of the compiled decode (best and median of N runs).
-Note: with 17 frames (and chunk 4) the scan has a single iteration, which XLA compiles without a
-loop; from two chunks on, the loop keeps the carried caches double-buffered, a constant overhead
-(the 33/65-frame rows show it is flat in the number of frames).
+Chunk size: the default `vae.decode_chunk = 2` latent frames streams every video of 9 frames or
+more through the loop, and its temp plan is the same for 17 and 129 frames (2.04 MiB at 32x32).
+With `--chunk 4` a 17-frame video is a single iteration, which XLA compiles without a loop
+(2.12 MiB), while two or more chunks keep the carried caches double-buffered (3.04 MiB, flat in
+the number of frames): ratio 1.43 for a constant overhead, and more memory for every long video.
 
   python bench/vae_streaming.py            # --quick: 32x32, 3 timed runs
   python bench/vae_streaming.py --size 64 --runs 5

@@ -84,7 +84,7 @@ def _vae() -> ConfigDict:
     # 0 = whole clips. The causal VAE runs the same operations on fewer frames, cheaper.
     v.train_frames = 0
     v.stats_num_examples = 256  # training videos encoded for the latent shift/scale statistics.
-    v.decode_chunk = 4  # latent frames per streaming-decode chunk (memory vs. speed).
+    v.decode_chunk = 2  # latent frames per streaming-decode chunk (memory vs. speed; see bench).
     v.checkpoint = ""  # stage "denoiser": path of a trained VAE checkpoint (workdir or step dir).
     v.dtype = "float32"  # compute dtype; "bfloat16" on accelerators.
     v.param_dtype = "float32"

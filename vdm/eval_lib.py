@@ -53,7 +53,9 @@ def run(
 
     pipe = pipeline.load_pipeline(checkpoint)
     cfg = pipe.config
-    if cfg.data.source != "moving_digits":
+    from vdm.data import cache
+
+    if cache.underlying_source(cfg.data.source) != "moving_digits":
         raise UserError(
             f"eval.py scores moving-digits models; this checkpoint was trained on "
             f"'{cfg.data.source}'."

@@ -306,8 +306,13 @@ def export(denoiser_path: str, out_dir: str, *, item: str = "ema") -> str:
     os.makedirs(out_dir, exist_ok=True)
     save_tree(os.path.join(out_dir, "denoiser"), pipe.params)
     save_tree(os.path.join(out_dir, "vae"), pipe.vae_params)
+    from vdm.data import cache
+
+    config = pipe.config.to_dict()
+    # A bundle must not point at the trainer's local latent cache: record what it was built from.
+    config["data"]["source"] = cache.underlying_source(pipe.config.data.source)
     meta = {
-        "config": pipe.config.to_dict(),
+        "config": config,
         "latent_stats": pipe.latent_stats,
         "text_encoder": pipe.config.text_encoder.name,
         "source": os.path.abspath(denoiser_path),

@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+# imageio-ffmpeg starts ffmpeg with fork + exec; Python warns that forking a multithreaded (JAX)
+# process may deadlock, which cannot happen when the child only execs. Users saw it on every mp4.
+warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".npy", ".mov", ".avi", ".mkv")
 WRITE_EXTENSIONS = (".mp4", ".webm", ".gif", ".npy")

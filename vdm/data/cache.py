@@ -72,6 +72,20 @@ def manifest_path(path: str) -> str:
     return path if path.endswith(".json") else os.path.join(path, MANIFEST)
 
 
+def underlying_source(source: str) -> str:
+    """The data source a `config.data.source` stands for: a cache's original source, else itself.
+
+    Args:
+      source: a `config.data.source` value, e.g. "moving_digits" or "cache:/data/dq".
+
+    Returns:
+      The source the cache was built from (read from its manifest), or `source` unchanged.
+    """
+    if not source.startswith("cache:"):
+        return source
+    return str(read_manifest(source[len("cache:") :])["data"]["source"])
+
+
 def read_manifest(path: str) -> dict:
     """The manifest of a cache directory.
 
@@ -706,6 +720,10 @@ def main(argv: list[str] | None = None) -> None:
     from vdm.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own INFO lines stay; orbax's per-restore chatter (absl INFO) does not.
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
     with cli_errors.clear_errors():
         config = load_config(args.config, overrides)
         split = args.split or config.data.train_split

@@ -82,7 +82,7 @@ class DenoiserTask(Task):
             manifest = cache.read_manifest(d.source.split(":", 1)[1])
             cache.check_compatible(manifest, config, d.train_split)
             self.latent_stats = manifest["latent_stats"]
-            self.data_kind = str(manifest["data"]["source"]).split(":", 1)[0]
+            self.data_kind = cache.underlying_source(d.source).split(":", 1)[0]
         ids, mask = self.text.tokenize([""])
         # The empty prompt's embedding: dropped captions in training, the unconditional branch of
         # guidance in sampling. Computed once; it is a frozen input like the weights.
