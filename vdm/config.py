@@ -68,8 +68,12 @@ def load_config_file(path: str, arg: str | None = None) -> ConfigDict:
     name = "vdm_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    # Config files import each other (`from configs import base`); make the repo root importable.
+    # Config files import each other (`from configs import base`); make the repo root importable:
+    # the parent of the outermost `configs/` above the file (configs/scale/x.py works too).
     root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    parts = os.path.abspath(path).split(os.sep)
+    if "configs" in parts[:-1]:
+        root = os.sep.join(parts[: parts.index("configs")]) or os.sep
     if root not in sys.path:
         sys.path.insert(0, root)
     spec.loader.exec_module(module)

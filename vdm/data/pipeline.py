@@ -179,6 +179,7 @@ def make_loader(
 
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
+    buffer = max(1, int(data.prefetch) * local_batch)
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
@@ -186,6 +187,9 @@ def make_loader(
         worker_count=workers,
         shard_options=shard,
         read_options=grain.ReadOptions(
-            prefetch_buffer_size=max(1, int(data.prefetch) * local_batch)
+            # At most `buffer` reads can be in flight; more threads would only idle (and grain
+            # warns about it on every run).
+            num_threads=min(16, buffer),
+            prefetch_buffer_size=buffer,
         ),
     )

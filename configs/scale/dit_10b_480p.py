@@ -1,0 +1,46 @@
+"""~10B-parameter factorized space-time denoiser, 480p x 81 frames, T5-XXL text encoder (TPU pods).
+
+The 1B config (configs/scale/dit_1b_480p.py) scaled in width and depth; same data, VAE, text
+encoder and sampler. Check that it fits before booking the pod (no TPU needed; docs/aot.md):
+
+  python -m vdm.aot --config configs/scale/dit_10b_480p.py --topology v5p:4x4x4
+  python -m vdm.aot --config configs/scale/dit_10b_480p.py --topology v6e:8x8
+
+Train (every host runs the same command; latents and T5 embeddings precomputed with
+`python -m vdm.data.cache`):
+
+  python train.py --config configs/scale/dit_10b_480p.py --workdir gs://BUCKET/dit_10b_480p \
+      --auto_distributed --config.data.source=cache:/data/cache_480p \
+      --config.vae.checkpoint=gs://BUCKET/vae_480p
+
+Sizes:
+  video      81 frames x 480 x 832 -> VAE "B" latents 21 x 60 x 104 x 16 -> patch 1 x 2 x 2 ->
+             32,760 tokens per video
+  denoiser   factorized, width 3072, 24 heads x 128, depth 36, MLP 12288: 9.93B params
+  text       T5 v1.1 XXL encoder, 4.76B frozen params in bfloat16, 256 tokens per caption
+  FLOPs      forward 0.43 PFLOP per video (Denoiser.flops_per_example); a train step ~3x that
+
+Mesh and memory (the design and its arithmetic; check it with vdm.aot, docs/aot.md):
+  mesh       fsdp over 64 devices (data = devices / 64): the 9.93B params' float32 state
+             (params + 2 AdamW moments + EMA = 16 bytes/param, 158 GB, plus 40 GB of gradients
+             in the step) is split 64 ways -> ~3 GB per chip; the frozen T5 9.5 GB -> 0.15 GB.
+  remat      "block": only each block's input is kept for the backward pass (36 x one 32,760 x
+             3072 activation, ~0.2-0.4 GB each, per video); without it activations alone exceed
+             any chip's HBM (back-of-envelope: ~10 GB per block per video).
+  batch      one video per chip.
+"""
+
+
+from configs.scale import dit_1b_480p
+
+
+def get_config():
+    c = dit_1b_480p.get_config()
+    c.model.depth = 36
+    c.model.width = 3072
+    c.model.num_heads = 24  # x 128 head dim
+    c.model.mlp_ratio = 4.0  # MLP 12288
+    c.model.remat = "block"
+    c.mesh.shape = {"data": -1, "fsdp": 64, "tensor": 1}
+    c.train.batch_size = 64  # one video per chip on a 64-chip slice
+    return c
