@@ -30,7 +30,6 @@ Mesh and memory (the design and its arithmetic; check it with vdm.aot, docs/aot.
   batch      one video per chip.
 """
 
-
 from configs.scale import dit_1b_480p
 
 
