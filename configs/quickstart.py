@@ -23,7 +23,7 @@ def get_config():
     c.model.patch_size = (1, 2, 2)
     c.diffusion.objective = "flow"
     c.diffusion.cfg_dropout = 0.1
-    c.train.num_steps = 6000
+    c.train.num_steps = 5000
     c.train.batch_size = 32
     c.train.eval_every_steps = 1000
     c.optim.learning_rate = 5e-4

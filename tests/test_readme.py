@@ -32,3 +32,14 @@ def test_ci_runs_the_readme_test_command():
         if part.startswith(("python3 -m venv", ". .venv")):
             continue  # CI makes its own venv the same way
         assert part in ci, f"README test step {part!r} is not a line of .ci/run"
+
+
+def test_ci_runs_the_readme_main_command():
+    """Every step of the quick start's generate command is a line of .ci/run, so CI installs
+    the package without the test extra and generates a video with the bundled model."""
+    ci = _read(".ci/run").splitlines()
+    for part in _quick_start_commands()[0].split("&& "):
+        part = part.strip()
+        if part.startswith(("python3 -m venv", ". .venv")):
+            continue
+        assert part in ci, f"README main-command step {part!r} is not a line of .ci/run"
