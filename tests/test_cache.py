@@ -246,3 +246,31 @@ def test_cli(config, encoders, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cache.main([*args, "--config.vae.depht=3"])
     assert "Unknown config key" in capsys.readouterr().err
+
+
+def test_denoiser_task_frozen_inputs(config, built, encoders, monkeypatch):
+    """Raw-video steps take the encoders sharded by the logical-axis rules (not replicated);
+    steps on a cache do not take them at all (the loss never reads them)."""
+    from vdm import parallel
+
+    monkeypatch.setattr(denoiser_task, "load_frozen_vae", lambda c: encoders[0])
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    rules = config.mesh.logical_axis_rules
+
+    raw = denoiser_task.DenoiserTask(config).frozen()
+    assert {"vae", "text", "shift", "scale", "null_ctx", "null_mask"} == set(raw)
+    placed = parallel.put_replicated(raw, mesh, rules)
+    emb = placed["text"]["word_embeddings"]["embedding"]  # (vocab, embed): embed -> fsdp
+    assert emb.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert emb.addressable_shards[0].data.shape[1] == emb.shape[1] // 4
+    kernels = [x for x in jax.tree.leaves(placed["vae"]) if x.ndim == 5]
+    assert kernels and any(k.sharding.spec != jax.sharding.PartitionSpec() for k in kernels)
+
+    task = denoiser_task.DenoiserTask(_cached_config(config, built))
+    frozen = task.frozen()
+    assert set(frozen) == {"shift", "scale", "null_ctx", "null_mask"}
+    # Training-time evaluation still decodes with the VAE (the host copy).
+    from vdm import pipeline as vdm_pipeline
+
+    pipe = vdm_pipeline.Pipeline.from_parts(task.config, task, None, frozen)
+    assert pipe.vae_params is task.vae_params

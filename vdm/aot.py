@@ -322,11 +322,13 @@ class AbstractDenoiserTask(DenoiserTask):
         self._null_ctx = jax.ShapeDtypeStruct((1, L, self.text.dim), jnp.float32)
         self._null_mask = jax.ShapeDtypeStruct((1, L), jnp.int32)
 
+    def encoders(self):
+        return {"vae": self._vae_params, "text": self.text.params}  # boxed by eval_shape
+
     def frozen(self):
         c = self.config.vae.latent_channels
         return {
-            "vae": self._vae_params,
-            "text": self.text.params,
+            **({} if self.cached else self.encoders()),
             "shift": jax.ShapeDtypeStruct((c,), jnp.float32),
             "scale": jax.ShapeDtypeStruct((c,), jnp.float32),
             "null_ctx": self._null_ctx,
@@ -505,8 +507,10 @@ class Built:
     task: Any
     abstract_state: Any
     state_shardings: Any
-    frozen: PyTree
+    frozen: PyTree  # the train step's frozen inputs (`task.frozen()`, unboxed)
     frozen_shardings: PyTree
+    encoders: PyTree  # {"vae", "text"} for the sampler / text encoder ({} for the VAE stage)
+    encoder_shardings: PyTree
 
 
 def build(config, topology: Topology, frozen_sharding: str = "rules") -> Built:
@@ -530,17 +534,20 @@ def build(config, topology: Topology, frozen_sharding: str = "rules") -> Built:
     task = abstract_task(config)
     tx, _ = train_lib.make_optimizer(config.optim, config.train.num_steps)
     abstract_state, shardings = train_lib.state_shardings(task, config, mesh, tx)
-    frozen = task.frozen()
     rules = config.mesh.logical_axis_rules
-    if frozen_sharding == "rules":
-        frozen_shardings = parallel.logical_to_sharding(frozen, mesh, rules)
-    elif frozen_sharding == "replicated":
-        frozen_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), parallel.unbox(frozen))
-    else:
+    if frozen_sharding not in ("rules", "replicated"):
         raise ConfigError(f"frozen_sharding={frozen_sharding!r} is not 'rules' or 'replicated'.")
+
+    def place(tree):
+        if frozen_sharding == "rules":
+            return parallel.logical_to_sharding(tree, mesh, rules)
+        return jax.tree.map(lambda _: parallel.replicated(mesh), parallel.unbox(tree))
+
+    frozen = task.frozen()
+    encoders = task.encoders() if isinstance(task, DenoiserTask) else {}
     return Built(
         config, topology, mesh, task, abstract_state, shardings, parallel.unbox(frozen),
-        frozen_shardings,
+        place(frozen), parallel.unbox(encoders), place(encoders),
     )  # fmt: skip
 
 
@@ -648,8 +655,8 @@ def compile_sample(b: Built, batch: int):
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     params = b.abstract_state.params
     param_sh = b.state_shardings.params
-    vae_sh = b.frozen_shardings["vae"]
-    vae = _sds(b.frozen["vae"], vae_sh)
+    vae_sh = b.encoder_shardings["vae"]
+    vae = _sds(b.encoders["vae"], vae_sh)
     bs = parallel.batch_sharding(mesh)
     fn = parallel.with_sharding_rules(
         functools.partial(pipe._generate_impl, sampler=sampler, num_steps=num_steps), mesh, rules
@@ -703,8 +710,8 @@ def compile_text_encode(b: Built, batch: int):
     bs = parallel.batch_sharding(mesh)
     L = task.text.max_length
     ids = jax.ShapeDtypeStruct((batch, L), jnp.int32, sharding=bs)
-    sh = b.frozen_shardings["text"]
-    params = _sds(b.frozen["text"], sh)
+    sh = b.encoder_shardings["text"]
+    params = _sds(b.encoders["text"], sh)
     fn = parallel.with_sharding_rules(task.text.encode, mesh, config.mesh.logical_axis_rules)
     jitted = jax.jit(fn, in_shardings=(sh, bs, bs), out_shardings=bs)
     compiled, seconds = _compile(jitted, (params, ids, ids), "text_encode", config, b.topology)
@@ -781,8 +788,8 @@ def run(
     build_seconds = time.perf_counter() - start
     params = {"trainable": train_lib.count_params(b.abstract_state.params)}
     if isinstance(b.task, DenoiserTask):
-        params["text_encoder"] = train_lib.count_params(b.frozen["text"])
-        params["vae"] = train_lib.count_params(b.frozen["vae"])
+        params["text_encoder"] = train_lib.count_params(b.encoders["text"])
+        params["vae"] = train_lib.count_params(b.encoders["vae"])
     batch = sample_batch or default_sample_batch(b.mesh)
     report = TopologyReport(topo, dict(b.mesh.shape), params, [], frozen_sharding, build_seconds)
     for name in programs:

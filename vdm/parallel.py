@@ -237,6 +237,24 @@ def _is_box(x) -> bool:
     return isinstance(x, nn.meta.AxisMetadata)
 
 
+def box(tree: PyTree, specs: PyTree) -> PyTree:
+    """Boxes each leaf of `tree` with the logical axis names of `specs` (the inverse of `unbox`).
+
+    Args:
+      tree: arrays (e.g. weights loaded from a checkpoint, which carry no axis names).
+      specs: a pytree like `tree` of `PartitionSpec`s of logical names (`nn.get_partition_spec`
+        of the module's boxed `init`), e.g. `TextEncoder.logical_axes()`.
+
+    Returns:
+      `tree` with every leaf wrapped in `nn.LogicallyPartitioned`, so `logical_to_sharding` /
+      `put_replicated` shard it by the logical-axis rules instead of replicating it.
+    """
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    return jax.tree.map(
+        lambda spec, x: nn.LogicallyPartitioned(x, tuple(spec)), specs, tree, is_leaf=is_spec
+    )
+
+
 def unbox(tree: PyTree) -> PyTree:
     """Strips `nn.Partitioned` boxes WITHOUT adding sharding constraints.
 

@@ -79,7 +79,8 @@ class Pipeline:
             config=config,
             text=task.text,
             vae=task.vae,
-            vae_params=frozen["vae"],
+            # A step on a latent cache has no VAE among its frozen inputs: use the host copy.
+            vae_params=frozen.get("vae", task.vae_params),
             latent_stats=task.latent_stats,
             model=task.model,
             params=params,

@@ -1,8 +1,11 @@
 """Stage "denoiser": learn to denoise VAE latents conditioned on caption embeddings.
 
-Frozen inputs (passed to the step as arguments, never trained): the VAE's encoder, the text
-encoder, the latent statistics that make latents unit-variance, and the null (empty-prompt)
-embedding used both for classifier-free-guidance dropout and for unconditional sampling.
+Frozen inputs (passed to the step as arguments, never trained): the latent statistics that make
+latents unit-variance, the null (empty-prompt) embedding used both for classifier-free-guidance
+dropout and for unconditional sampling, and — when the step encodes raw videos and captions —
+the VAE and the text encoder. The encoders' weights carry their logical axis names, so they are
+sharded by the mesh rules like the trained params (a T5-XXL is 9.5 GB: replicated it would take
+most of a chip). A step on a latent cache never reads them and does not take them at all.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import logging
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import rng
+from vdm import parallel, rng
 from vdm.diffusion import losses
 from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
@@ -115,10 +119,25 @@ class DenoiserTask(Task):
         mask = jnp.ones((b, self.text.max_length), jnp.int32)
         return self.model.init(key, z, t, ctx, mask)["params"]
 
-    def frozen(self):
+    @property
+    def vae_params(self):
+        """The frozen VAE's (EMA) params as loaded (host arrays, no axis names)."""
+        return self._vae_params
+
+    def encoders(self) -> dict[str, Any]:
+        """The frozen encoders' weights, boxed with logical axis names: {"vae", "text"}."""
+        d = self.config.data
+        video = jax.ShapeDtypeStruct((1, d.num_frames, d.height, d.width, 3), jnp.float32)
+        vae_axes = nn.get_partition_spec(jax.eval_shape(self.vae.init, jax.random.key(0), video))
         return {
-            "vae": self._vae_params,
-            "text": self.text.params,
+            "vae": parallel.box(self._vae_params, vae_axes["params"]),
+            "text": parallel.box(self.text.params, self.text.logical_axes()),
+        }
+
+    def frozen(self):
+        """Latent statistics, the null caption and (raw-video steps only) `encoders()`."""
+        return {
+            **({} if self.cached else self.encoders()),
             "shift": jnp.asarray(self.latent_stats["shift"], jnp.float32),
             "scale": jnp.asarray(self.latent_stats["scale"], jnp.float32),
             "null_ctx": jnp.asarray(self._null_ctx, jnp.float32),
