@@ -106,3 +106,22 @@ def test_does_not_fit_names_the_knob(report, aot, tiny_config):
     with pytest.raises(aot.DoesNotFit, match=r"train_step does not fit.*over by") as e:
         aot.check_fit(tight, tiny_config)
     assert "mesh.fsdp" in str(e.value) or "model.remat" in str(e.value)
+
+
+def test_installed_libtpu_is_quiet_on_a_cpu_host():
+    """With libtpu installed (this extra) and no TPU attached, importing vdm and using JAX prints
+    none of libtpu's "could not determine TPU accelerator type / worker hostnames" messages."""
+    import os
+    import subprocess
+    import sys
+
+    _require_libtpu()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "JAX_PLATFORMS"))}
+    code = "import vdm, jax; print(jax.devices()[0].platform)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("cpu", "gpu", "cuda", "tpu")
+    for noise in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "INVALID_ARGUMENT"):
+        assert noise not in out.stderr, out.stderr
