@@ -165,6 +165,24 @@ def test_train_and_evaluate_logs_evaluates_and_checkpoints(tmp_path, capsys):
     assert ckpt_lib.load_config(workdir).train.num_steps == 8
 
 
+def test_evaluation_waits_for_the_checkpoint_of_its_step(tmp_path, monkeypatch):
+    """An async save must not overlap evaluation (its first-use imports break orbax's writer
+    threads, see train_lib), so the loop waits for the save of the same step first."""
+    events = []
+    wait = ckpt_lib.CheckpointManager.wait
+    monkeypatch.setattr(
+        ckpt_lib.CheckpointManager, "wait", lambda self: (events.append("wait"), wait(self))[1]
+    )
+    config = toy_config({"train.eval_every_steps": 4, "checkpoint.every_steps": 4})
+    task = ToyTask(config)
+    evaluate = task.evaluate
+    task.evaluate = lambda *a: (events.append(f"eval {a[2]}"), evaluate(*a))[1]
+    train_lib.train_and_evaluate(
+        config, str(tmp_path / "run"), task=task, make_iterator=iterator_factory()
+    )
+    assert events[:4] == ["wait", "eval 4", "wait", "eval 8"]
+
+
 def toy_run(workdir, *args, devices=8, env=None):
     env = {
         **os.environ,

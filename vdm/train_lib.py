@@ -792,6 +792,13 @@ def train_and_evaluate(
             if is_ckpt or done == num_steps or preempted:
                 save(done)
             if is_eval:
+                if last_saved == done:
+                    # Evaluation imports modules on first use (tfds, via etils' lazy imports, swaps
+                    # `builtins.__import__` process-wide while it runs); a concurrent async save
+                    # then fails inside orbax (humanize's function-level `from math import log`
+                    # gets a LazyModule: "TypeError: 'LazyModule' object is not callable"). The
+                    # save is seconds against minutes of evaluation: let it finish first.
+                    ckpt.wait()
                 evaluate(done)
             paused += time.perf_counter() - t0
             if preempted:
