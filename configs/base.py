@@ -128,7 +128,9 @@ def _model() -> ConfigDict:
     # "spatial_only": no temporal mixing (a per-frame image-model baseline).
     m.attention = "factorized"
     # "rope3d": 3-D rotary q/k (head dim split over t, h, w); "sincos": factorized absolute sin-cos
-    # added to tokens. Both extend to frame counts and sizes not seen in training.
+    # added to tokens. Both extend to frame counts and sizes not seen in training. RoPE is purely
+    # relative: a token cannot tell where the frame edges are. The 2M-param quickstart model did
+    # not learn motion with it (digits bouncing off walls) and did with "sincos" (quickstart.py).
     m.pos_encoding = "rope3d"
     # RMSNorm on queries and keys per head: stabler attention logits for big / bfloat16 models
     # (on in variants B, L, XL); off here because it costs ~10% of a CPU step.
