@@ -309,3 +309,32 @@ if __name__ == "__main__":
         write_reference()
     else:
         print(__doc__)
+
+
+_HIDE_TORCH = """
+import importlib.util
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda n, *a, **k: None if n.split(".")[0] == "torch" else find_spec(
+    n, *a, **k
+)
+"""
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_torch_free_install_gets_no_pytorch_notice(quiet):
+    """vdm needs no torch: importing transformers through vdm does not print transformers'
+    "PyTorch was not found" notice (simulated torch-free environment; the test extra has torch).
+    The unmuted case shows the simulation really triggers the notice."""
+    import subprocess
+
+    code = _HIDE_TORCH + (
+        "from vdm.models import text_encoder as te; te.import_transformers()"
+        if quiet
+        else "import transformers"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert ("PyTorch was not found" in out.stderr) is not quiet, out.stderr

@@ -256,6 +256,7 @@ def text_encoder_architecture(name: str):
     Returns:
       A transformers PretrainedConfig.
     """
+    te.import_transformers()
     from transformers import AutoConfig, T5Config, UMT5Config
 
     if name in TEXT_ENCODER_ARCHITECTURES:

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +43,24 @@ from vdm.models.text import bert, clip, t5
 from vdm.models.text.weights import Weights
 
 Dtype = Any
+
+
+def import_transformers():
+    """Imports `transformers` without its "PyTorch was not found" notice and returns it.
+
+    vdm runs its own Flax encoders and uses transformers only for tokenizers and configs, so a
+    torch-free install is the normal case here, not a problem to report on every run. Only that
+    import-time advisory is muted (the user's TRANSFORMERS_NO_ADVISORY_WARNINGS, if set, wins).
+    """
+    if "transformers" not in sys.modules and "TRANSFORMERS_NO_ADVISORY_WARNINGS" not in os.environ:
+        os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+        try:
+            import transformers
+        finally:
+            del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+    import transformers
+
+    return transformers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +263,7 @@ class TextEncoder:
           The TextEncoder.
         """
         if isinstance(tokenizer, str | os.PathLike):
+            import_transformers()
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
@@ -372,6 +392,7 @@ def load_text_encoder(
       FileNotFoundError: the model cannot be found (path missing, no weights, hub unreachable).
       ValueError: unsupported model_type, weights that do not fit the config, bad max_length.
     """
+    import_transformers()
     from transformers import AutoConfig, AutoTokenizer
 
     model_dir, tokenizer_dir = resolve_model_dir(name_or_path)
@@ -398,6 +419,7 @@ def load_text_encoder(
 
 def _tiny_hf_config(family: str, dim: int, num_layers: int, num_heads: int, vocab_size: int):
     """A small transformers config of `family` (random-weight encoders for tests)."""
+    import_transformers()
     from transformers import BertConfig, CLIPTextConfig, T5Config, UMT5Config
 
     mlp = 4 * dim
@@ -443,6 +465,7 @@ def _tiny_hf_config(family: str, dim: int, num_layers: int, num_heads: int, voca
 @functools.cache
 def _minilm_tokenizer():
     """The MiniLM tokenizer, loaded once per process (tests build many tiny encoders)."""
+    import_transformers()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(_minilm_path())
