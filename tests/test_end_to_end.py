@@ -116,8 +116,11 @@ def test_sample_is_independent_of_batch_and_reproducible(trained):
     )
     again = pipe(["the digit 4 moving down"], seed=5, num_steps=2)
     other = pipe(["the digit 4 moving down"], seed=6, num_steps=2)
-    np.testing.assert_array_equal(alone[0], batch[0])
-    np.testing.assert_array_equal(alone, again)
+    # Same noise whatever the batch: the same video up to float rounding (XLA's CPU kernels may
+    # reduce in another order at another batch size; one 8-bit value off by one was seen).
+    diff = np.abs(alone[0].astype(int) - batch[0].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+    np.testing.assert_array_equal(alone, again)  # the same call: bit-identical
     assert batch.shape[0] == 6
     assert not np.array_equal(alone, other)
 
