@@ -9,6 +9,14 @@ import glob
 import importlib.util
 import os
 
+# What libtpu reads from a TPU VM's metadata server. Any well-formed values silence its warnings
+# on a host without one (vdm.aot uses them too, to compile for a topology).
+TPU_PLACEHOLDER_ENV = {
+    "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_SKIP_MDS_QUERY": "1",
+}
+
 
 def _quiet_libtpu_without_tpu() -> None:
     """On a host without TPU chips, keeps an installed libtpu from printing warnings and an
@@ -24,11 +32,7 @@ def _quiet_libtpu_without_tpu() -> None:
         "/dev/vfio/[0-9]*"
     ):
         return
-    for key, value in (
-        ("TPU_ACCELERATOR_TYPE", "v5litepod-4"),
-        ("TPU_WORKER_HOSTNAMES", "localhost"),
-        ("TPU_SKIP_MDS_QUERY", "1"),
-    ):
+    for key, value in TPU_PLACEHOLDER_ENV.items():
         os.environ.setdefault(key, value)
 
 

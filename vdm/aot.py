@@ -58,12 +58,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-# Values libtpu would otherwise look up in the (absent) TPU VM metadata server; any value of the
-# right form works for compiling against a topology description.
+import vdm  # (imports jax, but initialises no backend: libtpu is not loaded yet)
+
+# libtpu's TPU-VM placeholders (shared with vdm/__init__.py), and no single-owner lock.
 _LIBTPU_ENV = {
-    "TPU_ACCELERATOR_TYPE": "v5litepod-4",
-    "TPU_WORKER_HOSTNAMES": "localhost",
-    "TPU_SKIP_MDS_QUERY": "1",
+    **vdm.TPU_PLACEHOLDER_ENV,
     # libtpu takes /tmp/libtpu_lockfile so that one process owns a real TPU; compiling for a
     # topology owns nothing, and parallel test workers / two AOT runs must not block each other.
     "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
