@@ -181,12 +181,19 @@ def _optim() -> ConfigDict:
     o.accumulate_steps = 1
     o.ema_decay = 0.999  # EMA of params (what sampling uses) after each update; 0 disables EMA.
     o.ema_warmup = True  # decay = min(ema_decay, (1 + n) / (10 + n)) after n updates.
+    # Regex searched in "/"-joined param paths ("encoder/conv_in/kernel"): matching params are held
+    # fixed (no gradient, no optimizer state). "" trains everything. E.g. "^encoder/" fine-tunes
+    # a VAE's decoder only, keeping the latent space a trained denoiser expects.
+    o.freeze = ""
     return o
 
 
 def _train() -> ConfigDict:
     t = ConfigDict()
     t.num_steps = 20000  # train steps (one global batch each); the run stops and saves here.
+    # A checkpoint (workdir or step dir) whose EMA weights start a fresh run (fine-tuning; same
+    # architecture; optimizer and step start from 0). Ignored when the workdir has a checkpoint.
+    t.init_from = ""
     t.batch_size = 32  # global batch over all devices and hosts; divisible by data * fsdp.
     t.log_every_steps = 50  # metrics.jsonl + TensorBoard (workdir/tensorboard) + progress bar.
     t.eval_every_steps = 2000  # task.evaluate with EMA params (also at the last step); 0 = never.

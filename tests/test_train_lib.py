@@ -19,6 +19,7 @@ import pytest
 from tests.toy_task import ToyIterator, ToyTask, iterator_factory, toy_config
 from vdm import checkpoint as ckpt_lib
 from vdm import parallel, train_lib
+from vdm.config import ConfigError
 from vdm.rng import base_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,6 +164,75 @@ def test_train_and_evaluate_logs_evaluates_and_checkpoints(tmp_path, capsys):
     assert_trees_equal(ema, jax.device_get(state.ema_params))
     assert ckpt_lib.load_metadata(workdir)["toy"] is True
     assert ckpt_lib.load_config(workdir).train.num_steps == 8
+
+
+def test_init_from_and_freeze_fine_tune_part_of_a_trained_model(tmp_path, capsys):
+    """`train.init_from` starts from another run's EMA weights; `optim.freeze` holds the matching
+    parameters bit-identical (params and EMA) with no optimizer moments, the rest trains."""
+    base_dir, tune_dir = str(tmp_path / "base"), str(tmp_path / "tune")
+    train_lib.train_and_evaluate(
+        toy_config(), base_dir, task=ToyTask(toy_config()), make_iterator=iterator_factory()
+    )
+    base = ckpt_lib.load_params(base_dir)
+    config = toy_config(
+        {"train.init_from": base_dir, "optim.freeze": "^fc1/", "train.eval_every_steps": 0}
+    )
+    state = jax.device_get(
+        train_lib.train_and_evaluate(
+            config, tune_dir, task=ToyTask(config), make_iterator=iterator_factory()
+        )
+    )
+    out = capsys.readouterr().out
+    assert "6,276 trainable parameters" in out  # the base run
+    assert "3,172 trainable parameters, 3,104 held by optim.freeze='^fc1/'" in out
+    assert f"Initialised the parameters from {base_dir} (step 8, EMA weights)" in out
+    assert int(state.step) == 8
+    assert_trees_equal(state.params["fc1"], base["fc1"])
+    assert_trees_equal(state.ema_params["fc1"], base["fc1"])
+    assert not np.array_equal(state.params["fc2"]["kernel"], base["fc2"]["kernel"])
+    assert not np.array_equal(state.ema_params["fc2"]["kernel"], base["fc2"]["kernel"])
+    # AdamW moments (mu, nu) for the 3,172 trainable values only, plus step counters.
+    assert 2 * 3172 <= train_lib.count_params(state.opt_state) < 2 * 3172 + 8
+
+    # Resuming the fine-tune ignores init_from (its own checkpoint wins) and says so.
+    config = toy_config(
+        {"train.init_from": base_dir, "optim.freeze": "^fc1/", "train.num_steps": 10}
+    )
+    train_lib.train_and_evaluate(
+        config, tune_dir, task=ToyTask(config), make_iterator=iterator_factory()
+    )
+    assert "train.init_from is ignored" in capsys.readouterr().out
+
+
+def test_init_from_and_freeze_errors_name_the_problem(tmp_path):
+    base_dir = str(tmp_path / "base")
+    config = toy_config({"train.num_steps": 2})
+    train_lib.train_and_evaluate(
+        config, base_dir, task=ToyTask(config), make_iterator=iterator_factory()
+    )
+    other = toy_config({"train.init_from": base_dir})
+    with pytest.raises(ConfigError, match=r"fc1/kernel: checkpoint \(96, 32\) vs model \(96, 16\)"):
+        train_lib.train_and_evaluate(
+            other,
+            str(tmp_path / "a"),
+            task=ToyTask(other, hidden=16),
+            make_iterator=iterator_factory(),
+        )
+    missing = toy_config({"train.init_from": str(tmp_path / "nowhere")})
+    with pytest.raises(ConfigError, match="train.init_from=.*nowhere.*does not exist"):
+        train_lib.train_and_evaluate(
+            missing, str(tmp_path / "b"), task=ToyTask(missing), make_iterator=iterator_factory()
+        )
+    for pattern, message in (
+        ("^encoder/", r"matches no parameter.*\['fc1/bias', 'fc1/kernel', 'fc2/bias'"),
+        (".", "matches every parameter, so nothing would train"),
+        ("fc1/(", "not a valid regular expression"),
+    ):
+        config = toy_config({"optim.freeze": pattern})
+        with pytest.raises(ConfigError, match=message):
+            train_lib.train_and_evaluate(
+                config, str(tmp_path / "c"), task=ToyTask(config), make_iterator=iterator_factory()
+            )
 
 
 def test_evaluation_waits_for_the_checkpoint_of_its_step(tmp_path, monkeypatch):

@@ -428,6 +428,55 @@ def load_params(path: str, item: str = "ema", *, sharding=None) -> PyTree:
         mngr.close()
 
 
+def _shapes(tree: PyTree) -> dict[str, tuple]:
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+    flat = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)
+    return {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(x.shape) for k, x in flat}
+
+
+def load_params_like(path: str, abstract: PyTree, item: str = "ema") -> tuple[PyTree, int]:
+    """A checkpoint's EMA (or raw) parameters restored into the layout of `abstract`.
+
+    For fine-tuning (`train.init_from`): `abstract` is the new run's parameter tree of
+    `jax.ShapeDtypeStruct`s with shardings; each array lands sharded as the new run wants it.
+
+    Returns:
+      (parameters, the checkpoint's step).
+
+    Raises:
+      FileNotFoundError: no checkpoint at `path`.
+      ValueError: the checkpoint's parameter names or shapes differ from `abstract` (each
+        difference named), i.e. it is another architecture.
+    """
+    directory, step = resolve(path)
+    step_dir = os.path.join(directory, str(step))
+    if item == "ema" and not os.path.isdir(os.path.join(step_dir, "ema")):
+        item = "params"
+    mngr = _reader(directory)
+    try:
+        metadata = mngr.item_metadata(step)[item]
+        have = _shapes(getattr(metadata, "tree", metadata))
+        want = _shapes(abstract)
+        if have != want:
+            missing = sorted(set(want) - set(have))
+            extra = sorted(set(have) - set(want))
+            shape = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+            diffs = [f"missing in the checkpoint: {missing[:6]}"] if missing else []
+            diffs += [f"not in this model: {extra[:6]}"] if extra else []
+            diffs += [f"{k}: checkpoint {have[k]} vs model {want[k]}" for k in shape[:6]]
+            raise ValueError(
+                f"Checkpoint '{step_dir}' ({item}) does not fit this model's parameters; "
+                + "; ".join(diffs)
+                + ". Initialising from it needs the same architecture."
+            )
+        restored = mngr.restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
+        )[item]
+        return restored, step
+    finally:
+        mngr.close()
+
+
 def _load_json(path: str, item: str):
     directory, step = resolve(path)
     file = os.path.join(directory, str(step), item, "metadata")

@@ -290,6 +290,8 @@ def logical_to_sharding(tree: PyTree, mesh: Mesh, rules) -> PyTree:
     def one(path, x):
         if _is_box(x):
             value = x.unbox(apply_constraint=False)
+            if not hasattr(value, "shape"):  # an empty subtree, e.g. optax's MaskedNode
+                return value
             spec = logical_to_mesh_spec(tuple(x.names), rules)
             where = jax.tree_util.keystr(path)
             return NamedSharding(mesh, _fit_spec(spec, value.shape, mesh, where, fallbacks))

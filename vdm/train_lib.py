@@ -19,6 +19,13 @@ Units: a *step* is one call of `train_step` on one global batch of `train.batch_
 `optim.accumulate_steps = k > 1` the optimizer updates every k steps (optax.MultiSteps) on the mean
 gradient of k batches; the learning-rate schedule and EMA count optimizer *updates*
 (`optim.warmup_steps` and `train.num_steps` are in steps and divided by k).
+
+Fine-tuning: `train.init_from` starts a fresh run from another checkpoint's (EMA) weights, and
+`optim.freeze` (a regex over "/"-joined parameter paths, e.g. "^encoder/") holds the matching
+parameters fixed: their gradients are dropped (XLA then skips their backward pass), they get no
+optimizer state and their EMA stays equal to them. Example, Stable Diffusion's decoder-only VAE
+fine-tune, which keeps the latent space a trained denoiser expects:
+`--config.train.init_from=workdirs/vae --config.optim.freeze=^encoder/`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -123,8 +131,66 @@ def _decay_mask(params: PyTree) -> PyTree:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def param_path(path) -> str:
+    """"encoder/conv_in/kernel" for a pytree key path (box attributes like `.value` skipped)."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+    return "/".join(parts)
+
+
+def _freeze_regex(optim_config) -> re.Pattern | None:
+    pattern = optim_config.get("freeze", "") or ""
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(
+            f"optim.freeze={pattern!r} is not a valid regular expression ({e})."
+        ) from None
+
+
+def trainable_mask(params: PyTree, optim_config) -> PyTree | None:
+    """True for each parameter that trains, False where `optim.freeze` matches; None if no freeze."""
+    regex = _freeze_regex(optim_config)
+    if regex is None:
+        return None
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: regex.search(param_path(path)) is None, params
+    )
+
+
+def check_freeze(params: PyTree, optim_config) -> tuple[int, int]:
+    """(trainable, frozen) scalar counts; a ConfigError if `optim.freeze` matches none or all.
+
+    Either case is almost certainly a typo in the pattern, and silently training everything (or
+    nothing) would waste the run.
+    """
+    mask = trainable_mask(params, optim_config)
+    leaves = jax.tree_util.tree_leaves_with_path(parallel.unbox(params))
+    if mask is None:
+        return sum(math.prod(np.shape(x)) for _, x in leaves), 0
+    flags = jax.tree.leaves(parallel.unbox(mask))
+    trainable = sum(math.prod(np.shape(x)) for (_, x), f in zip(leaves, flags) if f)
+    frozen = sum(math.prod(np.shape(x)) for (_, x), f in zip(leaves, flags) if not f)
+    if trainable == 0 or frozen == 0:
+        examples = sorted({"/".join(param_path(p).split("/")[:2]) for p, _ in leaves})[:12]
+        raise ConfigError(
+            f"optim.freeze={optim_config.freeze!r} matches "
+            f"{'every' if trainable == 0 else 'no'} parameter, so "
+            f"{'nothing would train' if trainable == 0 else 'it freezes nothing'}. It is a regex "
+            f"searched in '/'-joined parameter paths; some of this model's: {examples}."
+        )
+    return trainable, frozen
+
+
 def make_optimizer(optim_config, num_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """AdamW with warmup + cosine decay, global-norm clipping, optional gradient accumulation.
+    """AdamW with warmup + cosine decay, global-norm clipping, optional gradient accumulation,
+    and `optim.freeze`d parameters left out (see the module docstring).
 
     Args:
       optim_config: `config.optim`.
@@ -147,6 +213,12 @@ def make_optimizer(optim_config, num_steps: int) -> tuple[optax.GradientTransfor
         )
     )
     tx = optax.chain(*parts)
+    if _freeze_regex(optim_config) is not None:
+        # Frozen parameters: no AdamW moments, a zero update, no weight decay.
+        labels = lambda params: jax.tree.map(  # noqa: E731
+            lambda t: "train" if t else "frozen", trainable_mask(params, optim_config)
+        )
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     k = _accumulate(optim_config)
     if k > 1:
         # Accumulates k gradients, then applies the inner optimizer once on their mean.
@@ -242,6 +314,24 @@ def create_train_state(
     return state, shardings
 
 
+def init_params_from(state: TrainState, path: str, abstract_params: PyTree) -> TrainState:
+    """`state` with params (and EMA) set to checkpoint `path`'s EMA weights (`train.init_from`).
+
+    The optimizer state stays fresh (moments 0, schedule from step 0): this starts a new run.
+
+    Raises:
+      ConfigError: no checkpoint at `path`, or one of another architecture (differences named).
+    """
+    try:
+        params, step = ckpt_lib.load_params_like(path, abstract_params, item="ema")
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"train.init_from={path!r}: {e}") from None
+    _say(f"Initialised the parameters from {path} (step {step}, EMA weights); optimizer fresh.")
+    # A copy: params and EMA are donated to the step separately, so they must not share buffers.
+    ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
+    return state.replace(params=params, ema_params=ema)
+
+
 def count_params(tree: PyTree) -> int:
     """Number of scalars in a (possibly abstract or boxed) pytree."""
     return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(parallel.unbox(tree))))
@@ -274,6 +364,11 @@ def _train_step(state: TrainState, batch, key, frozen, *, task, tx, schedule, co
         return task.loss(params, frozen, batch, key)
 
     (loss, task_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    trainable = trainable_mask(grads, config.optim)
+    if trainable is not None:
+        # Dropping the frozen gradients here (not only in the optimizer) lets XLA remove their
+        # backward pass and keeps them out of grad_norm.
+        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
     if axis_name is not None:
         grads, loss, task_metrics = jax.lax.pmean((grads, loss, task_metrics), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -287,6 +382,8 @@ def _train_step(state: TrainState, batch, key, frozen, *, task, tx, schedule, co
         ema = jax.tree.map(
             lambda e, p: jnp.where(applied, decay * e + (1.0 - decay) * p, e), ema, params
         )
+        if trainable is not None:  # frozen: EMA == params exactly (no rounding drift).
+            ema = jax.tree.map(lambda e, p, t: e if t else p, ema, params, trainable)
     metrics = dict(task_metrics)
     metrics.update(
         loss=loss,
@@ -587,9 +684,11 @@ def train_and_evaluate(
     del frozen_host
     use_ema = abstract.ema_params is not None
 
+    num_trainable, num_held = check_freeze(abstract.params, config.optim)
     _say(
-        f"{type(task).__name__}: {count_params(abstract.params):,} trainable parameters, "
-        f"{num_frozen:,} frozen; {parallel.describe_mesh(mesh)}; "
+        f"{type(task).__name__}: {num_trainable:,} trainable parameters, "
+        + (f"{num_held:,} held by optim.freeze={config.optim.freeze!r}, " if num_held else "")
+        + f"{num_frozen:,} frozen; {parallel.describe_mesh(mesh)}; "
         f"parallel={config.parallel}; global batch {global_batch}"
         + (
             f" x {config.optim.accumulate_steps} accumulated"
@@ -627,6 +726,11 @@ def train_and_evaluate(
         else:
             start = 0
             state, _ = create_train_state(task, config, mesh, tx, shardings)
+            init_from = config.train.get("init_from", "")
+            if init_from:
+                state = init_params_from(state, init_from, abstract.params)
+        if start and config.train.get("init_from", ""):
+            _say(f"train.init_from is ignored: {workdir} has its own checkpoint (resumed).")
         if pmap:
             state = parallel.to_pmap_replicated(state, pmap_devices)
 
