@@ -16,7 +16,11 @@ def get_config():
     c.vae.temporal_factor = 4
     c.vae.spatial_factor = 4
     c.vae.latent_channels = 8
-    c.vae.train_frames = 9  # random 9-frame windows: the causal VAE is the same on 17 frames
+    # Random 9-frame windows: half the cost of 17, but latent frames 3-4 of a 17-frame clip then
+    # see a causal history never trained on (frames 9-16 at 23-28 dB vs 30-31 dB for 0-8).
+    # configs/vae_quickstart_decoder.py fixes that with a decoder fine-tune on whole clips;
+    # a VAE trained from scratch should use train_frames = 0 (or the clip length) instead.
+    c.vae.train_frames = 9
     # The bundled VAE: held-out PSNR 21.6 / 25.5 / 27.4 / 27.9 dB at steps 500 / 1000 / 2000 / 2500
     # (vdm/assets/default_model/README.md has its exact run and final figures).
     c.train.num_steps = 3000

@@ -1,6 +1,7 @@
 """Stage 1b of the bundled default model: the quickstart VAE's decoder fine-tuned on whole clips.
 
-  python train.py --config configs/vae_quickstart_decoder.py --workdir workdirs/vae_quickstart_decoder
+  python train.py --config configs/vae_quickstart_decoder.py \
+      --workdir workdirs/vae_quickstart_decoder
 
 Why: configs/vae_quickstart.py trains on random 9-frame windows (3 latent frames). The causal
 convolutions' temporal receptive field is longer than that, so latent frames 3 and 4 of a 17-frame

@@ -220,6 +220,38 @@ def test_remat_variants_match():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_scan_layers_is_the_same_model_with_stacked_params():
+    """`scan_layers` (one nn.scan over the blocks) computes what the unrolled blocks compute on
+    the same weights (block_i stacked on a leading axis), also with remat, and its params carry
+    the logical axis "layers" in front."""
+    x, t, ctx, mask = _inputs((2, 2, 4, 4))
+    params = _random_params(dn.variant_model("mu", C, depth=3))
+    blocks = [params.pop(f"block_{i}") for i in range(3)]
+    scanned = dict(params, blocks={"block": jax.tree.map(lambda *b: jnp.stack(b), *blocks)})
+    params.update({f"block_{i}": b for i, b in enumerate(blocks)})
+    model = dn.variant_model("mu", C, depth=3, scan_layers=True)
+    abstract = _abstract(model)
+    assert _flat_shapes(abstract) == _flat_shapes(scanned)
+    kernel = abstract["blocks"]["block"]["mlp"]["fc1"]["kernel"]
+    assert kernel.names == ("layers", "embed", "mlp") and kernel.value.shape == (3, 32, 128)
+
+    def loss_and_grad(model, p):
+        loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, ctx, mask) ** 2)  # noqa: E731
+        return _jit(jax.value_and_grad(loss))(p)
+
+    ref_loss, ref_grad = loss_and_grad(dn.variant_model("mu", C, depth=3), params)
+    ref_grad = dict(ref_grad)
+    ref_blocks = [ref_grad.pop(f"block_{i}") for i in range(3)]
+    ref_grad["blocks"] = {"block": jax.tree.map(lambda *b: jnp.stack(b), *ref_blocks)}
+    for remat in ("none", "block"):
+        m = dn.variant_model("mu", C, depth=3, scan_layers=True, remat=remat)
+        loss, grad = loss_and_grad(m, scanned)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grad, ref_grad
+        )
+
+
 def test_param_counts_match_formula():
     # mu, factorized, text width 12, by hand: w=32, mlp=128, patch dim 1*2*2*8=32, head dim 16.
     w, m, p, d, f = 32, 128, 32, D_TXT, 256

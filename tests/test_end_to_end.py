@@ -16,6 +16,7 @@ from vdm import config as config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
 VAE_QUICKSTART = os.path.join(ROOT, "configs", "vae_quickstart.py")
+VAE_DECODER = os.path.join(ROOT, "configs", "vae_quickstart_decoder.py")
 
 
 def tiny(data_dir, **extra):
@@ -132,6 +133,35 @@ def test_export_roundtrip(trained, tmp_path):
     a = pipeline.load_pipeline(trained["dit"])(["six moving to the right"], seed=0, num_steps=2)
     b = pipeline.load_pipeline(out)(["six moving to the right"], seed=0, num_steps=2)
     np.testing.assert_array_equal(a, b)
+
+
+def test_decoder_fine_tune_replaces_the_vae_of_a_bundle(trained, tmp_path):
+    """configs/vae_quickstart_decoder.py on the tiny VAE, then `export --vae`: the bundle decodes
+    with the new decoder; a VAE whose encoder changed is refused (the denoiser's latents differ)."""
+    from vdm import checkpoint, export, pipeline, train_lib
+    from vdm.cli_errors import UserError
+
+    data_dir = str(trained["root"] / "data")
+    ft_dir, full_dir = str(tmp_path / "vae_decoder"), str(tmp_path / "vae_full")
+    over = {"vae.stats_num_examples": 8, "train.init_from": trained["vae"]}
+    train_lib.train_and_evaluate(
+        config_lib.load_config(VAE_DECODER, tiny(data_dir, **over)), ft_dir
+    )
+    full = tiny(data_dir, **over, **{"optim.freeze": ""})
+    train_lib.train_and_evaluate(config_lib.load_config(VAE_DECODER, full), full_dir)
+
+    out = export.export_with_logs(trained["dit"], str(tmp_path / "bundle"), vae=ft_dir)
+    assert os.path.exists(out["vae_init_train_log"])  # the original VAE's log rides along
+    old, new = checkpoint.load_params(trained["vae"]), pipeline.load_pipeline(out["bundle"])
+    assert pipeline._trees_equal(new.vae_params["encoder"], old["encoder"])
+    assert not pipeline._trees_equal(new.vae_params["decoder"], old["decoder"])
+    video = new(["six moving to the right"], seed=0, num_steps=2)
+    c = trained["config"].data
+    assert video.shape == (1, c.num_frames, c.height, c.width, 3)
+    with pytest.raises(UserError, match="its encoder weights differ"):
+        pipeline.load_pipeline(trained["dit"], vae=full_dir)
+    with pytest.raises(UserError, match="'.*dit' is a 'denoiser' checkpoint, not a VAE"):
+        pipeline.load_pipeline(trained["dit"], vae=trained["dit"])
 
 
 def test_resume_continues_from_checkpoint(trained):

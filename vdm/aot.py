@@ -34,6 +34,10 @@ device per TensorCore, two per chip, so HBM and peak FLOP/s are halved per devic
   remat recomputation and the frozen encoders). XLA counts a while-loop body once, so the
   sampler's FLOPs are `num_steps` x those of one guided denoiser call, compiled on its own (the
   VAE decode is not counted).
+  With `model.scan_layers` the blocks are one while loop too, so a program's HLO FLOPs and
+  cost-model time are extrapolated from two small UNROLLED compiles of the same program on the
+  same mesh (depth 1 and 2): c(depth) = c(1) + (depth - 1) * (c(2) - c(1)) (the blocks are
+  identical). Memory is always that of the real (scanned) program.
   model FLOPs: the denoiser's analytic matmul FLOPs (`Denoiser.flops_per_example`): 3x forward
   for a train step, 2 (guidance) x forward per sampler step.
   PROJECTION (no TPU was run): step time = max(HLO FLOPs / peak bf16 FLOP/s, XLA's TPU cost-model
@@ -47,6 +51,7 @@ variables (and JAX_PLATFORMS=cpu, so the local backend is the CPU) before libtpu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -568,8 +573,32 @@ def _report(name, description, compiled, seconds, b: Built, *, hlo_flops=None,
     )
 
 
-def compile_train_step(b: Built):
-    """Compiles `train_lib.make_train_step` for the topology; returns (compiled, ProgramReport)."""
+def _scanned(config) -> bool:
+    return config.stage == "denoiser" and bool(config.model.get("scan_layers", False))
+
+
+def unrolled_cost(b: Built, compile_fn) -> tuple[float, float | None, float]:
+    """(HLO FLOPs, cost-model seconds, compile seconds) of `b`'s program as if unrolled.
+
+    For `model.scan_layers`, whose cost_analysis counts the scanned block once (see the module
+    docstring): compiles `compile_fn(built) -> (compiled, seconds)` at depth 1 and 2 without
+    scan and extrapolates linearly to `model.depth`.
+    """
+    costs, seconds = [], 0.0
+    for depth in (1, 2):
+        config = copy.deepcopy(b.config)
+        config.model.depth = depth
+        config.model.scan_layers = False
+        compiled, secs = compile_fn(build(config, b.topology))
+        costs.append(_cost(compiled))
+        seconds += secs
+    (f1, t1), (f2, t2) = costs
+    extra = int(b.config.model.depth) - 1
+    optimal = t1 + extra * (t2 - t1) if t1 is not None and t2 is not None else None
+    return f1 + extra * (f2 - f1), optimal, seconds
+
+
+def _train_step_program(b: Built):
     config, mesh, task = b.config, b.mesh, b.task
     batch_size = int(config.train.batch_size)
     parallel.check_batch_size(batch_size, mesh)
@@ -583,8 +612,20 @@ def compile_train_step(b: Built):
     key = jax.eval_shape(lambda: base_key(config.seed))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(mesh))
     frozen = _sds(b.frozen, b.frozen_shardings)
-    compiled, seconds = _compile(step, (b.abstract_state, batch, key, frozen), "train_step",
-                                 config, b.topology)  # fmt: skip
+    return _compile(step, (b.abstract_state, batch, key, frozen), "train_step", config,
+                    b.topology)  # fmt: skip
+
+
+def compile_train_step(b: Built):
+    """Compiles `train_lib.make_train_step` for the topology; returns (compiled, ProgramReport)."""
+    config, task = b.config, b.task
+    batch_size = int(config.train.batch_size)
+    compiled, seconds = _train_step_program(b)
+    cost = {}
+    if _scanned(config):
+        flops, optimal, extra_seconds = unrolled_cost(b, _train_step_program)
+        cost = dict(hlo_flops=flops, optimal=optimal)
+        seconds += extra_seconds
     model_flops = None
     kind = "cached latents + embeddings" if getattr(task, "cached", False) else "raw videos"
     if isinstance(task, DenoiserTask):
@@ -593,7 +634,11 @@ def compile_train_step(b: Built):
         if not task.cached:
             kind += " (VAE encode + text encode in the step)"
     desc = f"{config.stage} train step, batch {batch_size}, {kind}"
-    return compiled, _report("train_step", desc, compiled, seconds, b, model_flops=model_flops)
+    if cost:
+        desc += "; scanned blocks: FLOPs from unrolled depth 1 and 2 compiles"
+    return compiled, _report(
+        "train_step", desc, compiled, seconds, b, model_flops=model_flops, **cost
+    )
 
 
 def default_sample_batch(mesh: Mesh) -> int:
@@ -621,6 +666,33 @@ def _sample_inputs(b: Built, batch: int):
     )
 
 
+def _guided_call_program(b: Built, batch: int):
+    """One classifier-free-guided denoiser call (cond + uncond), compiled: (compiled, seconds)."""
+    from vdm.diffusion import samplers
+
+    task, mesh, rules = b.task, b.mesh, b.config.mesh.logical_axis_rules
+    inputs = _sample_inputs(b, batch)
+    rep, bs = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+
+    def one_step(params, x, ctx, mask, null_ctx, null_mask, guidance):
+        def model_fn(x, t, cond):
+            return task.model.apply({"params": params}, x, t, cond[0], cond[1])
+
+        return samplers.guided_output(
+            model_fn, x, jnp.float32(0.5), (ctx, mask), (null_ctx, null_mask), guidance
+        )
+
+    step_fn = jax.jit(
+        parallel.with_sharding_rules(one_step, mesh, rules),
+        in_shardings=(b.state_shardings.params, bs, bs, bs, bs, bs, rep),
+        out_shardings=bs,
+    )
+    args = (b.abstract_state.params, inputs["noise"], inputs["ctx"], inputs["mask"],
+            inputs["null_ctx"], inputs["null_mask"], scalar)  # fmt: skip
+    return _compile(step_fn, args, "sample", b.config, b.topology)
+
+
 def compile_sample(b: Built, batch: int):
     """Compiles the sampling program (`Pipeline._generate_impl`) and one guided denoiser call.
 
@@ -628,7 +700,6 @@ def compile_sample(b: Built, batch: int):
       (compiled sampler, ProgramReport); FLOPs are `num_steps` x the guided call's.
     """
     from vdm import pipeline
-    from vdm.diffusion import samplers
 
     config, task, mesh = b.config, b.task, b.mesh
     if not isinstance(task, DenoiserTask):
@@ -669,23 +740,12 @@ def compile_sample(b: Built, batch: int):
 
     # One guided denoiser call as its own program: XLA counts the scan body once, so the
     # sampler's FLOPs are num_steps x this program's.
-    def one_step(params, x, ctx, mask, null_ctx, null_mask, guidance):
-        def model_fn(x, t, cond):
-            return task.model.apply({"params": params}, x, t, cond[0], cond[1])
-
-        return samplers.guided_output(
-            model_fn, x, jnp.float32(0.5), (ctx, mask), (null_ctx, null_mask), guidance
-        )
-
-    step_fn = jax.jit(
-        parallel.with_sharding_rules(one_step, mesh, rules),
-        in_shardings=(param_sh, bs, bs, bs, bs, bs, rep),
-        out_shardings=bs,
-    )
-    step_args = (params, inputs["noise"], inputs["ctx"], inputs["mask"], inputs["null_ctx"],
-                 inputs["null_mask"], scalar)  # fmt: skip
-    step_compiled, step_seconds = _compile(step_fn, step_args, "sample", config, b.topology)
-    step_flops, step_opt = _cost(step_compiled)
+    guided_call = functools.partial(_guided_call_program, batch=batch)
+    if _scanned(config):
+        step_flops, step_opt, step_seconds = unrolled_cost(b, guided_call)
+    else:
+        step_compiled, step_seconds = guided_call(b)
+        step_flops, step_opt = _cost(step_compiled)
     f = task.model.flops_per_example(task.latent_shape, task.text.max_length, task.text.dim)
     guided = 2 if float(s.guidance) != 1.0 else 1
     desc = (

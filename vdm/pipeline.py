@@ -233,12 +233,19 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def load_pipeline(path: str | None = None, *, item: str = "ema") -> Pipeline:
+def load_pipeline(
+    path: str | None = None, *, item: str = "ema", vae: str | None = None
+) -> Pipeline:
     """Loads a pipeline from an exported model dir (default: the bundled model) or a denoiser
     training workdir / checkpoint step dir.
 
+    Args:
+      path: the model (default: the bundled one).
+      item: "ema" or "params" weights of a training checkpoint.
+      vae: another VAE checkpoint to decode with (see `swap_vae`), e.g. a decoder fine-tune.
+
     Raises:
-      UserError: the path does not exist or holds no model.
+      UserError: the path does not exist or holds no model; `vae` encodes differently.
     """
     from ml_collections import ConfigDict
 
@@ -286,7 +293,7 @@ def load_pipeline(path: str | None = None, *, item: str = "ema") -> Pipeline:
         max_length=config.text_encoder.max_length,
         dtype=jnp.dtype(config.text_encoder.dtype),
     )
-    return Pipeline(
+    pipe = Pipeline(
         config=config,
         text=text,
         vae=ae.VideoAutoencoder.from_config(config.vae),
@@ -295,15 +302,65 @@ def load_pipeline(path: str | None = None, *, item: str = "ema") -> Pipeline:
         model=dn.Denoiser.from_config(config.model, config.vae.latent_channels),
         params=params,
     )
+    return swap_vae(pipe, vae) if vae else pipe
 
 
-def export(denoiser_path: str, out_dir: str, *, item: str = "ema") -> str:
+def _trees_equal(a, b) -> bool:
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    return [k for k, _ in la] == [k for k, _ in lb] and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(la, lb, strict=True)
+    )
+
+
+def swap_vae(pipe: Pipeline, vae_path: str) -> Pipeline:
+    """`pipe` decoding with the VAE of checkpoint `vae_path` instead of its own.
+
+    For a decoder-only fine-tune (`optim.freeze="^encoder/"`, configs/vae_quickstart_decoder.py):
+    the denoiser knows only the latent space, so the new VAE must encode exactly as the old
+    one: the same architecture, latent statistics and bit-identical encoder weights.
+
+    Raises:
+      UserError: no VAE checkpoint at `vae_path`, or one that encodes differently (named).
+    """
+    from vdm import checkpoint
+
+    try:
+        vae_config = checkpoint.load_config(vae_path)
+        stats = checkpoint.load_metadata(vae_path).get("latent_stats")
+        params = checkpoint.load_params(vae_path, item="ema")
+    except FileNotFoundError as e:
+        raise UserError(f"No VAE checkpoint at '{vae_path}': {e}") from None
+    if vae_config.stage != "autoencoder":
+        raise UserError(f"'{vae_path}' is a '{vae_config.stage}' checkpoint, not a VAE.")
+    problems = []
+    if ae.resolve_vae_config(vae_config.vae) != ae.resolve_vae_config(pipe.config.vae):
+        problems.append("its architecture (config.vae) differs")
+    elif not _trees_equal(params["encoder"], pipe.vae_params["encoder"]):
+        problems.append("its encoder weights differ (train it with optim.freeze='^encoder/')")
+    if stats is None or not np.allclose(
+        [stats["shift"], stats["scale"]],
+        [pipe.latent_stats["shift"], pipe.latent_stats["scale"]],
+        rtol=1e-6,
+    ):
+        problems.append("its latent statistics differ")
+    if problems:
+        raise UserError(
+            f"VAE '{vae_path}' cannot replace this model's VAE: {'; '.join(problems)}. The "
+            "denoiser was trained on the latents of its own VAE, so only the decoder may change."
+        )
+    config = pipe.config.copy_and_resolve_references()
+    config.vae.checkpoint = os.path.abspath(vae_path)
+    return dataclasses.replace(pipe, config=config, vae_params=params)
+
+
+def export(denoiser_path: str, out_dir: str, *, item: str = "ema", vae: str | None = None) -> str:
     """Writes a compact, self-contained model dir (EMA denoiser + EMA VAE + config + stats).
 
-    The text encoder is referenced by name (e.g. "minilm"), not copied.
+    The text encoder is referenced by name (e.g. "minilm"), not copied. `vae` replaces the
+    denoiser's VAE with a decoder fine-tune of it (see `swap_vae`).
     """
 
-    pipe = load_pipeline(denoiser_path, item=item)
+    pipe = load_pipeline(denoiser_path, item=item, vae=vae)
     os.makedirs(out_dir, exist_ok=True)
     save_tree(os.path.join(out_dir, "denoiser"), pipe.params)
     save_tree(os.path.join(out_dir, "vae"), pipe.vae_params)

@@ -132,7 +132,7 @@ def _decay_mask(params: PyTree) -> PyTree:
 
 
 def param_path(path) -> str:
-    """"encoder/conv_in/kernel" for a pytree key path (box attributes like `.value` skipped)."""
+    """ "encoder/conv_in/kernel" for a pytree key path (box attributes like `.value` skipped)."""
     parts = []
     for k in path:
         if isinstance(k, jax.tree_util.DictKey):
@@ -155,7 +155,7 @@ def _freeze_regex(optim_config) -> re.Pattern | None:
 
 
 def trainable_mask(params: PyTree, optim_config) -> PyTree | None:
-    """True for each parameter that trains, False where `optim.freeze` matches; None if no freeze."""
+    """True per parameter that trains, False where `optim.freeze` matches; None if no freeze."""
     regex = _freeze_regex(optim_config)
     if regex is None:
         return None
@@ -175,8 +175,8 @@ def check_freeze(params: PyTree, optim_config) -> tuple[int, int]:
     if mask is None:
         return sum(math.prod(np.shape(x)) for _, x in leaves), 0
     flags = jax.tree.leaves(parallel.unbox(mask))
-    trainable = sum(math.prod(np.shape(x)) for (_, x), f in zip(leaves, flags) if f)
-    frozen = sum(math.prod(np.shape(x)) for (_, x), f in zip(leaves, flags) if not f)
+    trainable = sum(math.prod(np.shape(x)) for (_, x), f in zip(leaves, flags, strict=True) if f)
+    frozen = sum(math.prod(np.shape(x)) for (_, x), f in zip(leaves, flags, strict=True) if not f)
     if trainable == 0 or frozen == 0:
         examples = sorted({"/".join(param_path(p).split("/")[:2]) for p, _ in leaves})[:12]
         raise ConfigError(

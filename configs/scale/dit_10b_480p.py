@@ -28,6 +28,9 @@ Mesh and memory (the design and its arithmetic; check it with vdm.aot, docs/aot.
              3072 activation, ~0.2-0.4 GB each, per video); without it activations alone exceed
              any chip's HBM (back-of-envelope: ~10 GB per block per video).
   batch      one video per chip.
+  scan       model.scan_layers: the 36 blocks are one nn.scan, so the program holds one block and
+             compile time and compiler memory do not grow with depth. Unrolled, the train-step
+             compile was OOM-killed at 24.3 GB of host RAM on a 24 GiB machine.
 """
 
 from configs.scale import dit_1b_480p
@@ -40,6 +43,7 @@ def get_config():
     c.model.num_heads = 24  # x 128 head dim
     c.model.mlp_ratio = 4.0  # MLP 12288
     c.model.remat = "block"
+    c.model.scan_layers = True
     c.mesh.shape = {"data": -1, "fsdp": 64, "tensor": 1}
     c.train.batch_size = 64  # one video per chip on a 64-chip slice
     return c

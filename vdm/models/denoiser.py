@@ -195,6 +195,47 @@ class DiTBlock(nn.Module):
         return L.constrain(x, L.ACT_5D)
 
 
+def _block_class(remat: str):
+    """DiTBlock, rematerialised per `model.remat` (argument 6 = `deterministic` is static)."""
+    if remat == "block":
+        return nn.remat(DiTBlock, static_argnums=(6,))
+    if remat == "dots":
+        return nn.remat(
+            DiTBlock, static_argnums=(6,), policy=jax.checkpoint_policies.checkpoint_dots
+        )
+    return DiTBlock
+
+
+class _ScanCell(nn.Module):
+    """One DiTBlock as an `nn.scan` cell: (x, broadcast inputs) -> (x, None)."""
+
+    width: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    attention: str = "factorized"
+    qk_norm: bool = False
+    dropout: float = 0.0
+    remat: str = "none"
+    deterministic: bool = True  # a field, not an argument: the scan must not trace it.
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, c_act, context, context_mask, rope):
+        block = _block_class(self.remat)(
+            width=self.width,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            attention=self.attention,
+            qk_norm=self.qk_norm,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="block",
+        )
+        return block(x, c_act, context, context_mask, rope, self.deterministic), None
+
+
 class Denoiser(nn.Module):
     """Space-time DiT denoiser on latents; see the module docstring for the architecture.
 
@@ -213,6 +254,10 @@ class Denoiser(nn.Module):
     pooled_text: bool = True  # add an embedding of the masked-mean context to the time embedding.
     dropout: float = 0.0  # residual-branch dropout (needs a "dropout" rng when > 0 in training).
     remat: str = "none"  # "none" | "block" (recompute each block) | "dots" (save matmul outputs).
+    # One nn.scan over the blocks instead of `depth` copies: params "blocks/block/..." with a
+    # leading [depth] axis (logical name "layers"); compile time and compiler memory stop growing
+    # with depth (MaxText's scan_layers). Same math; checkpoints differ in layout from unrolled.
+    scan_layers: bool = False
     time_scale: float = 1000.0  # t in [0, 1] is scaled by this before the sinusoid (DiT scale).
     freq_dim: int = 256  # width of the sinusoidal timestep features.
     rope_theta: float = 10000.0  # base of RoPE / sin-cos frequencies.
@@ -245,6 +290,7 @@ class Denoiser(nn.Module):
             pooled_text=bool(get("pooled_text", True)),
             dropout=float(get("dropout", 0.0)),
             remat=str(get("remat", "none")),
+            scan_layers=bool(get("scan_layers", False)),
             dtype=jnp.dtype(get("dtype", "float32")),
             param_dtype=jnp.dtype(get("param_dtype", "float32")),
         )
@@ -365,24 +411,33 @@ class Denoiser(nn.Module):
             )
         c_act = nn.silu(c)
 
-        block_cls = DiTBlock
-        if self.remat == "block":
-            block_cls = nn.remat(DiTBlock, static_argnums=(6,))
-        elif self.remat == "dots":
-            block_cls = nn.remat(
-                DiTBlock, static_argnums=(6,), policy=jax.checkpoint_policies.checkpoint_dots
+        block_kw = dict(
+            width=self.width,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            attention=self.attention,
+            qk_norm=self.qk_norm,
+            dropout=self.dropout,
+            **kw,
+        )
+        if self.scan_layers:
+            stack = nn.scan(
+                _ScanCell,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,) * 4,
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
             )
-        for i in range(self.depth):
-            h = block_cls(
-                width=self.width,
-                num_heads=self.num_heads,
-                mlp_ratio=self.mlp_ratio,
-                attention=self.attention,
-                qk_norm=self.qk_norm,
-                dropout=self.dropout,
-                name=f"block_{i}",
-                **kw,
-            )(h, c_act, ctx, mask, rope, deterministic)
+            h, _ = stack(**block_kw, remat=self.remat, deterministic=deterministic, name="blocks")(
+                h, c_act, ctx, mask, rope
+            )
+        else:
+            block_cls = _block_class(self.remat)
+            for i in range(self.depth):
+                h = block_cls(**block_kw, name=f"block_{i}")(
+                    h, c_act, ctx, mask, rope, deterministic
+                )
 
         shift, scale = L.AdaLNModulation(2, self.width, name="final_mod", **kw)(c_act)
         h = L.layer_norm("final_norm", affine=False, param_dtype=self.param_dtype)(h)

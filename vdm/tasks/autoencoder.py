@@ -11,8 +11,11 @@ Loss per example (then the batch mean):
   written per pixel value, so `kl_weight` means the same for every resolution.
 
 `vae.train_frames > 0` trains on a random window of that many frames of each batch (one window
-per step, the same for the batch): a causal VAE sees the same operations on 9 frames as on 17,
-at half the cost. Evaluation always uses whole clips.
+per step, the same for the batch), e.g. 9 of 17 at half the cost. Caveat, measured on the
+quickstart VAE: the causal convolutions' receptive field spans more latent frames than a short
+window holds, so frames beyond the window length (here 9-16) decode worse (23-28 dB against
+30-31 dB) — train on whole clips, or fine-tune the decoder on them afterwards
+(configs/vae_quickstart_decoder.py). Evaluation always uses whole clips.
 
 Perceptual (LPIPS) and adversarial losses are not implemented: LPIPS needs downloaded weights
 and a GAN needs a second optimizer. Their config weights must stay 0.
