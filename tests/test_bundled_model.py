@@ -25,7 +25,13 @@ def test_bundle_is_compact_and_documented():
         os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(ASSET) for f in files
     )
     assert total <= 40 * 2**20, f"bundled model is {total / 2**20:.1f} MB (limit 40 MB)"
-    for name in ("model.json", "README.md", "train_log.jsonl", "vae_train_log.jsonl"):
+    for name in (
+        "model.json",
+        "README.md",
+        "train_log.jsonl",
+        "vae_train_log.jsonl",
+        "vae_init_train_log.jsonl",
+    ):
         assert os.path.exists(os.path.join(ASSET, name)), name
     with open(os.path.join(ASSET, "model.json")) as f:
         meta = json.load(f)
