@@ -189,6 +189,18 @@ def test_mismatched_config_raises_clearly(config, built):
         sources.get_source(_cached_config(config, built).data, "validation")
     with pytest.raises(FileNotFoundError, match="No latent cache"):
         sources.get_source(_cached_config(config, built + "_missing").data, "train")
+    # The same VAE checkpoint reached through a symlinked workdir is the same checkpoint.
+    real = os.path.join(os.path.dirname(built), "vae_real")
+    os.makedirs(os.path.join(real, "checkpoints", "5", "ema"), exist_ok=True)
+    link = real + "_link"
+    if not os.path.islink(link):
+        os.symlink(real, link)
+    via_link = copy.deepcopy(config)
+    via_link.vae.checkpoint = link
+    linked = copy.deepcopy(manifest)
+    ckpt = os.path.join(os.path.realpath(real), "checkpoints", "5")
+    linked["vae"]["checkpoint"], linked["vae"]["random_init_seed"] = ckpt, None
+    cache.check_compatible(linked, via_link)
     # Adding a split built with another config to an existing cache is refused.
     with pytest.raises(ValueError, match="already holds a latent cache built differently"):
         cache.build_cache(text, built, "test", progress=False)

@@ -123,13 +123,14 @@ def read_manifest(path: str) -> dict:
 
 
 def _abs_checkpoint(path: str) -> str:
-    """The step directory a VAE checkpoint path resolves to ("" for none)."""
+    """The step directory a VAE checkpoint path resolves to ("" for none), symlinks resolved
+    (the same checkpoint reached through a symlinked workdir is the same checkpoint)."""
     if not path:
         return ""
     from vdm import checkpoint
 
     directory, step = checkpoint.resolve(path)
-    return os.path.join(directory, str(step))
+    return os.path.realpath(os.path.join(directory, str(step)))
 
 
 def _identity(config) -> dict:
