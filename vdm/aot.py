@@ -438,9 +438,13 @@ class DoesNotFit(UserError):
     """A program needs more HBM per device than the chip has."""
 
 
-def knob_advice(config, program: str, arguments: float, temporaries: float) -> str:
-    """Which config knob to turn first for a program that does not fit, and why."""
-    fsdp = dict(config.mesh.shape).get("fsdp", 1)
+def knob_advice(config, program: str, arguments: float, temporaries: float, mesh_shape=None) -> str:
+    """Which config knob to turn first for a program that does not fit, and why.
+
+    `mesh_shape`: the resolved mesh ({"data": 8, ...}); default the config's (data may be -1).
+    """
+    shape = dict(mesh_shape or config.mesh.shape)
+    fsdp, tensor = int(shape.get("fsdp", 1)), int(shape.get("tensor", 1))
     tips = []
     if arguments >= temporaries:
         tips.append(
@@ -455,10 +459,22 @@ def knob_advice(config, program: str, arguments: float, temporaries: float) -> s
                 f"activations dominate ({temporaries / GiB:.1f} GiB of temporaries): recompute "
                 f"them in the backward pass with --config.model.remat=block (now {remat!r})"
             )
-        tips.append(
-            "or lower the per-device batch (train.batch_size / (data x fsdp)); for sampling "
-            "--sample_batch"
-        )
+        else:
+            tips.append(
+                f"activations dominate ({temporaries / GiB:.1f} GiB of temporaries): shard them "
+                "over a tensor axis (mesh.tensor splits heads and MLP widths), e.g. "
+                f"--config.mesh.shape=\"{{'data': -1, 'fsdp': {max(1, fsdp // 2)}, "
+                f"'tensor': {2 * tensor}}}\""
+            )
+        data = int(shape.get("data", 1))
+        if program == "train_step" and data > 0:
+            per_device = int(config.train.batch_size) / (data * fsdp)
+            if per_device > 1:
+                tips.append(f"lower the per-device batch (now {per_device:g} videos)")
+            else:
+                tips.append(f"the per-device batch is already {per_device:g} video(s)")
+        elif program != "train_step":
+            tips.append("lower --sample_batch")
     return "; ".join(tips) + "."
 
 
@@ -905,7 +921,7 @@ def check_fit(report: TopologyReport, config) -> None:
         problems.append(
             f"{p.name} does not fit on {t.name}: {p.total / GiB:.2f} GiB per device of "
             f"{p.hbm_per_device / GiB:.1f} GiB HBM (over by {over / GiB:.2f} GiB). "
-            + knob_advice(config, p.name, p.arguments, p.temporaries)
+            + knob_advice(config, p.name, p.arguments, p.temporaries, report.mesh)
         )
     if problems:
         raise DoesNotFit("\n".join(problems))

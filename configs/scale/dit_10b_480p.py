@@ -5,6 +5,8 @@ encoder and sampler. Check that it fits before booking the pod (no TPU needed; d
 
   python -m vdm.aot --config configs/scale/dit_10b_480p.py --topology v5p:4x4x4
   python -m vdm.aot --config configs/scale/dit_10b_480p.py --topology v6e:8x8
+(measured, docs/aot.md: 35.1 GiB of 95 per v5p chip; on v6e 32.25 GiB of 32, 0.25 over — there
+try --config.mesh.shape="{'data': -1, 'fsdp': 32, 'tensor': 2}", not yet compiled)
 
 Train (every host runs the same command; latents and T5 embeddings precomputed with
 `python -m vdm.data.cache`):
