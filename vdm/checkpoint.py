@@ -402,6 +402,19 @@ def load_params(path: str, item: str = "ema", *, sharding=None) -> PyTree:
     Raises:
       FileNotFoundError: no checkpoint at `path`.
     """
+    if sharding is None:
+        mesh = jax.sharding.Mesh(np.array(jax.devices(), dtype=object), ("devices",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    restored, _ = _restore_params(
+        path, item, lambda metadata, _: abstract_from_metadata(metadata, sharding)
+    )
+    return restored
+
+
+def _restore_params(path: str, item: str, make_target) -> tuple[PyTree, int]:
+    """Restores the "ema" (falling back to "params" when the run had no EMA) or "params" item
+    of the checkpoint at `path` into `make_target(item metadata, "'step dir' (item)")`:
+    (tree, step)."""
     if item not in ("ema", "params"):
         raise ValueError(f"item must be 'ema' or 'params', got {item!r}.")
     directory, step = resolve(path)
@@ -414,16 +427,13 @@ def load_params(path: str, item: str = "ema", *, sharding=None) -> PyTree:
             f"Checkpoint step '{step_dir}' has no '{item}' item (found "
             f"{sorted(os.listdir(step_dir))}); expected items {ARRAY_ITEMS}."
         )
-    if sharding is None:
-        mesh = jax.sharding.Mesh(np.array(jax.devices(), dtype=object), ("devices",))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     mngr = _reader(directory)
     try:
-        metadata = mngr.item_metadata(step)[item]
-        target = abstract_from_metadata(metadata, sharding)
-        return mngr.restore(
+        target = make_target(mngr.item_metadata(step)[item], f"'{step_dir}' ({item})")
+        restored = mngr.restore(
             step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
         )[item]
+        return restored, step
     finally:
         mngr.close()
 
@@ -448,13 +458,8 @@ def load_params_like(path: str, abstract: PyTree, item: str = "ema") -> tuple[Py
       ValueError: the checkpoint's parameter names or shapes differ from `abstract` (each
         difference named), i.e. it is another architecture.
     """
-    directory, step = resolve(path)
-    step_dir = os.path.join(directory, str(step))
-    if item == "ema" and not os.path.isdir(os.path.join(step_dir, "ema")):
-        item = "params"
-    mngr = _reader(directory)
-    try:
-        metadata = mngr.item_metadata(step)[item]
+
+    def checked(metadata, where):
         have = _shapes(getattr(metadata, "tree", metadata))
         want = _shapes(abstract)
         if have != want:
@@ -465,16 +470,13 @@ def load_params_like(path: str, abstract: PyTree, item: str = "ema") -> tuple[Py
             diffs += [f"not in this model: {extra[:6]}"] if extra else []
             diffs += [f"{k}: checkpoint {have[k]} vs model {want[k]}" for k in shape[:6]]
             raise ValueError(
-                f"Checkpoint '{step_dir}' ({item}) does not fit this model's parameters; "
+                f"Checkpoint {where} does not fit this model's parameters; "
                 + "; ".join(diffs)
                 + ". Initialising from it needs the same architecture."
             )
-        restored = mngr.restore(
-            step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
-        )[item]
-        return restored, step
-    finally:
-        mngr.close()
+        return abstract
+
+    return _restore_params(path, item, checked)
 
 
 def _load_json(path: str, item: str):

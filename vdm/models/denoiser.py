@@ -206,33 +206,16 @@ def _block_class(remat: str):
     return DiTBlock
 
 
-class _ScanCell(nn.Module):
-    """One DiTBlock as an `nn.scan` cell: (x, broadcast inputs) -> (x, None)."""
+class _ScanCell(DiTBlock):
+    """A DiTBlock (of this module's fields) as an `nn.scan` cell: (x, inputs) -> (x, None)."""
 
-    width: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-    attention: str = "factorized"
-    qk_norm: bool = False
-    dropout: float = 0.0
     remat: str = "none"
     deterministic: bool = True  # a field, not an argument: the scan must not trace it.
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, c_act, context, context_mask, rope):
-        block = _block_class(self.remat)(
-            width=self.width,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            attention=self.attention,
-            qk_norm=self.qk_norm,
-            dropout=self.dropout,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="block",
-        )
+        fields = {f.name for f in dataclasses.fields(DiTBlock)} - {"parent", "name"}
+        block = _block_class(self.remat)(**{f: getattr(self, f) for f in fields}, name="block")
         return block(x, c_act, context, context_mask, rope, self.deterministic), None
 
 
