@@ -198,6 +198,11 @@ def _train() -> ConfigDict:
     # A checkpoint (workdir or step dir) whose EMA weights start a fresh run (fine-tuning; same
     # architecture; optimizer and step start from 0). Ignored when the workdir has a checkpoint.
     t.init_from = ""
+    # With init_from: parameters the checkpoint lacks keep their fresh initialisation instead of
+    # being an error (a model grown from it; names both have must match in shape). Blocks appended
+    # to the denoiser (larger model.depth) start as the identity (adaLN-Zero), so the grown model
+    # starts as the checkpoint's function.
+    t.init_new_params = False
     t.batch_size = 32  # global batch over all devices and hosts; divisible by data * fsdp.
     t.log_every_steps = 50  # metrics.jsonl + TensorBoard (workdir/tensorboard) + progress bar.
     t.eval_every_steps = 2000  # task.evaluate with EMA params (also at the last step); 0 = never.

@@ -220,6 +220,40 @@ def test_remat_variants_match():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_a_model_grown_in_depth_from_a_checkpoint_starts_as_its_function(tmp_path):
+    """`train.init_from` + `train.init_new_params`: a depth-1 model's weights start a depth-2 one;
+    the added block keeps its fresh (adaLN-Zero) init, so the output is exactly the old model's."""
+    from vdm import checkpoint as ckpt_lib
+    from vdm import train_lib
+
+    small, big = dn.variant_model("mu", C, depth=1), dn.variant_model("mu", C, depth=2)
+    trained = _random_params(small)  # "trained": every gate and output projection non-zero
+    with ckpt_lib.CheckpointManager(str(tmp_path / "run"), async_save=False) as m:
+        m.save(5, arrays={"params": trained, "ema": trained})
+    abstract = nn.unbox(_abstract(big))
+    fresh = nn.unbox(big.init(jax.random.key(1), *_inputs((1, 3, 4, 4)))["params"])
+    state = train_lib.TrainState(step=0, params=fresh, opt_state=(), ema_params=fresh)
+    with pytest.raises(train_lib.ConfigError, match=r"missing in the checkpoint: \['block_1/"):
+        train_lib.init_params_from(state, str(tmp_path / "run"), abstract)
+    grown = train_lib.init_params_from(state, str(tmp_path / "run"), abstract, keep_new=True)
+    for tree in (grown.params, grown.ema_params):
+        assert _flat_shapes(tree) == _flat_shapes(fresh)
+        jax.tree.map(np.testing.assert_array_equal, tree["block_0"], trained["block_0"])
+        jax.tree.map(np.testing.assert_array_equal, tree["block_1"], fresh["block_1"])
+    x, t, ctx, mask = _inputs()
+    np.testing.assert_allclose(
+        _fwd(big, grown.params, x, t, ctx, mask), _fwd(small, trained, x, t, ctx, mask), atol=1e-6
+    )
+    # The other way round (the checkpoint has params this model lacks) stays an error.
+    with ckpt_lib.CheckpointManager(str(tmp_path / "big"), async_save=False) as m:
+        m.save(5, arrays={"params": grown.params})
+    small_state = train_lib.TrainState(step=0, params=trained, opt_state=(), ema_params=None)
+    with pytest.raises(train_lib.ConfigError, match=r"not in this model: \['block_1/"):
+        train_lib.init_params_from(
+            small_state, str(tmp_path / "big"), nn.unbox(_abstract(small)), keep_new=True
+        )
+
+
 def test_scan_layers_is_the_same_model_with_stacked_params():
     """`scan_layers` (one nn.scan over the blocks) computes what the unrolled blocks compute on
     the same weights (block_i stacked on a leading axis), also with remat, and its params carry

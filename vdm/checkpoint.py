@@ -27,6 +27,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -444,11 +445,15 @@ def _shapes(tree: PyTree) -> dict[str, tuple]:
     return {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(x.shape) for k, x in flat}
 
 
-def load_params_like(path: str, abstract: PyTree, item: str = "ema") -> tuple[PyTree, int]:
+def load_params_like(
+    path: str, abstract: PyTree, item: str = "ema", *, allow_missing: bool = False
+) -> tuple[PyTree, int]:
     """A checkpoint's EMA (or raw) parameters restored into the layout of `abstract`.
 
     For fine-tuning (`train.init_from`): `abstract` is the new run's parameter tree of
     `jax.ShapeDtypeStruct`s with shardings; each array lands sharded as the new run wants it.
+    With `allow_missing` the checkpoint may lack some of `abstract`'s parameters (a model grown
+    from it, e.g. deeper); the result then holds only the parameters the checkpoint has.
 
     Returns:
       (parameters, the checkpoint's step).
@@ -458,23 +463,30 @@ def load_params_like(path: str, abstract: PyTree, item: str = "ema") -> tuple[Py
       ValueError: the checkpoint's parameter names or shapes differ from `abstract` (each
         difference named), i.e. it is another architecture.
     """
+    want = _shapes(abstract)
 
     def checked(metadata, where):
         have = _shapes(getattr(metadata, "tree", metadata))
-        want = _shapes(abstract)
-        if have != want:
-            missing = sorted(set(want) - set(have))
-            extra = sorted(set(have) - set(want))
-            shape = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        shape = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        if extra or shape or (missing and not allow_missing) or not set(have) & set(want):
             diffs = [f"missing in the checkpoint: {missing[:6]}"] if missing else []
             diffs += [f"not in this model: {extra[:6]}"] if extra else []
             diffs += [f"{k}: checkpoint {have[k]} vs model {want[k]}" for k in shape[:6]]
             raise ValueError(
                 f"Checkpoint {where} does not fit this model's parameters; "
                 + "; ".join(diffs)
-                + ". Initialising from it needs the same architecture."
+                + (
+                    ". Only parameters this model adds may be missing from it."
+                    if allow_missing
+                    else ". Initialising from it needs the same architecture."
+                )
             )
-        return abstract
+        if not missing:
+            return abstract
+        flat = flax.traverse_util.flatten_dict(abstract, sep="/")
+        return flax.traverse_util.unflatten_dict({k: flat[k] for k in have}, sep="/")
 
     return _restore_params(path, item, checked)
 

@@ -314,19 +314,39 @@ def create_train_state(
     return state, shardings
 
 
-def init_params_from(state: TrainState, path: str, abstract_params: PyTree) -> TrainState:
+def init_params_from(
+    state: TrainState, path: str, abstract_params: PyTree, *, keep_new: bool = False
+) -> TrainState:
     """`state` with params (and EMA) set to checkpoint `path`'s EMA weights (`train.init_from`).
 
     The optimizer state stays fresh (moments 0, schedule from step 0): this starts a new run.
+    With `keep_new` (`train.init_new_params`), parameters the checkpoint lacks keep `state`'s
+    fresh initialisation: a model grown from the checkpoint. Blocks appended to the denoiser are
+    then exactly the identity (adaLN-Zero gates and the cross-attention output start at 0), so the
+    grown model starts as the checkpoint's function.
 
     Raises:
       ConfigError: no checkpoint at `path`, or one of another architecture (differences named).
     """
     try:
-        params, step = ckpt_lib.load_params_like(path, abstract_params, item="ema")
+        params, step = ckpt_lib.load_params_like(
+            path, abstract_params, item="ema", allow_missing=keep_new
+        )
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"train.init_from={path!r}: {e}") from None
     _say(f"Initialised the parameters from {path} (step {step}, EMA weights); optimizer fresh.")
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    fresh = flax.traverse_util.flatten_dict(state.params, sep="/")
+    new = sorted(set(fresh) - set(flat))
+    if new:
+        blocks = sorted({k.split("/")[0] for k in new})
+        _say(
+            f"{len(new)} parameters ({count_params([fresh[k] for k in new]):,} values) are not in "
+            f"{path} and keep their fresh initialisation (train.init_new_params): under "
+            + ", ".join(blocks[:8])
+            + (" ..." if len(blocks) > 8 else "")
+        )
+        params = flax.traverse_util.unflatten_dict({**fresh, **flat}, sep="/")
     # A copy: params and EMA are donated to the step separately, so they must not share buffers.
     ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
     return state.replace(params=params, ema_params=ema)
@@ -728,7 +748,12 @@ def train_and_evaluate(
             state, _ = create_train_state(task, config, mesh, tx, shardings)
             init_from = config.train.get("init_from", "")
             if init_from:
-                state = init_params_from(state, init_from, abstract.params)
+                state = init_params_from(
+                    state,
+                    init_from,
+                    abstract.params,
+                    keep_new=config.train.get("init_new_params", False),
+                )
         if start and config.train.get("init_from", ""):
             _say(f"train.init_from is ignored: {workdir} has its own checkpoint (resumed).")
         if pmap:
