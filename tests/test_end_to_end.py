@@ -164,6 +164,50 @@ def test_decoder_fine_tune_replaces_the_vae_of_a_bundle(trained, tmp_path):
         pipeline.load_pipeline(trained["dit"], vae=trained["dit"])
 
 
+def test_a_new_run_starts_from_an_exported_model(trained, tmp_path):
+    """An exported model's `vae/` and `denoiser/` load like checkpoints: a deeper denoiser grows
+    from the bundle on the bundle's VAE and is re-exported over that same bundle, which keeps the
+    record of both runs."""
+    from vdm import checkpoint, export, pipeline, train_lib
+    from vdm.cli_errors import UserError
+
+    bundle = str(tmp_path / "bundle")
+    export.export_with_logs(trained["dit"], bundle)
+    before = pipeline.load_pipeline(bundle)
+    grown_dir = str(tmp_path / "grown")
+    over = {
+        "vae.checkpoint": os.path.join(bundle, "vae"),
+        "train.init_from": os.path.join(bundle, "denoiser"),
+        "train.init_new_params": True,
+        "model.depth": 2,
+        "optim.learning_rate": 0.0,  # the grown model must then stay the bundle's function
+        "optim.warmup_steps": 0,
+    }
+    cfg = config_lib.load_config(QUICKSTART, tiny(str(trained["root"] / "data"), **over))
+    train_lib.train_and_evaluate(cfg, grown_dir)
+    grown = pipeline.load_pipeline(grown_dir)
+    assert set(grown.params) - set(before.params) == {"block_1"}
+    prompt = ["six moving to the right"]
+    np.testing.assert_allclose(
+        grown(prompt, seed=0, num_steps=2), before(prompt, seed=0, num_steps=2), atol=1
+    )
+
+    out = export.export_with_logs(grown_dir, bundle)  # over the bundle its weights came from
+    assert set(out) == {"bundle", "train_log", "init_train_log", "vae_train_log"}
+    with open(out["init_train_log"]) as f, open(os.path.join(trained["dit"], "metrics.jsonl")) as g:
+        assert f.read() == g.read()  # the bundle's denoiser log became the init run's log
+    assert pipeline.load_pipeline(bundle).config.model.depth == 2
+    assert checkpoint.load_metadata(os.path.join(bundle, "denoiser"))["vae_checkpoint"] == (
+        os.path.join(bundle, "vae")
+    )
+    with pytest.raises(FileNotFoundError, match="give its 'denoiser/' or 'vae/' directory"):
+        checkpoint.load_params(bundle)
+    with pytest.raises(FileNotFoundError, match="EMA weights only"):
+        checkpoint.load_params(os.path.join(bundle, "denoiser"), item="params")
+    with pytest.raises(UserError, match="has no 'config' of its own"):
+        pipeline.load_pipeline(trained["dit"], vae=os.path.join(bundle, "vae"))
+
+
 def test_resume_continues_from_checkpoint(trained):
     from vdm import checkpoint, train_lib
 

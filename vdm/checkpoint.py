@@ -16,6 +16,10 @@ falls back to the previous step.
 
 Inference: `load_params(path, item="ema")`, `load_metadata(path)`, `load_config(path)`, where
 `path` is a workdir, its `checkpoints/` directory (both: latest step) or one step directory.
+The two weight directories of an exported model (`vdm.export`: `MODEL/denoiser`, `MODEL/vae`, EMA
+weights only) load the same way, so a new run can start from the bundled model
+(`--config.vae.checkpoint=vdm/assets/default_model/vae`,
+`--config.train.init_from=vdm/assets/default_model/denoiser`).
 """
 
 from __future__ import annotations
@@ -328,6 +332,26 @@ def _steps_in(directory: str) -> list[int]:
     )
 
 
+BUNDLE_PARTS = ("denoiser", "vae")
+BUNDLE_CONFIG = "model.json"
+
+
+def bundle_part(path: str) -> tuple[str, str] | None:
+    """`(model_dir, part)` when `path` is the `denoiser/` or `vae/` weights of an exported model
+    dir (`vdm.export`), else None."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    parent, part = os.path.split(os.path.normpath(path))
+    if part in BUNDLE_PARTS and os.path.isdir(path):
+        if os.path.isfile(os.path.join(parent, BUNDLE_CONFIG)):
+            return parent, part
+    return None
+
+
+def _bundle_json(model_dir: str) -> dict:
+    with open(os.path.join(model_dir, BUNDLE_CONFIG)) as f:
+        return json.load(f)
+
+
 def resolve(path: str) -> tuple[str, int]:
     """`(checkpoints_dir, step)` for a workdir, a checkpoints dir or a step dir.
 
@@ -340,6 +364,11 @@ def resolve(path: str) -> tuple[str, int]:
             f"Checkpoint path '{path}' does not exist. Give a training workdir, its "
             f"'{CHECKPOINT_SUBDIR}/' directory, or one step directory "
             f"('{CHECKPOINT_SUBDIR}/<step>')."
+        )
+    if os.path.isfile(os.path.join(path, BUNDLE_CONFIG)):
+        raise FileNotFoundError(
+            f"'{path}' is an exported model, which holds two models: give its "
+            f"'{BUNDLE_PARTS[0]}/' or '{BUNDLE_PARTS[1]}/' directory."
         )
     if _is_step_dir(path):
         return os.path.dirname(os.path.normpath(path)), int(
@@ -412,12 +441,22 @@ def load_params(path: str, item: str = "ema", *, sharding=None) -> PyTree:
     return restored
 
 
-def _restore_params(path: str, item: str, make_target) -> tuple[PyTree, int]:
+def _restore_params(path: str, item: str, make_target) -> tuple[PyTree, int | None]:
     """Restores the "ema" (falling back to "params" when the run had no EMA) or "params" item
     of the checkpoint at `path` into `make_target(item metadata, "'step dir' (item)")`:
-    (tree, step)."""
+    (tree, step); step is None for an exported model's weights."""
     if item not in ("ema", "params"):
         raise ValueError(f"item must be 'ema' or 'params', got {item!r}.")
+    if bundle_part(path) is not None:
+        if item != "ema":
+            raise FileNotFoundError(
+                f"'{path}' is an exported model's weights, which are EMA weights only; there is "
+                f"no '{item}' item (use a training workdir)."
+            )
+        path = os.path.abspath(os.path.expanduser(str(path)))
+        with ocp.StandardCheckpointer() as ckptr:
+            target = make_target(ckptr.metadata(path).item_metadata, f"'{path}' (exported)")
+            return ckptr.restore(path, target), None
     directory, step = resolve(path)
     step_dir = os.path.join(directory, str(step))
     if item == "ema" and not os.path.isdir(os.path.join(step_dir, "ema")):
@@ -492,6 +531,9 @@ def load_params_like(
 
 
 def _load_json(path: str, item: str):
+    part = bundle_part(path)
+    if part is not None:
+        return _bundle_item(*part, item)
     directory, step = resolve(path)
     file = os.path.join(directory, str(step), item, "metadata")
     if not os.path.exists(file):
@@ -501,6 +543,28 @@ def _load_json(path: str, item: str):
         )
     with open(file) as f:
         return json.load(f)
+
+
+def _bundle_item(model_dir: str, part: str, item: str) -> dict:
+    """The config / metadata of an exported model's `part`, as a training checkpoint has them.
+
+    The bundle's config is its denoiser run's; its `vae` section describes the VAE, but the rest
+    (stage, optimizer, data) is not how the VAE was trained, so the VAE part has no config.
+    """
+    meta = _bundle_json(model_dir)
+    if item == "config" and part == "denoiser":
+        return meta["config"]
+    if item == "metadata":
+        out = {"latent_stats": meta["latent_stats"]}
+        if part == "denoiser":
+            out["text_encoder"] = meta.get("text_encoder", meta["config"]["text_encoder"]["name"])
+            out["vae_checkpoint"] = os.path.join(model_dir, "vae")
+        return out
+    raise FileNotFoundError(
+        f"'{os.path.join(model_dir, part)}' is an exported model's {part} weights: it has no "
+        f"'{item}' of its own (its training config is the denoiser's, in "
+        f"{os.path.join(model_dir, BUNDLE_CONFIG)})."
+    )
 
 
 def load_metadata(path: str) -> dict[str, Any]:

@@ -5,9 +5,9 @@
 
 Writes `vdm.pipeline.export`'s bundle (EMA weights of the denoiser and the VAE, the config, the
 latent statistics; the text encoder referenced by name) plus the training logs of both stages
-(`train_log.jsonl`, `vae_train_log.jsonl`: each workdir's metrics.jsonl; `vae_init_train_log.jsonl`
-when the VAE was fine-tuned from another run) so the bundle carries the record of how it was
-made. `sample.py --checkpoint OUT` and `vdm.load_pipeline(OUT)` load it.
+(`train_log.jsonl`, `vae_train_log.jsonl`: each workdir's metrics.jsonl; `init_train_log.jsonl` /
+`vae_init_train_log.jsonl` when a stage was started from another run's weights, e.g. a denoiser
+grown from the bundled one) so the bundle carries the record of how it was made. `sample.py --checkpoint OUT` and `vdm.load_pipeline(OUT)` load it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 
 
 def _workdir_of(path: str) -> str:
@@ -27,38 +28,75 @@ def _workdir_of(path: str) -> str:
     raise FileNotFoundError(f"No metrics.jsonl in or above '{path}' (not a training workdir?).")
 
 
+# What an exported model keeps of each stage's training: {part: (its log, its init run's log)}.
+_BUNDLE_LOGS = {
+    "denoiser": ("train_log", "init_train_log"),
+    "vae": ("vae_train_log", "vae_init_train_log"),
+}
+
+
+def _logs_of(path: str, part: str) -> dict[str, str]:
+    """{bundle log name: source file} for the run at `path` (a training workdir or an exported
+    model's `part/` weights) and, when it was started from another checkpoint
+    (`train.init_from`), that run's log."""
+    from vdm import checkpoint as ckpt
+
+    log, init_log = _BUNDLE_LOGS[part]
+    bundle = ckpt.bundle_part(path)
+    if bundle is not None:  # an exported model carries its logs beside its weights
+        model_dir, src_part = bundle
+        names = dict(zip((log, init_log), _BUNDLE_LOGS[src_part], strict=True))
+        files = {new: os.path.join(model_dir, f"{old}.jsonl") for new, old in names.items()}
+        return {k: f for k, f in files.items() if os.path.exists(f)}
+    out = {log: os.path.join(_workdir_of(path), "metrics.jsonl")}
+    init_from = ckpt.load_config(path).train.get("init_from", "")
+    if init_from:
+        out[init_log] = _logs_of(init_from, part)[log]
+    return out
+
+
 def export_with_logs(checkpoint: str, output: str, vae: str | None = None) -> dict[str, str]:
     """Exports `checkpoint` to `output` and copies both stages' training logs beside it.
 
+    Everything is written to a temporary directory first and then moved into `output`, so a
+    model can be re-exported over the bundle its VAE (or its initial weights) came from.
+
     Args:
       checkpoint: a denoiser training workdir (or checkpoint step dir).
-      output: the bundle directory (created; existing weights in it are replaced).
+      output: the bundle directory (created; existing weights and logs in it are replaced, other
+        files such as a README are kept).
       vae: a decoder fine-tune of the denoiser's VAE to bundle instead (`pipeline.swap_vae`).
 
     Returns:
-      {"bundle": output, "train_log": path, "vae_train_log": path} and, when the bundled VAE
-      was itself started from another checkpoint (`train.init_from`), "vae_init_train_log".
+      {"bundle": output, "train_log": path, "vae_train_log": path} and, for a run started from
+      another checkpoint (`train.init_from`), "init_train_log" / "vae_init_train_log".
     """
     from vdm import checkpoint as ckpt
     from vdm import pipeline
 
-    for sub in ("denoiser", "vae"):  # orbax refuses to overwrite; a re-export replaces them.
-        shutil.rmtree(os.path.join(output, sub), ignore_errors=True)
-    pipeline.export(checkpoint, output, vae=vae)
-    out = {"bundle": output}
-    vae = vae or ckpt.load_metadata(checkpoint)["vae_checkpoint"]
-    logs = {"train_log": checkpoint, "vae_train_log": vae}
-    init_from = ckpt.load_config(vae).train.get("init_from", "")
-    if init_from:
-        logs["vae_init_train_log"] = init_from
-    stale = os.path.join(output, "vae_init_train_log.jsonl")
-    if not init_from and os.path.exists(stale):
-        os.remove(stale)
-    for name, source in logs.items():
-        dst = os.path.join(output, f"{name}.jsonl")
-        shutil.copyfile(os.path.join(_workdir_of(source), "metrics.jsonl"), dst)
-        out[name] = dst
-    return out
+    output = os.path.abspath(output)
+    vae_run = vae or ckpt.load_metadata(checkpoint)["vae_checkpoint"]
+    logs = {**_logs_of(checkpoint, "denoiser"), **_logs_of(vae_run, "vae")}
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(output))
+    try:
+        pipeline.export(checkpoint, staging, vae=vae)
+        for name, source in logs.items():
+            shutil.copyfile(source, os.path.join(staging, f"{name}.jsonl"))
+        os.makedirs(output, exist_ok=True)
+        produced = set(os.listdir(staging))
+        stale = {f"{n}.jsonl" for names in _BUNDLE_LOGS.values() for n in names} - produced
+        for name in produced | stale:
+            target = os.path.join(output, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+            if name in produced:
+                os.replace(os.path.join(staging, name), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"bundle": output, **{n: os.path.join(output, f"{n}.jsonl") for n in logs}}
 
 
 def main(argv: list[str] | None = None) -> None:

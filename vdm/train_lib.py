@@ -334,7 +334,8 @@ def init_params_from(
         )
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"train.init_from={path!r}: {e}") from None
-    _say(f"Initialised the parameters from {path} (step {step}, EMA weights); optimizer fresh.")
+    origin = "an exported model" if step is None else f"step {step}"
+    _say(f"Initialised the parameters from {path} ({origin}, EMA weights); optimizer fresh.")
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     fresh = flax.traverse_util.flatten_dict(state.params, sep="/")
     new = sorted(set(fresh) - set(flat))

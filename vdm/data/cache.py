@@ -129,6 +129,8 @@ def _abs_checkpoint(path: str) -> str:
         return ""
     from vdm import checkpoint
 
+    if checkpoint.bundle_part(path) is not None:  # an exported model's vae/ weights
+        return os.path.realpath(path)
     directory, step = checkpoint.resolve(path)
     return os.path.realpath(os.path.join(directory, str(step)))
 
