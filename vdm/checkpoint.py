@@ -341,9 +341,9 @@ def bundle_part(path: str) -> tuple[str, str] | None:
     dir (`vdm.export`), else None."""
     path = os.path.abspath(os.path.expanduser(str(path)))
     parent, part = os.path.split(os.path.normpath(path))
-    if part in BUNDLE_PARTS and os.path.isdir(path):
-        if os.path.isfile(os.path.join(parent, BUNDLE_CONFIG)):
-            return parent, part
+    is_part = part in BUNDLE_PARTS and os.path.isdir(path)
+    if is_part and os.path.isfile(os.path.join(parent, BUNDLE_CONFIG)):
+        return parent, part
     return None
 
 

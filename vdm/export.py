@@ -7,7 +7,8 @@ Writes `vdm.pipeline.export`'s bundle (EMA weights of the denoiser and the VAE, 
 latent statistics; the text encoder referenced by name) plus the training logs of both stages
 (`train_log.jsonl`, `vae_train_log.jsonl`: each workdir's metrics.jsonl; `init_train_log.jsonl` /
 `vae_init_train_log.jsonl` when a stage was started from another run's weights, e.g. a denoiser
-grown from the bundled one) so the bundle carries the record of how it was made. `sample.py --checkpoint OUT` and `vdm.load_pipeline(OUT)` load it.
+grown from the bundled one) so the bundle carries the record of how it was made.
+`sample.py --checkpoint OUT` and `vdm.load_pipeline(OUT)` load it.
 """
 
 from __future__ import annotations
