@@ -201,6 +201,19 @@ def test_mismatched_config_raises_clearly(config, built):
     ckpt = os.path.join(os.path.realpath(real), "checkpoints", "5")
     linked["vae"]["checkpoint"], linked["vae"]["random_init_seed"] = ckpt, None
     cache.check_compatible(linked, via_link)
+    # An exported model's vae/ weights are a VAE checkpoint of their own (`vdm.export`).
+    bundle = os.path.join(os.path.dirname(built), "bundle")
+    os.makedirs(os.path.join(bundle, "vae"), exist_ok=True)
+    with open(os.path.join(bundle, "model.json"), "w") as f:
+        f.write("{}")
+    exported = copy.deepcopy(config)
+    exported.vae.checkpoint = os.path.join(bundle, "vae")
+    from_bundle = copy.deepcopy(manifest)
+    from_bundle["vae"]["checkpoint"] = os.path.realpath(os.path.join(bundle, "vae"))
+    from_bundle["vae"]["random_init_seed"] = None
+    cache.check_compatible(from_bundle, exported)
+    with pytest.raises(ValueError, match=r"vae\.checkpoint"):
+        cache.check_compatible(linked, exported)
     # Adding a split built with another config to an existing cache is refused.
     with pytest.raises(ValueError, match="already holds a latent cache built differently"):
         cache.build_cache(text, built, "test", progress=False)
