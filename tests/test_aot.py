@@ -130,6 +130,26 @@ def test_does_not_fit_names_the_knob(report, aot, tiny_config):
     assert "mesh.fsdp" in str(e.value) or "model.remat" in str(e.value)
 
 
+def test_activation_advice_keeps_videos_per_batch_shard(aot):
+    """With block remat and one video per (data x fsdp) shard, the advice is a tensor axis WITH
+    half the batch and twice the accumulation: at the same batch a tensor axis doubles the videos
+    per shard (it splits heads / MLP, not the batch). More than one video per shard: fewer."""
+    from vdm.config import load_config
+
+    config = load_config(
+        "configs/base.py", {**TINY, "model.remat": "block", "train.batch_size": 64}
+    )
+    gib = aot.GiB
+    one = aot.knob_advice(config, "train_step", 3 * gib, 29 * gib, {"data": 1, "fsdp": 64})
+    assert "'fsdp': 32, 'tensor': 2" in one and "batch_size=32" in one, one
+    assert "accumulate_steps=2" in one, one
+    two = aot.knob_advice(
+        config, "train_step", 3 * gib, 35 * gib, {"data": 1, "fsdp": 32, "tensor": 2}
+    )
+    assert "2 videos per batch shard" in two and "batch_size=32" in two, two
+    assert "'tensor': 4" not in two, two
+
+
 def test_installed_libtpu_is_quiet_on_a_cpu_host():
     """With libtpu installed (this extra) and no TPU attached, importing vdm and using JAX prints
     none of libtpu's "could not determine TPU accelerator type / worker hostnames" messages."""

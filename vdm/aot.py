@@ -37,7 +37,8 @@ device per TensorCore, two per chip, so HBM and peak FLOP/s are halved per devic
   With `model.scan_layers` the blocks are one while loop too, so a program's HLO FLOPs and
   cost-model time are extrapolated from two small UNROLLED compiles of the same program on the
   same mesh (depth 1 and 2): c(depth) = c(1) + (depth - 1) * (c(2) - c(1)) (the blocks are
-  identical). Memory is always that of the real (scanned) program.
+  identical). Memory is always that of the real (scanned) program. Those two compiles turn off
+  XLA's windowed einsums (`COUNTING_OPTIONS`): a collective matmul is a loop too, counted once.
   model FLOPs: the denoiser's analytic matmul FLOPs (`Denoiser.flops_per_example`): 3x forward
   for a train step, 2 (guidance) x forward per sampler step.
   PROJECTION (no TPU was run): step time = max(HLO FLOPs / peak bf16 FLOP/s, XLA's TPU cost-model
@@ -442,9 +443,17 @@ def knob_advice(config, program: str, arguments: float, temporaries: float, mesh
     """Which config knob to turn first for a program that does not fit, and why.
 
     `mesh_shape`: the resolved mesh ({"data": 8, ...}); default the config's (data may be -1).
+
+    The batch is split over data x fsdp only ("batch shards"); a tensor axis splits heads and MLP
+    widths but holds a replica of its shard's videos. So trading fsdp (or data) for tensor at the
+    same global batch doubles the videos per shard: the residual stream per device doubles and the
+    head / MLP activations stay the same (measured: the 10B on v6e:8x8 went from 32.3 to 37.8 GiB
+    per device). A tensor axis shrinks activations only with the batch per update kept by
+    gradient accumulation (train.batch_size / 2, optim.accumulate_steps x 2).
     """
     shape = dict(mesh_shape or config.mesh.shape)
-    fsdp, tensor = int(shape.get("fsdp", 1)), int(shape.get("tensor", 1))
+    data, fsdp = int(shape.get("data", 1)), int(shape.get("fsdp", 1))
+    tensor = int(shape.get("tensor", 1))
     tips = []
     if arguments >= temporaries:
         tips.append(
@@ -454,27 +463,43 @@ def knob_advice(config, program: str, arguments: float, temporaries: float, mesh
         )
     remat = config.model.get("remat", "none") if "model" in config else "none"
     if temporaries > arguments or not tips:
+        # A tensor axis of twice the size, taken from data if there is one, else from fsdp.
+        new_fsdp = fsdp if data >= 2 else max(1, fsdp // 2)
+        mesh = f"{{'data': -1, 'fsdp': {new_fsdp}, 'tensor': {2 * tensor}}}"
+        act = f"activations dominate ({temporaries / GiB:.1f} GiB of temporaries)"
         if program == "train_step" and remat != "block":
             tips.append(
-                f"activations dominate ({temporaries / GiB:.1f} GiB of temporaries): recompute "
-                f"them in the backward pass with --config.model.remat=block (now {remat!r})"
+                f"{act}: recompute them in the backward pass with --config.model.remat=block "
+                f"(now {remat!r})"
             )
+        elif program == "train_step" and data > 0:
+            batch = int(config.train.batch_size)
+            accumulate = int(config.optim.get("accumulate_steps", 1)) if "optim" in config else 1
+            per_shard = batch / (data * fsdp)
+            if per_shard > 1:
+                k = math.ceil(per_shard)
+                tips.append(
+                    f"{act} of {per_shard:g} videos per batch shard (train.batch_size={batch} "
+                    f"over data x fsdp = {data * fsdp}): one per shard, with the batch per update "
+                    f"kept by accumulation: --config.train.batch_size={data * fsdp} "
+                    f"--config.optim.accumulate_steps={k * accumulate}"
+                )
+            else:
+                tips.append(
+                    f"{act} of {per_shard:g} video(s) per batch shard (data x fsdp); a bigger "
+                    "tensor axis at this batch would put more videos on each shard (it holds a "
+                    "replica of its shard's batch), so share each video between devices and keep "
+                    f'the batch per update by accumulation: --config.mesh.shape="{mesh}" '
+                    f"--config.train.batch_size={max(1, batch // 2)} "
+                    f"--config.optim.accumulate_steps={2 * accumulate}"
+                )
         else:
             tips.append(
-                f"activations dominate ({temporaries / GiB:.1f} GiB of temporaries): shard them "
-                "over a tensor axis (mesh.tensor splits heads and MLP widths), e.g. "
-                f"--config.mesh.shape=\"{{'data': -1, 'fsdp': {max(1, fsdp // 2)}, "
-                f"'tensor': {2 * tensor}}}\""
+                f"{act}: lower --sample_batch (the default is one video per data x fsdp shard), or "
+                "shard them over a tensor axis (mesh.tensor splits heads and MLP widths; the "
+                "default --sample_batch halves with data x fsdp), e.g. "
+                f'--config.mesh.shape="{mesh}"'
             )
-        data = int(shape.get("data", 1))
-        if program == "train_step" and data > 0:
-            per_device = int(config.train.batch_size) / (data * fsdp)
-            if per_device > 1:
-                tips.append(f"lower the per-device batch (now {per_device:g} videos)")
-            else:
-                tips.append(f"the per-device batch is already {per_device:g} video(s)")
-        elif program != "train_step":
-            tips.append("lower --sample_batch")
     return "; ".join(tips) + "."
 
 
@@ -507,10 +532,33 @@ def _sds(tree: PyTree, shardings: PyTree) -> PyTree:
     )
 
 
-def _compile(fn, args, what: str, config, topology: Topology):
+# For the FLOP-counting compiles only (`unrolled_cost`). When a dot's operand is sharded, XLA's
+# TPU SPMD partitioner may turn it into a "windowed einsum" (collective matmul): a while loop that
+# overlaps a ring of collective-permutes with one slice of the dot per iteration. cost_analysis()
+# counts a loop body once, so those dots lose all but 1/trip_count of their FLOPs (measured: the
+# 10B train step at depth 1 on v6e:8x8 with fsdp=32 x tensor=2, 19.1 T HLO FLOPs per device with
+# the loops, 24.2 T without = fwd + bwd + remat's recompute). Without windowed einsums the dots
+# are plain (an all-gather / reduce-scatter, then the whole dot) and counted in full.
+COUNTING_OPTIONS = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
+
+
+def _windowed_einsums(compiled) -> int:
+    """How many windowed-einsum loops (whose dots cost_analysis undercounts) a program has."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # not every backend / version gives the optimised HLO text.
+        return 0
+    return len(re.findall(r"body=%?[\w.]*windowed_dot_general_body", text))
+
+
+def _compile(fn, args, what: str, config, topology: Topology, options: dict | None = None):
     start = time.perf_counter()
     try:
-        compiled = fn.lower(*args).compile()
+        lowered = fn.lower(*args)
+        compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
     except Exception as e:  # the TPU compiler's out-of-memory is a JaxRuntimeError.
         if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
             raise DoesNotFit(_oom_message(config, what, topology, e)) from None
@@ -532,6 +580,7 @@ class Built:
     frozen_shardings: PyTree
     encoders: PyTree  # {"vae", "text"} for the sampler / text encoder ({} for the VAE stage)
     encoder_shardings: PyTree
+    compiler_options: dict | None = None  # XLA options of its compiles (unrolled_cost's)
 
 
 def build(config, topology: Topology, frozen_sharding: str = "rules") -> Built:
@@ -589,6 +638,17 @@ def _report(name, description, compiled, seconds, b: Built, *, hlo_flops=None,
     )
 
 
+def _undercount_note(compiled) -> str:
+    """A description suffix when cost_analysis undercounts this program's FLOPs."""
+    n = _windowed_einsums(compiled)
+    if not n:
+        return ""
+    return (
+        f"; HLO FLOPs UNDERCOUNTED: {n} windowed-einsum loop(s) counted once (set "
+        "model.scan_layers for FLOPs from compiles without them)"
+    )
+
+
 def _scanned(config) -> bool:
     return config.stage == "denoiser" and bool(config.model.get("scan_layers", False))
 
@@ -598,14 +658,17 @@ def unrolled_cost(b: Built, compile_fn) -> tuple[float, float | None, float]:
 
     For `model.scan_layers`, whose cost_analysis counts the scanned block once (see the module
     docstring): compiles `compile_fn(built) -> (compiled, seconds)` at depth 1 and 2 without
-    scan and extrapolates linearly to `model.depth`.
+    scan and extrapolates linearly to `model.depth`. These compiles use COUNTING_OPTIONS (no
+    windowed einsums, whose loops cost_analysis would also count once); so does the cost-model
+    time taken from them.
     """
     costs, seconds = [], 0.0
     for depth in (1, 2):
         config = copy.deepcopy(b.config)
         config.model.depth = depth
         config.model.scan_layers = False
-        compiled, secs = compile_fn(build(config, b.topology))
+        built = dataclasses.replace(build(config, b.topology), compiler_options=COUNTING_OPTIONS)
+        compiled, secs = compile_fn(built)
         costs.append(_cost(compiled))
         seconds += secs
     (f1, t1), (f2, t2) = costs
@@ -629,7 +692,7 @@ def _train_step_program(b: Built):
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(mesh))
     frozen = _sds(b.frozen, b.frozen_shardings)
     return _compile(step, (b.abstract_state, batch, key, frozen), "train_step", config,
-                    b.topology)  # fmt: skip
+                    b.topology, b.compiler_options)  # fmt: skip
 
 
 def compile_train_step(b: Built):
@@ -652,6 +715,8 @@ def compile_train_step(b: Built):
     desc = f"{config.stage} train step, batch {batch_size}, {kind}"
     if cost:
         desc += "; scanned blocks: FLOPs from unrolled depth 1 and 2 compiles"
+    else:
+        desc += _undercount_note(compiled)
     return compiled, _report(
         "train_step", desc, compiled, seconds, b, model_flops=model_flops, **cost
     )
@@ -706,7 +771,7 @@ def _guided_call_program(b: Built, batch: int):
     )
     args = (b.abstract_state.params, inputs["noise"], inputs["ctx"], inputs["mask"],
             inputs["null_ctx"], inputs["null_mask"], scalar)  # fmt: skip
-    return _compile(step_fn, args, "sample", b.config, b.topology)
+    return _compile(step_fn, args, "sample", b.config, b.topology, b.compiler_options)
 
 
 def compile_sample(b: Built, batch: int):
@@ -757,17 +822,19 @@ def compile_sample(b: Built, batch: int):
     # One guided denoiser call as its own program: XLA counts the scan body once, so the
     # sampler's FLOPs are num_steps x this program's.
     guided_call = functools.partial(_guided_call_program, batch=batch)
+    note = ""
     if _scanned(config):
         step_flops, step_opt, step_seconds = unrolled_cost(b, guided_call)
     else:
         step_compiled, step_seconds = guided_call(b)
         step_flops, step_opt = _cost(step_compiled)
+        note = _undercount_note(step_compiled)
     f = task.model.flops_per_example(task.latent_shape, task.text.max_length, task.text.dim)
     guided = 2 if float(s.guidance) != 1.0 else 1
     desc = (
         f"{sampler} x {num_steps} steps (guidance {s.guidance}, batch {batch} x {guided}) + VAE "
         f"decode of {config.data.num_frames}x{config.data.height}x{config.data.width}; FLOPs = "
-        f"{num_steps} x one guided call (decode not counted)"
+        f"{num_steps} x one guided call (decode not counted){note}"
     )
     report = _report(
         "sample", desc, compiled, seconds + step_seconds, b,
@@ -792,6 +859,7 @@ def compile_text_encode(b: Built, batch: int):
     jitted = jax.jit(fn, in_shardings=(sh, bs, bs), out_shardings=bs)
     compiled, seconds = _compile(jitted, (params, ids, ids), "text_encode", config, b.topology)
     desc = f"{task.text.name} ({task.text.module.__class__.__name__}) on {batch} x {L} tokens"
+    desc += _undercount_note(compiled)
     return compiled, _report("text_encode", desc, compiled, seconds, b)
 
 

@@ -4,9 +4,15 @@ The 1B config (configs/scale/dit_1b_480p.py) scaled in width and depth; same dat
 encoder and sampler. Check that it fits before booking the pod (no TPU needed; docs/aot.md):
 
   python -m vdm.aot --config configs/scale/dit_10b_480p.py --topology v5p:4x4x4
-  python -m vdm.aot --config configs/scale/dit_10b_480p.py --topology v6e:8x8
-(measured, docs/aot.md: 35.1 GiB of 95 per v5p chip; on v6e 32.25 GiB of 32, 0.25 over — there
-try --config.mesh.shape="{'data': -1, 'fsdp': 32, 'tensor': 2}", not yet compiled)
+  python -m vdm.aot --config configs/scale/dit_10b_480p.py --topology v6e:8x8 \
+      --config.mesh.shape="{'data': -1, 'fsdp': 32, 'tensor': 2}" \
+      --config.train.batch_size=32 --config.optim.accumulate_steps=2
+(measured, docs/aot.md: 35.1 GiB of 95 per v5p chip with this config's mesh; on a v6e's 32 GiB
+this mesh needs 32.25 GiB, and fsdp=32 x tensor=2 at the same batch 37.77 GiB: a tensor axis
+splits heads and MLP but holds a replica of its batch shard, so it only helps with fewer videos
+per (data x fsdp) shard. With the three v6e overrides above each video is shared by a pair of
+chips, 32 videos per step x 2 accumulated = 64 per update as on v5p: 22.95 GiB per chip. Train
+on v6e with the same three overrides.)
 
 Train (every host runs the same command; latents and T5 embeddings precomputed with
 `python -m vdm.data.cache`):
@@ -29,7 +35,8 @@ Mesh and memory (the design and its arithmetic; check it with vdm.aot, docs/aot.
   remat      "block": only each block's input is kept for the backward pass (36 x one 32,760 x
              3072 activation, ~0.2-0.4 GB each, per video); without it activations alone exceed
              any chip's HBM (back-of-envelope: ~10 GB per block per video).
-  batch      one video per chip.
+  batch      one video per chip (v5p); on v6e one per pair of chips with tensor=2 and 2
+             accumulated steps (see above).
   scan       model.scan_layers: the 36 blocks are one nn.scan, so the program holds one block and
              compile time and compiler memory do not grow with depth. Unrolled, the train-step
              compile was OOM-killed at 24.3 GB of host RAM on a 24 GiB machine.

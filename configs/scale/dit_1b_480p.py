@@ -5,7 +5,13 @@ Check that it fits a pod slice before paying for one (no TPU needed; see docs/ao
   python -m vdm.aot --config configs/scale/dit_1b_480p.py --topology v5p:4x4x4
   python -m vdm.aot --config configs/scale/dit_1b_480p.py --topology v6e:8x8
   python -m vdm.aot --config configs/scale/dit_1b_480p.py --topology v5e:16x16 \
-      --config.train.batch_size=256
+      --config.mesh.shape="{'data': -1, 'fsdp': 8, 'tensor': 2}" \
+      --config.train.batch_size=128 --config.optim.accumulate_steps=2 \
+      --config.model.scan_layers=true
+(measured, docs/aot.md: ~18 GiB per chip on v5p / v6e with this mesh; on a v5e's 16 GiB this
+mesh at batch 256 needs 15.91 GiB with scanned blocks (0.09 spare), the v5e overrides above
+7.55 GiB: each video shared by a pair of chips, 128 per step x 2 accumulated = 256 per update.
+Train on v5e with the same four overrides.)
 
 Train (on the pod, every host runs the same command; latents and T5 embeddings precomputed once
 with `python -m vdm.data.cache`, see "Data" below):
@@ -34,7 +40,8 @@ Mesh and memory (the design and its arithmetic; check it with vdm.aot, docs/aot.
              (back-of-envelope) one video keeps ~5 GB per block -- the spatial attention
              probabilities alone are 21 frames x 12 heads x 1560^2 = 0.6G values -- ~70 GB for
              14 blocks, more than any chip but a v5p holds.
-  batch      one video per chip (global 64 on v5p-128 / v6e-64, 256 on v5e-256).
+  batch      one video per chip (global 64 on v5p-128 / v6e-64); on v5e-256 one per pair of
+             chips with tensor=2, 128 per step x 2 accumulated (see above).
   Data       cached: the step runs the denoiser only. Encoding 480p x 81 frames with the VAE in
              the step means full-resolution VAE activations of 81 x 480 x 832 x 64 channels
              (4.1 GB in bf16 per tensor, several alive at once) per video; the T5-XXL encode is
