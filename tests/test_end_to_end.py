@@ -167,7 +167,7 @@ def test_decoder_fine_tune_replaces_the_vae_of_a_bundle(trained, tmp_path):
 def test_a_new_run_starts_from_an_exported_model(trained, tmp_path):
     """An exported model's `vae/` and `denoiser/` load like checkpoints: a deeper denoiser grows
     from the bundle on the bundle's VAE and is re-exported over that same bundle, which keeps the
-    record of both runs."""
+    record of every run in the chain."""
     from vdm import checkpoint, export, pipeline, train_lib
     from vdm.cli_errors import UserError
 
@@ -196,6 +196,11 @@ def test_a_new_run_starts_from_an_exported_model(trained, tmp_path):
     assert set(out) == {"bundle", "train_log", "init_train_log", "vae_train_log"}
     with open(out["init_train_log"]) as f, open(os.path.join(trained["dit"], "metrics.jsonl")) as g:
         assert f.read() == g.read()  # the bundle's denoiser log became the init run's log
+    # a run started from this bundle in turn carries both logs one step further back
+    assert export._logs_of(os.path.join(bundle, "denoiser"), "denoiser", hops=1) == {
+        "init_train_log": os.path.join(bundle, "train_log.jsonl"),
+        "init_init_train_log": os.path.join(bundle, "init_train_log.jsonl"),
+    }
     assert pipeline.load_pipeline(bundle).config.model.depth == 2
     assert checkpoint.load_metadata(os.path.join(bundle, "denoiser"))["vae_checkpoint"] == (
         os.path.join(bundle, "vae")

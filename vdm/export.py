@@ -7,7 +7,8 @@ Writes `vdm.pipeline.export`'s bundle (EMA weights of the denoiser and the VAE, 
 latent statistics; the text encoder referenced by name) plus the training logs of both stages
 (`train_log.jsonl`, `vae_train_log.jsonl`: each workdir's metrics.jsonl; `init_train_log.jsonl` /
 `vae_init_train_log.jsonl` when a stage was started from another run's weights, e.g. a denoiser
-grown from the bundled one) so the bundle carries the record of how it was made.
+grown from the bundled one, `init_init_train_log.jsonl` for the run before that, and so on) so
+the bundle carries the record of how it was made.
 `sample.py --checkpoint OUT` and `vdm.load_pipeline(OUT)` load it.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,30 +31,41 @@ def _workdir_of(path: str) -> str:
     raise FileNotFoundError(f"No metrics.jsonl in or above '{path}' (not a training workdir?).")
 
 
-# What an exported model keeps of each stage's training: {part: (its log, its init run's log)}.
-_BUNDLE_LOGS = {
-    "denoiser": ("train_log", "init_train_log"),
-    "vae": ("vae_train_log", "vae_init_train_log"),
-}
+# An exported model keeps the training log of each run its weights came through, newest first:
+# `train_log.jsonl` (the exported denoiser's run), `init_train_log.jsonl` (the run it was started
+# from with `train.init_from`), `init_init_train_log.jsonl`, ...; `vae_` before each for the VAE.
+_PART_PREFIX = {"denoiser": "", "vae": "vae_"}
+_LOG_NAME = re.compile(r"^(vae_)?(init_)*train_log\.jsonl$")
+_MAX_HOPS = 32  # a longer init_from chain is a cycle
 
 
-def _logs_of(path: str, part: str) -> dict[str, str]:
+def _log_name(part: str, hops: int) -> str:
+    """The bundle's name for the log of the run `hops` init_from steps before `part`'s run."""
+    return f"{_PART_PREFIX[part]}{'init_' * hops}train_log"
+
+
+def _logs_of(path: str, part: str, hops: int = 0) -> dict[str, str]:
     """{bundle log name: source file} for the run at `path` (a training workdir or an exported
-    model's `part/` weights) and, when it was started from another checkpoint
-    (`train.init_from`), that run's log."""
+    model's `part/` weights) and every run before it in its `train.init_from` chain, `hops` being
+    how many init_from steps `path` is from the model being exported."""
     from vdm import checkpoint as ckpt
 
-    log, init_log = _BUNDLE_LOGS[part]
+    if hops > _MAX_HOPS:
+        raise ValueError(f"train.init_from chain longer than {_MAX_HOPS} runs at '{path}'.")
     bundle = ckpt.bundle_part(path)
-    if bundle is not None:  # an exported model carries its logs beside its weights
+    if bundle is not None:  # an exported model carries its chain of logs beside its weights
         model_dir, src_part = bundle
-        names = dict(zip((log, init_log), _BUNDLE_LOGS[src_part], strict=True))
-        files = {new: os.path.join(model_dir, f"{old}.jsonl") for new, old in names.items()}
-        return {k: f for k, f in files.items() if os.path.exists(f)}
-    out = {log: os.path.join(_workdir_of(path), "metrics.jsonl")}
+        out = {}
+        for k in range(_MAX_HOPS - hops + 1):
+            source = os.path.join(model_dir, f"{_log_name(src_part, k)}.jsonl")
+            if not os.path.exists(source):
+                break
+            out[_log_name(part, hops + k)] = source
+        return out
+    out = {_log_name(part, hops): os.path.join(_workdir_of(path), "metrics.jsonl")}
     init_from = ckpt.load_config(path).train.get("init_from", "")
     if init_from:
-        out[init_log] = _logs_of(init_from, part)[log]
+        out.update(_logs_of(init_from, part, hops + 1))
     return out
 
 
@@ -70,7 +83,8 @@ def export_with_logs(checkpoint: str, output: str, vae: str | None = None) -> di
 
     Returns:
       {"bundle": output, "train_log": path, "vae_train_log": path} and, for a run started from
-      another checkpoint (`train.init_from`), "init_train_log" / "vae_init_train_log".
+      another checkpoint (`train.init_from`), "init_train_log" / "vae_init_train_log" (and
+      "init_init_train_log", ... along a longer chain).
     """
     from vdm import checkpoint as ckpt
     from vdm import pipeline
@@ -86,7 +100,7 @@ def export_with_logs(checkpoint: str, output: str, vae: str | None = None) -> di
             shutil.copyfile(source, os.path.join(staging, f"{name}.jsonl"))
         os.makedirs(output, exist_ok=True)
         produced = set(os.listdir(staging))
-        stale = {f"{n}.jsonl" for names in _BUNDLE_LOGS.values() for n in names} - produced
+        stale = {n for n in os.listdir(output) if _LOG_NAME.match(n)} - produced
         for name in produced | stale:
             target = os.path.join(output, name)
             if os.path.isdir(target):
