@@ -128,11 +128,17 @@ def test_sample_is_independent_of_batch_and_reproducible(trained):
 
 def test_export_roundtrip(trained, tmp_path):
     from vdm import pipeline
+    from vdm.cli_errors import UserError
 
     out = pipeline.export(trained["dit"], str(tmp_path / "bundle"))
     a = pipeline.load_pipeline(trained["dit"])(["six moving to the right"], seed=0, num_steps=2)
     b = pipeline.load_pipeline(out)(["six moving to the right"], seed=0, num_steps=2)
     np.testing.assert_array_equal(a, b)
+    # sampling defaults chosen after training are recorded in the bundle
+    tuned = pipeline.export(trained["dit"], str(tmp_path / "tuned"), sample={"guidance": "2.5"})
+    assert pipeline.load_pipeline(tuned).config.sample.guidance == 2.5
+    with pytest.raises(UserError, match=r"Unknown sampling default\(s\) \['guidanse'\]"):
+        pipeline.export(trained["dit"], str(tmp_path / "bad"), sample={"guidanse": 3})
 
 
 def test_decoder_fine_tune_replaces_the_vae_of_a_bundle(trained, tmp_path):
@@ -201,6 +207,12 @@ def test_a_new_run_starts_from_an_exported_model(trained, tmp_path):
         "init_train_log": os.path.join(bundle, "train_log.jsonl"),
         "init_init_train_log": os.path.join(bundle, "init_train_log.jsonl"),
     }
+    # exported over itself again (the bundle now holds this very run): the same record, not the
+    # bundle's own logs shifted one run back
+    assert export.export_with_logs(grown_dir, bundle) == out
+    with open(out["init_train_log"]) as f, open(os.path.join(trained["dit"], "metrics.jsonl")) as g:
+        assert f.read() == g.read()
+    assert not os.path.exists(os.path.join(bundle, "init_init_train_log.jsonl"))
     assert pipeline.load_pipeline(bundle).config.model.depth == 2
     assert checkpoint.load_metadata(os.path.join(bundle, "denoiser"))["vae_checkpoint"] == (
         os.path.join(bundle, "vae")

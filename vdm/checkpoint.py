@@ -347,7 +347,8 @@ def bundle_part(path: str) -> tuple[str, str] | None:
     return None
 
 
-def _bundle_json(model_dir: str) -> dict:
+def bundle_meta(model_dir: str) -> dict:
+    """An exported model dir's model.json: config, latent statistics, text encoder, sources."""
     with open(os.path.join(model_dir, BUNDLE_CONFIG)) as f:
         return json.load(f)
 
@@ -551,7 +552,7 @@ def _bundle_item(model_dir: str, part: str, item: str) -> dict:
     The bundle's config is its denoiser run's; its `vae` section describes the VAE, but the rest
     (stage, optimizer, data) is not how the VAE was trained, so the VAE part has no config.
     """
-    meta = _bundle_json(model_dir)
+    meta = bundle_meta(model_dir)
     if item == "config" and part == "denoiser":
         return meta["config"]
     if item == "metadata":

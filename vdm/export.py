@@ -1,7 +1,7 @@
 """Exports a trained denoiser (and its VAE) as a compact, self-contained model directory.
 
   python -m vdm.export --checkpoint workdirs/quickstart --output vdm/assets/default_model \
-      [--vae workdirs/vae_quickstart_decoder]
+      [--vae workdirs/vae_quickstart_decoder] [--sample guidance=3 ...]
 
 Writes `vdm.pipeline.export`'s bundle (EMA weights of the denoiser and the VAE, the config, the
 latent statistics; the text encoder referenced by name) plus the training logs of both stages
@@ -15,6 +15,7 @@ the bundle carries the record of how it was made.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -44,10 +45,23 @@ def _log_name(part: str, hops: int) -> str:
     return f"{_PART_PREFIX[part]}{'init_' * hops}train_log"
 
 
-def _logs_of(path: str, part: str, hops: int = 0) -> dict[str, str]:
+def _run_id(path: str) -> str:
+    """A run's identity for comparing chains: the real path of its workdir (or of `path`)."""
+    with contextlib.suppress(FileNotFoundError):
+        path = _workdir_of(path)
+    return os.path.realpath(path)
+
+
+def _logs_of(path: str, part: str, hops: int = 0, chain: tuple[str, ...] = ()) -> dict[str, str]:
     """{bundle log name: source file} for the run at `path` (a training workdir or an exported
     model's `part/` weights) and every run before it in its `train.init_from` chain, `hops` being
-    how many init_from steps `path` is from the model being exported."""
+    how many init_from steps `path` is from the model being exported and `chain` the runs (by
+    `_run_id`) at hops 0 .. hops - 1.
+
+    A bundle met along the chain contributes the logs it carries. When that bundle was itself
+    exported from a run already in the chain (a model re-exported over the bundle it grew from,
+    so the bundle now holds this chain's own later runs), its logs are aligned by that run.
+    """
     from vdm import checkpoint as ckpt
 
     if hops > _MAX_HOPS:
@@ -55,21 +69,27 @@ def _logs_of(path: str, part: str, hops: int = 0) -> dict[str, str]:
     bundle = ckpt.bundle_part(path)
     if bundle is not None:  # an exported model carries its chain of logs beside its weights
         model_dir, src_part = bundle
+        source = ckpt.bundle_meta(model_dir).get(f"{_PART_PREFIX[src_part]}source")
+        first = 0
+        if source and _run_id(source) in chain:
+            first = hops - chain.index(_run_id(source))
         out = {}
-        for k in range(_MAX_HOPS - hops + 1):
-            source = os.path.join(model_dir, f"{_log_name(src_part, k)}.jsonl")
-            if not os.path.exists(source):
+        for k in range(first, _MAX_HOPS + first - hops + 1):
+            log = os.path.join(model_dir, f"{_log_name(src_part, k)}.jsonl")
+            if not os.path.exists(log):
                 break
-            out[_log_name(part, hops + k)] = source
+            out[_log_name(part, hops + k - first)] = log
         return out
     out = {_log_name(part, hops): os.path.join(_workdir_of(path), "metrics.jsonl")}
     init_from = ckpt.load_config(path).train.get("init_from", "")
     if init_from:
-        out.update(_logs_of(init_from, part, hops + 1))
+        out.update(_logs_of(init_from, part, hops + 1, (*chain, _run_id(path))))
     return out
 
 
-def export_with_logs(checkpoint: str, output: str, vae: str | None = None) -> dict[str, str]:
+def export_with_logs(
+    checkpoint: str, output: str, vae: str | None = None, sample: dict | None = None
+) -> dict[str, str]:
     """Exports `checkpoint` to `output` and copies both stages' training logs beside it.
 
     Everything is written to a temporary directory first and then moved into `output`, so a
@@ -80,6 +100,7 @@ def export_with_logs(checkpoint: str, output: str, vae: str | None = None) -> di
       output: the bundle directory (created; existing weights and logs in it are replaced, other
         files such as a README are kept).
       vae: a decoder fine-tune of the denoiser's VAE to bundle instead (`pipeline.swap_vae`).
+      sample: sampling defaults to record instead of the run's `config.sample` (`pipeline.export`).
 
     Returns:
       {"bundle": output, "train_log": path, "vae_train_log": path} and, for a run started from
@@ -95,7 +116,7 @@ def export_with_logs(checkpoint: str, output: str, vae: str | None = None) -> di
     os.makedirs(os.path.dirname(output), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(output))
     try:
-        pipeline.export(checkpoint, staging, vae=vae)
+        pipeline.export(checkpoint, staging, vae=vae, sample=sample)
         for name, source in logs.items():
             shutil.copyfile(source, os.path.join(staging, f"{name}.jsonl"))
         os.makedirs(output, exist_ok=True)
@@ -127,7 +148,19 @@ def main(argv: list[str] | None = None) -> None:
         help="a decoder-only fine-tune of the denoiser's VAE to bundle instead of it "
         "(same encoder weights; e.g. configs/vae_quickstart_decoder.py)",
     )
+    parser.add_argument(
+        "--sample",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a sampling default the bundle records instead of the run's config.sample, e.g. "
+        "--sample guidance=3 (repeatable)",
+    )
     args = parser.parse_args(argv)
+    bad = [kv for kv in args.sample if "=" not in kv]
+    if bad:
+        parser.error(f"--sample takes KEY=VALUE, got {bad}")
+    sample = dict(kv.split("=", 1) for kv in args.sample)
 
     from absl import logging as absl_logging
 
@@ -135,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
     absl_logging.set_verbosity(absl_logging.WARNING)
     with cli_errors.clear_errors():
-        out = export_with_logs(args.checkpoint, args.output, vae=args.vae)
+        out = export_with_logs(args.checkpoint, args.output, vae=args.vae, sample=sample)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.output) for f in fs)
     print(f"Exported {args.checkpoint} -> {out['bundle']} ({size / 2**20:.1f} MiB).")
 

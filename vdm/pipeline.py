@@ -353,14 +353,46 @@ def swap_vae(pipe: Pipeline, vae_path: str) -> Pipeline:
     return dataclasses.replace(pipe, config=config, vae_params=params)
 
 
-def export(denoiser_path: str, out_dir: str, *, item: str = "ema", vae: str | None = None) -> str:
+def _vae_source(denoiser_path: str) -> str:
+    """The VAE checkpoint a denoiser checkpoint (or an exported model dir) decodes with ("" when
+    it has none)."""
+    if os.path.exists(os.path.join(denoiser_path, "model.json")):
+        meta = _read_json(os.path.join(denoiser_path, "model.json"))
+        return meta.get("vae_source") or os.path.join(denoiser_path, "vae")
+    from vdm import checkpoint
+
+    return checkpoint.load_metadata(denoiser_path).get("vae_checkpoint", "")
+
+
+def export(
+    denoiser_path: str,
+    out_dir: str,
+    *,
+    item: str = "ema",
+    vae: str | None = None,
+    sample: dict[str, Any] | None = None,
+) -> str:
     """Writes a compact, self-contained model dir (EMA denoiser + EMA VAE + config + stats).
 
     The text encoder is referenced by name (e.g. "minilm"), not copied. `vae` replaces the
-    denoiser's VAE with a decoder fine-tune of it (see `swap_vae`).
+    denoiser's VAE with a decoder fine-tune of it (see `swap_vae`). `sample` sets sampling
+    defaults the bundle records instead of the training config's (`config.sample`, e.g. a
+    guidance scale chosen after training); values take the type of the field they replace.
     """
 
     pipe = load_pipeline(denoiser_path, item=item, vae=vae)
+    unknown = sorted(set(sample or {}) - set(pipe.config.sample))
+    if unknown:
+        raise UserError(
+            f"Unknown sampling default(s) {unknown}: config.sample has "
+            f"{sorted(pipe.config.sample)}."
+        )
+    for key, value in (sample or {}).items():
+        field = type(pipe.config.sample[key])
+        try:
+            pipe.config.sample[key] = field(value)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"sample.{key}={value!r} is not a {field.__name__}: {e}") from e
     os.makedirs(out_dir, exist_ok=True)
     save_tree(os.path.join(out_dir, "denoiser"), pipe.params)
     save_tree(os.path.join(out_dir, "vae"), pipe.vae_params)
@@ -375,6 +407,9 @@ def export(denoiser_path: str, out_dir: str, *, item: str = "ema", vae: str | No
         "text_encoder": pipe.config.text_encoder.name,
         "source": os.path.abspath(denoiser_path),
     }
+    vae_source = vae or _vae_source(denoiser_path)
+    if vae_source:
+        meta["vae_source"] = os.path.abspath(vae_source)
     with open(os.path.join(out_dir, "model.json"), "w") as f:
         json.dump(meta, f, indent=1, default=list)
     return out_dir
