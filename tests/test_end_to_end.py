@@ -128,7 +128,7 @@ def test_sample_is_independent_of_batch_and_reproducible(trained):
 
 def test_export_roundtrip(trained, tmp_path):
     from vdm import pipeline
-    from vdm.cli_errors import UserError
+    from vdm.config import ConfigError
 
     out = pipeline.export(trained["dit"], str(tmp_path / "bundle"))
     a = pipeline.load_pipeline(trained["dit"])(["six moving to the right"], seed=0, num_steps=2)
@@ -137,7 +137,9 @@ def test_export_roundtrip(trained, tmp_path):
     # sampling defaults chosen after training are recorded in the bundle
     tuned = pipeline.export(trained["dit"], str(tmp_path / "tuned"), sample={"guidance": "2.5"})
     assert pipeline.load_pipeline(tuned).config.sample.guidance == 2.5
-    with pytest.raises(UserError, match=r"Unknown sampling default\(s\) \['guidanse'\]"):
+    with pytest.raises(
+        ConfigError, match=r"config\.sample\.guidanse'.*Did you mean: config\.sample\.guidance"
+    ):
         pipeline.export(trained["dit"], str(tmp_path / "bad"), sample={"guidanse": 3})
 
 

@@ -377,22 +377,15 @@ def export(
     The text encoder is referenced by name (e.g. "minilm"), not copied. `vae` replaces the
     denoiser's VAE with a decoder fine-tune of it (see `swap_vae`). `sample` sets sampling
     defaults the bundle records instead of the training config's (`config.sample`, e.g. a
-    guidance scale chosen after training); values take the type of the field they replace.
+    guidance scale chosen after training), each set like `--config.sample.KEY=VALUE`.
     """
 
     pipe = load_pipeline(denoiser_path, item=item, vae=vae)
-    unknown = sorted(set(sample or {}) - set(pipe.config.sample))
-    if unknown:
-        raise UserError(
-            f"Unknown sampling default(s) {unknown}: config.sample has "
-            f"{sorted(pipe.config.sample)}."
-        )
-    for key, value in (sample or {}).items():
-        field = type(pipe.config.sample[key])
-        try:
-            pipe.config.sample[key] = field(value)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"sample.{key}={value!r} is not a {field.__name__}: {e}") from e
+    from vdm import config as config_lib
+
+    for key, value in (sample or {}).items():  # typed and checked like a --config override
+        text = value if isinstance(value, str) else repr(value)
+        config_lib.apply_override(pipe.config, f"sample.{key}", text)
     os.makedirs(out_dir, exist_ok=True)
     save_tree(os.path.join(out_dir, "denoiser"), pipe.params)
     save_tree(os.path.join(out_dir, "vae"), pipe.vae_params)
