@@ -107,11 +107,10 @@ def export_with_logs(
       another checkpoint (`train.init_from`), "init_train_log" / "vae_init_train_log" (and
       "init_init_train_log", ... along a longer chain).
     """
-    from vdm import checkpoint as ckpt
     from vdm import pipeline
 
     output = os.path.abspath(output)
-    vae_run = vae or ckpt.load_metadata(checkpoint)["vae_checkpoint"]
+    vae_run = vae or pipeline.vae_source(checkpoint)
     logs = {**_logs_of(checkpoint, "denoiser"), **_logs_of(vae_run, "vae")}
     os.makedirs(os.path.dirname(output), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(output))

@@ -353,7 +353,7 @@ def swap_vae(pipe: Pipeline, vae_path: str) -> Pipeline:
     return dataclasses.replace(pipe, config=config, vae_params=params)
 
 
-def _vae_source(denoiser_path: str) -> str:
+def vae_source(denoiser_path: str) -> str:
     """The VAE checkpoint a denoiser checkpoint (or an exported model dir) decodes with ("" when
     it has none)."""
     if os.path.exists(os.path.join(denoiser_path, "model.json")):
@@ -400,9 +400,9 @@ def export(
         "text_encoder": pipe.config.text_encoder.name,
         "source": os.path.abspath(denoiser_path),
     }
-    vae_source = vae or _vae_source(denoiser_path)
-    if vae_source:
-        meta["vae_source"] = os.path.abspath(vae_source)
+    source_of_vae = vae or vae_source(denoiser_path)
+    if source_of_vae:
+        meta["vae_source"] = os.path.abspath(source_of_vae)
     with open(os.path.join(out_dir, "model.json"), "w") as f:
         json.dump(meta, f, indent=1, default=list)
     return out_dir
