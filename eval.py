@@ -14,6 +14,7 @@ _NUM_VIDEOS = flags.DEFINE_integer("num_videos", None, "Test prompts per setting
 _SAMPLERS = flags.DEFINE_list("samplers", None, "Samplers to evaluate.")
 _NUM_STEPS = flags.DEFINE_list("num_steps", None, "Step counts to evaluate.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance scale (default: the model's).")
+_SHIFT = flags.DEFINE_float("shift", None, "Flow sampling time shift (default: the model's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "eval_out", "Where metrics.json goes.")
 _RANDOM = flags.DEFINE_bool(
@@ -34,6 +35,7 @@ def main(argv):
             samplers=_SAMPLERS.value,
             num_steps=[int(s) for s in _NUM_STEPS.value] if _NUM_STEPS.value else None,
             guidance=_GUIDANCE.value,
+            shift=_SHIFT.value,
             seed=_SEED.value,
             output_dir=_OUTPUT_DIR.value,
             random_weights=_RANDOM.value,

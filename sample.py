@@ -2,7 +2,7 @@
 
   python sample.py --prompt "the digit 4 moving down" [--prompt ...] [--checkpoint DIR] --seed 0 \
       [--num_samples N] [--num_steps 30] [--sampler euler|ddim|dpmpp2m] [--guidance 5.0] \
-      [--negative_prompt ...] [--output_dir out/] [--formats mp4,gif,npy,png]
+      [--negative_prompt ...] [--shift 3.0] [--output_dir out/] [--formats mp4,gif,npy,png]
 
 With no --checkpoint it uses the bundled default model. Writes
 out/{prompt_idx:03d}_{sample_idx:02d}.{ext} and out/samples.jsonl (one line per file).
@@ -25,6 +25,9 @@ _SAMPLER = flags.DEFINE_enum("sampler", None, ["euler", "ddim", "dpmpp2m"], "Sam
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale.")
 _ETA = flags.DEFINE_float("eta", None, "DDIM stochasticity (0 = deterministic).")
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Prompt to steer away from.")
+_SHIFT = flags.DEFINE_float(
+    "shift", None, "Flow sampling time shift (> 1: more steps near noise; default: the model's)."
+)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "out", "Where videos and samples.jsonl go.")
 _FORMATS = flags.DEFINE_list("formats", ["mp4", "gif", "npy", "png"], "Output formats.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Videos per compiled call (result is unchanged).")
@@ -48,6 +51,7 @@ def main(argv):
             guidance=_GUIDANCE.value,
             eta=_ETA.value,
             negative_prompt=_NEGATIVE.value,
+            shift=_SHIFT.value,
             output_dir=_OUTPUT_DIR.value,
             formats=_FORMATS.value,
             batch_size=_BATCH.value,

@@ -260,6 +260,10 @@ def _sample() -> ConfigDict:
     s.sampler = "euler"
     s.num_steps = 30  # model evaluations; steps are uniform in t (flow: then shifted).
     s.guidance = 5.0  # classifier-free guidance scale; 1 = conditional only (no guidance).
+    # Flow only: the time shift of the sampler's steps (t' = shift t / (1 + (shift-1) t), > 1 puts
+    # more steps near the noise end, where layout and identity are decided); unset = the model's
+    # training `diffusion.shift`. Wan 2.1 likewise samples with its own `sample_shift`.
+    s.shift = placeholder(float)
     s.eta = 0.0  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like ancestral noise.
     s.negative_prompt = ""  # the uncond branch's prompt; "" = the null (empty) prompt.
     return s

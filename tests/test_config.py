@@ -65,3 +65,7 @@ def test_placeholder_fields_and_diffusion_validation():
     # A resolution shift only exists for flow; asking for it with eps fails at load time.
     with pytest.raises(config_lib.ConfigError, match=r"config\.diffusion"):
         config_lib.load_config(BASE, ["diffusion.objective=eps", "diffusion.shift=3.0"])
+    # The sampling shift (a typed placeholder: unset = the training one) is checked the same way.
+    assert config_lib.load_config(BASE, ["sample.shift=3"]).sample.shift == 3.0
+    with pytest.raises(config_lib.ConfigError, match=r"config\.sample: sample\.shift=-1\.0"):
+        config_lib.load_config(BASE, ["sample.shift=-1.0"])

@@ -28,6 +28,22 @@ def test_spec_from_base_config_and_errors():
         DiffusionSpec(cfg_dropout=1.5)
 
 
+def test_sampling_spec_replaces_only_the_flow_shift():
+    trained = DiffusionSpec(shift=2.0, cfg_dropout=0.1)
+    assert schedules.sampling_spec(trained) is trained  # unset: the training shift
+    spec = schedules.sampling_spec(trained, 3)
+    assert spec == DiffusionSpec(shift=3.0, cfg_dropout=0.1)
+    np.testing.assert_allclose(  # t' = 3t / (1 + 2t) on the uniform grid 1, 0.5, 0
+        schedules.sampling_times(2, spec), [1.0, 0.75, 0.0], rtol=1e-6
+    )
+    with pytest.raises(ValueError, match=r"sample\.shift=0\.0 must be > 0"):
+        schedules.sampling_spec(trained, 0.0)
+    eps = DiffusionSpec(objective="eps")
+    assert schedules.sampling_spec(eps, 1.0) == eps
+    with pytest.raises(ValueError, match=r"sample\.shift=3\.0 only applies to objective 'flow'"):
+        schedules.sampling_spec(eps, 3.0)
+
+
 # -- schedules -------------------------------------------------------------------------------------
 def test_flow_path():
     t = jnp.linspace(0, 1, 5)

@@ -221,12 +221,17 @@ def validate(config: ConfigDict) -> None:
             if fs in (4, 8) and size % fs:
                 problems.append(f"data.{name}={size} is not divisible by vae.spatial_factor={fs}")
     if "diffusion" in config:
-        from vdm.diffusion.schedules import DiffusionSpec
+        from vdm.diffusion.schedules import DiffusionSpec, sampling_spec
 
         try:
-            DiffusionSpec.from_config(config.diffusion)
+            spec = DiffusionSpec.from_config(config.diffusion)
         except ValueError as e:
             problems.append(f"config.diffusion: {e}")
+        else:
+            try:
+                sampling_spec(spec, config.sample.get("shift") if "sample" in config else None)
+            except ValueError as e:
+                problems.append(f"config.sample: {e}")
     if "train" in config and config.train.batch_size <= 0:
         problems.append("train.batch_size must be positive")
     if problems:

@@ -49,6 +49,7 @@ def run(
     samplers: Sequence[str] | None = None,
     num_steps: Sequence[int] | None = None,
     guidance: float | None = None,
+    shift: float | None = None,
     seed: int = 0,
     output_dir: str = "eval_out",
     random_weights: bool = False,
@@ -84,6 +85,8 @@ def run(
         "num_videos": len(ex["video"]),
         "seed": seed,
         "random_weights": random_weights,
+        "guidance": float(cfg.sample.guidance if guidance is None else guidance),
+        "shift": _sampling_shift(pipe, shift),
         # The ceiling: real test videos scored against their own labels (FD between two halves).
         "real": evaluation.score_videos(
             ex["video"][:half],
@@ -113,6 +116,7 @@ def run(
                     sampler=sampler,
                     num_steps=steps,
                     guidance=guidance,
+                    shift=shift,
                     seed=seed,
                     captions=captions,
                 )
@@ -133,6 +137,13 @@ def run(
         json.dump(results, f, indent=1)
     print(format_table(results))
     return results
+
+
+def _sampling_shift(pipe, shift: float | None) -> float:
+    try:
+        return pipe.sampling_spec(shift).shift
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def format_table(results: dict) -> str:

@@ -215,6 +215,7 @@ def evaluate_pipeline(
     sampler: str | None = None,
     num_steps: int | None = None,
     guidance: float | None = None,
+    shift: float | None = None,
     seed: int = 0,
     captions: str = "caption",
 ) -> tuple[dict[str, float], np.ndarray, list[str]]:
@@ -223,7 +224,7 @@ def evaluate_pipeline(
     Args:
       pipe: a `vdm.pipeline.Pipeline` on a moving-digits config.
       num_videos: how many test prompts (one video each).
-      sampler, num_steps, guidance: sampling settings (default: the model's config).
+      sampler, num_steps, guidance, shift: sampling settings (default: the model's config).
       seed: sampling seed.
       captions: "caption" (training templates) or "caption_heldout" (paraphrases never trained on).
 
@@ -233,7 +234,13 @@ def evaluate_pipeline(
     ex = test_examples(pipe.config.data, num_videos)
     prompts = [str(c) for c in ex[captions]]
     videos = pipe(
-        prompts, seed=seed, sampler=sampler, num_steps=num_steps, guidance=guidance, progress=True
+        prompts,
+        seed=seed,
+        sampler=sampler,
+        num_steps=num_steps,
+        guidance=guidance,
+        shift=shift,
+        progress=True,
     )
     clf = classifier_for(pipe.config.data)
     metrics = score_videos(videos, ex["digit"], ex["direction"], clf, reference=ex["video"])

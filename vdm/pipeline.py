@@ -24,7 +24,7 @@ import numpy as np
 
 from vdm import rng
 from vdm.cli_errors import UserError
-from vdm.diffusion import samplers
+from vdm.diffusion import samplers, schedules
 from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
 from vdm.models import text_encoder as te
@@ -69,7 +69,9 @@ class Pipeline:
         )
         self._shift = jnp.asarray(self.latent_stats["shift"], jnp.float32)
         self._scale = jnp.asarray(self.latent_stats["scale"], jnp.float32)
-        self._generate = jax.jit(self._generate_impl, static_argnames=("sampler", "num_steps"))
+        self._generate = jax.jit(
+            self._generate_impl, static_argnames=("sampler", "num_steps", "spec")
+        )
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -102,6 +104,7 @@ class Pipeline:
         *,
         sampler,
         num_steps,
+        spec=None,
     ):
         def model_fn(x, t, cond):
             return self.model.apply({"params": params}, x, t, cond[0], cond[1])
@@ -114,13 +117,20 @@ class Pipeline:
             sampler=sampler,
             num_steps=num_steps,
             guidance=guidance,
-            diffusion_config=self.config.diffusion,
+            diffusion_config=spec or self.sampling_spec(),
             eta=eta,
             key=key,
         )
         z = z * self._scale + self._shift
         video = ae.decode(self.vae, vae_params, z, chunk=self.config.vae.decode_chunk)
         return jnp.round((jnp.clip(video, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+    def sampling_spec(self, shift: float | None = None) -> schedules.DiffusionSpec:
+        """The DiffusionSpec the sampler uses: `config.diffusion` with the sampling time shift
+        `shift`, else `config.sample.shift`, else the training one."""
+        if shift is None:
+            shift = self.config.sample.get("shift")
+        return schedules.sampling_spec(self.config.diffusion, shift)
 
     def encode_prompts(self, prompts: Sequence[str]):
         """Prompts -> (hidden [B, L, D], mask [B, L]); warns when a prompt is truncated."""
@@ -138,6 +148,7 @@ class Pipeline:
         guidance: float | None = None,
         negative_prompt: str | None = None,
         eta: float | None = None,
+        shift: float | None = None,
         batch_size: int = 8,
         progress: bool = False,
     ) -> np.ndarray:
@@ -147,7 +158,8 @@ class Pipeline:
           prompts: captions; the empty string is the unconditional prompt.
           seed: base seed; sample i of prompt p uses fold_in(fold_in(key(seed), p), i).
           num_samples: videos per prompt.
-          num_steps, sampler, guidance, negative_prompt, eta: default to `config.sample`.
+          num_steps, sampler, guidance, negative_prompt, eta, shift: default to `config.sample`
+            (shift: the flow sampling time shift; unset there = the training `diffusion.shift`).
           batch_size: videos per compiled call (does not change the result).
           progress: show a tqdm bar over batches.
 
@@ -168,6 +180,10 @@ class Pipeline:
             raise UserError(
                 f"Unknown sampler '{sampler}'; choose one of {sorted(samplers.SAMPLERS)}."
             )
+        try:
+            spec = self.sampling_spec(shift)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
         ctx, mask = self.encode_prompts(prompts)
         eta_key = rng.stream(jax.random.key(seed), "sampler")  # only DDIM with eta > 0 uses it
@@ -206,6 +222,7 @@ class Pipeline:
                 keys,
                 sampler=sampler,
                 num_steps=num_steps,
+                spec=spec,
             )
             out.append(np.asarray(video)[:n])
         return np.concatenate(out, axis=0)
@@ -288,6 +305,7 @@ def load_pipeline(
             from vdm.tasks.denoiser import load_frozen_vae
 
             _, vae_params, _ = load_frozen_vae(config)
+    _add_new_fields(config)
     text = te.load_text_encoder(
         meta.get("text_encoder", config.text_encoder.name),
         max_length=config.text_encoder.max_length,
@@ -303,6 +321,15 @@ def load_pipeline(
         params=params,
     )
     return swap_vae(pipe, vae) if vae else pipe
+
+
+def _add_new_fields(config) -> None:
+    """Fields added to configs/base.py after a model was saved, at their defaults, so an older
+    checkpoint or bundle takes the same overrides as a new one (e.g. `export --sample shift=3`)."""
+    from ml_collections.config_dict import placeholder
+
+    if config.sample.get("shift") is None:  # missing, or unset (JSON null loses its type)
+        config.sample.shift = placeholder(float)
 
 
 def _trees_equal(a, b) -> bool:

@@ -23,6 +23,7 @@ def run(
     guidance: float | None = None,
     eta: float | None = None,
     negative_prompt: str | None = None,
+    shift: float | None = None,
     output_dir: str = "out",
     formats: Sequence[str] = FORMATS,
     batch_size: int = 8,
@@ -52,6 +53,10 @@ def run(
         "eta": float(s.eta if eta is None else eta),
         "negative_prompt": s.negative_prompt if negative_prompt is None else negative_prompt,
     }
+    try:
+        settings["shift"] = pipe.sampling_spec(shift).shift
+    except ValueError as e:
+        raise UserError(str(e)) from None
     videos = pipe(
         list(prompts),
         seed=seed,

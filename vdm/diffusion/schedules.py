@@ -235,6 +235,35 @@ def sample_training_time(key: jax.Array, batch_size: int, spec: DiffusionSpec) -
     return step / n_train
 
 
+def sampling_spec(diffusion_config, shift: float | None = None) -> DiffusionSpec:
+    """The spec a sampler uses: the training one, with the flow time shift replaced by `shift`.
+
+    Only which times the sampler visits depends on the shift (flow's alpha = 1 - t, sigma = t do
+    not), so a model trained with one shift can be sampled with another.
+
+    Args:
+      diffusion_config: `config.diffusion` (or a DiffusionSpec), the model's training settings.
+      shift: the sampling shift (`config.sample.shift`); None keeps `diffusion.shift`.
+
+    Returns:
+      a DiffusionSpec.
+
+    Raises:
+      ValueError: the shift is not > 0, or the objective is not flow.
+    """
+    spec = DiffusionSpec.from_config(diffusion_config)
+    if shift is None or float(shift) == spec.shift:
+        return spec
+    if not spec.is_flow:
+        raise ValueError(
+            f"sample.shift={shift} only applies to objective 'flow', not {spec.objective!r}; "
+            "leave sample.shift unset."
+        )
+    if not float(shift) > 0:
+        raise ValueError(f"sample.shift={shift} must be > 0 (1 = no shift).")
+    return dataclasses.replace(spec, shift=float(shift))
+
+
 def sampling_times(num_steps: int, spec: DiffusionSpec) -> np.ndarray:
     """The num_steps + 1 times a sampler visits, from t = 1 (noise) down to t = 0 (data).
 
