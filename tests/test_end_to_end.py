@@ -218,9 +218,20 @@ def test_a_new_run_starts_from_an_exported_model(trained, tmp_path):
         "init_train_log": os.path.join(bundle, "train_log.jsonl"),
         "init_init_train_log": os.path.join(bundle, "init_train_log.jsonl"),
     }
+
     # exported over itself again (the bundle now holds this very run): the same record, not the
-    # bundle's own logs shifted one run back
+    # bundle's own logs shifted one run back, and the same weight files (not renamed copies)
+    def weight_files():  # {path: mtime} under denoiser/ and vae/
+        return {
+            os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+            for part in ("denoiser", "vae")
+            for d, _, fs in os.walk(os.path.join(bundle, part))
+            for f in fs
+        }
+
+    files = weight_files()
     assert export.export_with_logs(grown_dir, bundle) == out
+    assert weight_files() == files
     with open(out["init_train_log"]) as f, open(os.path.join(trained["dit"], "metrics.jsonl")) as g:
         assert f.read() == g.read()
     assert not os.path.exists(os.path.join(bundle, "init_init_train_log.jsonl"))

@@ -87,13 +87,37 @@ def _logs_of(path: str, part: str, hops: int = 0, chain: tuple[str, ...] = ()) -
     return out
 
 
+_WEIGHT_DIRS = ("denoiser", "vae")
+
+
+def _same_weights(a: str, b: str) -> bool:
+    """Whether two orbax param dirs hold the same tree (paths, dtypes, values)."""
+    import jax
+    import numpy as np
+
+    from vdm import pipeline
+
+    if not (os.path.isdir(a) and os.path.isdir(b)):
+        return False
+    try:
+        ta, tb = pipeline.restore_tree(a), pipeline.restore_tree(b)
+    except Exception:  # an unreadable old dir is simply replaced
+        return False
+    la, lb = jax.tree_util.tree_leaves_with_path(ta), jax.tree_util.tree_leaves_with_path(tb)
+    return [(k, x.dtype) for k, x in la] == [(k, y.dtype) for k, y in lb] and all(
+        np.array_equal(x, y) for (_, x), (_, y) in zip(la, lb, strict=True)
+    )
+
+
 def export_with_logs(
     checkpoint: str, output: str, vae: str | None = None, sample: dict | None = None
 ) -> dict[str, str]:
     """Exports `checkpoint` to `output` and copies both stages' training logs beside it.
 
     Everything is written to a temporary directory first and then moved into `output`, so a
-    model can be re-exported over the bundle its VAE (or its initial weights) came from.
+    model can be re-exported over the bundle its VAE (or its initial weights) came from. A
+    `denoiser/` or `vae/` whose weights equal those already in `output` keeps its files (orbax
+    writes the same values under new file names, which would churn a committed bundle).
 
     Args:
       checkpoint: a denoiser training workdir (or checkpoint step dir).
@@ -123,6 +147,8 @@ def export_with_logs(
         stale = {n for n in os.listdir(output) if _LOG_NAME.match(n)} - produced
         for name in produced | stale:
             target = os.path.join(output, name)
+            if name in _WEIGHT_DIRS and _same_weights(target, os.path.join(staging, name)):
+                continue  # orbax names its files anew on every save: keep the committed ones
             if os.path.isdir(target):
                 shutil.rmtree(target)
             elif os.path.exists(target):
