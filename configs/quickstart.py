@@ -37,5 +37,8 @@ def get_config():
     c.checkpoint.every_steps = 500
     c.sample.sampler = "dpmpp2m"
     c.sample.num_steps = 20
-    c.sample.guidance = 4.0
+    # Guidance 3 was chosen on test prompts 500-699 (disjoint from eval.py's) for the bundled model
+    # (vdm/assets/default_model/README.md), which also samples with shift 3 (`export --sample`);
+    # the in-training logs of its stages used guidance 4.
+    c.sample.guidance = 3.0
     return c
