@@ -203,6 +203,10 @@ def _train() -> ConfigDict:
     # to the denoiser (larger model.depth) start as the identity (adaLN-Zero), so the grown model
     # starts as the checkpoint's function.
     t.init_new_params = False
+    # With init_from: a regex of parameter names (e.g. "^(patch_embed|final_linear)/") NOT taken
+    # from the checkpoint; they keep their fresh initialisation whatever their shape there (a
+    # layer to retrain, e.g. after a model.patch_size change).
+    t.init_skip = ""
     t.batch_size = 32  # global batch over all devices and hosts; divisible by data * fsdp.
     t.log_every_steps = 50  # metrics.jsonl + TensorBoard (workdir/tensorboard) + progress bar.
     t.eval_every_steps = 2000  # task.evaluate with EMA params (also at the last step); 0 = never.

@@ -254,6 +254,35 @@ def test_a_model_grown_in_depth_from_a_checkpoint_starts_as_its_function(tmp_pat
         )
 
 
+def test_init_skip_retrains_the_layers_a_patch_size_change_reshapes(tmp_path):
+    """`train.init_skip`: a patch-(1,2,2) checkpoint starts a patch-(1,1,1) model. Every block
+    comes from the checkpoint; the skipped patch_embed / final_linear (other shapes there) keep
+    their fresh initialisation. Without the skip the shape mismatch is named."""
+    from vdm import checkpoint as ckpt_lib
+    from vdm import train_lib
+
+    coarse = dn.variant_model("mu", C, depth=1, patch_size=(1, 2, 2))
+    fine = dn.variant_model("mu", C, depth=1, patch_size=(1, 1, 1))
+    trained = _random_params(coarse)
+    with ckpt_lib.CheckpointManager(str(tmp_path / "run"), async_save=False) as m:
+        m.save(5, arrays={"params": trained, "ema": trained})
+    abstract = nn.unbox(_abstract(fine))
+    fresh = nn.unbox(fine.init(jax.random.key(1), *_inputs((1, 3, 4, 4)))["params"])
+    state = train_lib.TrainState(step=0, params=fresh, opt_state=(), ema_params=fresh)
+    with pytest.raises(train_lib.ConfigError, match=r"patch_embed/kernel: checkpoint \("):
+        train_lib.init_params_from(state, str(tmp_path / "run"), abstract)
+    with pytest.raises(train_lib.ConfigError, match="train.init_skip='\\(' is not a valid regex"):
+        train_lib.init_params_from(state, str(tmp_path / "run"), abstract, skip="(")
+    out = train_lib.init_params_from(
+        state, str(tmp_path / "run"), abstract, skip="^(patch_embed|final_linear)/"
+    )
+    assert _flat_shapes(out.params) == _flat_shapes(fresh)
+    for name in fresh:
+        want = fresh if name in ("patch_embed", "final_linear") else trained
+        for tree in (out.params, out.ema_params):
+            jax.tree.map(np.testing.assert_array_equal, tree[name], want[name])
+
+
 def test_scan_layers_is_the_same_model_with_stacked_params():
     """`scan_layers` (one nn.scan over the blocks) computes what the unrolled blocks compute on
     the same weights (block_i stacked on a leading axis), also with remat, and its params carry

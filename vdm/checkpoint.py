@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -486,7 +487,7 @@ def _shapes(tree: PyTree) -> dict[str, tuple]:
 
 
 def load_params_like(
-    path: str, abstract: PyTree, item: str = "ema", *, allow_missing: bool = False
+    path: str, abstract: PyTree, item: str = "ema", *, allow_missing: bool = False, skip: str = ""
 ) -> tuple[PyTree, int]:
     """A checkpoint's EMA (or raw) parameters restored into the layout of `abstract`.
 
@@ -494,6 +495,9 @@ def load_params_like(
     `jax.ShapeDtypeStruct`s with shardings; each array lands sharded as the new run wants it.
     With `allow_missing` the checkpoint may lack some of `abstract`'s parameters (a model grown
     from it, e.g. deeper); the result then holds only the parameters the checkpoint has.
+    Parameters whose name (`a/b/kernel`) matches the regex `skip` are not taken from the
+    checkpoint, whatever their shape there (a layer to retrain, e.g. the denoiser's patch
+    embedding after a patch-size change); the result lacks them.
 
     Returns:
       (parameters, the checkpoint's step).
@@ -503,10 +507,15 @@ def load_params_like(
       ValueError: the checkpoint's parameter names or shapes differ from `abstract` (each
         difference named), i.e. it is another architecture.
     """
-    want = _shapes(abstract)
+    skipped = re.compile(skip).search if skip else lambda _: False
+    want = {k: v for k, v in _shapes(abstract).items() if not skipped(k)}
+    dropped = set()  # skipped names the checkpoint has: restored (as stored) and then dropped
 
     def checked(metadata, where):
-        have = _shapes(getattr(metadata, "tree", metadata))
+        tree = getattr(metadata, "tree", metadata)
+        have = _shapes(tree)
+        dropped.update(k for k in have if skipped(k))
+        have = {k: v for k, v in have.items() if k not in dropped}
         missing = sorted(set(want) - set(have))
         extra = sorted(set(have) - set(want))
         shape = sorted(k for k in set(want) & set(have) if want[k] != have[k])
@@ -523,12 +532,26 @@ def load_params_like(
                     else ". Initialising from it needs the same architecture."
                 )
             )
-        if not missing:
+        if not missing and not skip:
             return abstract
         flat = flax.traverse_util.flatten_dict(abstract, sep="/")
-        return flax.traverse_util.unflatten_dict({k: flat[k] for k in have}, sep="/")
+        target = {k: flat[k] for k in have}
+        if dropped:  # orbax restores whole trees: read these replicated, in the stored shape
+            stored = flax.traverse_util.flatten_dict(tree, sep="/")
+            like = next(iter(target.values()))
+            mesh = getattr(getattr(like, "sharding", None), "mesh", None)
+            rep = None if mesh is None else jax.NamedSharding(mesh, jax.P())
+            for k in dropped:
+                target[k] = jax.ShapeDtypeStruct(stored[k].shape, stored[k].dtype, sharding=rep)
+        return flax.traverse_util.unflatten_dict(target, sep="/")
 
-    return _restore_params(path, item, checked)
+    params, step = _restore_params(path, item, checked)
+    if dropped:
+        flat = flax.traverse_util.flatten_dict(params, sep="/")
+        params = flax.traverse_util.unflatten_dict(
+            {k: v for k, v in flat.items() if k not in dropped}, sep="/"
+        )
+    return params, step
 
 
 def _load_json(path: str, item: str):

@@ -315,7 +315,12 @@ def create_train_state(
 
 
 def init_params_from(
-    state: TrainState, path: str, abstract_params: PyTree, *, keep_new: bool = False
+    state: TrainState,
+    path: str,
+    abstract_params: PyTree,
+    *,
+    keep_new: bool = False,
+    skip: str = "",
 ) -> TrainState:
     """`state` with params (and EMA) set to checkpoint `path`'s EMA weights (`train.init_from`).
 
@@ -323,15 +328,19 @@ def init_params_from(
     With `keep_new` (`train.init_new_params`), parameters the checkpoint lacks keep `state`'s
     fresh initialisation: a model grown from the checkpoint. Blocks appended to the denoiser are
     then exactly the identity (adaLN-Zero gates and the cross-attention output start at 0), so the
-    grown model starts as the checkpoint's function.
+    grown model starts as the checkpoint's function. Parameters matching the regex `skip`
+    (`train.init_skip`) keep their fresh initialisation too, whatever the checkpoint holds under
+    their names (e.g. the patch embedding and output layer after a `model.patch_size` change).
 
     Raises:
       ConfigError: no checkpoint at `path`, or one of another architecture (differences named).
     """
     try:
         params, step = ckpt_lib.load_params_like(
-            path, abstract_params, item="ema", allow_missing=keep_new
+            path, abstract_params, item="ema", allow_missing=keep_new, skip=skip
         )
+    except re.error as e:
+        raise ConfigError(f"train.init_skip={skip!r} is not a valid regex: {e}") from None
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"train.init_from={path!r}: {e}") from None
     origin = "an exported model" if step is None else f"step {step}"
@@ -343,7 +352,7 @@ def init_params_from(
         blocks = sorted({k.split("/")[0] for k in new})
         _say(
             f"{len(new)} parameters ({count_params([fresh[k] for k in new]):,} values) are not in "
-            f"{path} and keep their fresh initialisation (train.init_new_params): under "
+            f"{path} or match train.init_skip, and keep their fresh initialisation: under "
             + ", ".join(blocks[:8])
             + (" ..." if len(blocks) > 8 else "")
         )
@@ -754,6 +763,7 @@ def train_and_evaluate(
                     init_from,
                     abstract.params,
                     keep_new=config.train.get("init_new_params", False),
+                    skip=config.train.get("init_skip", ""),
                 )
         if start and config.train.get("init_from", ""):
             _say(f"train.init_from is ignored: {workdir} has its own checkpoint (resumed).")
