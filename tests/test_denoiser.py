@@ -220,6 +220,25 @@ def test_remat_variants_match():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _saved_run(path, model):
+    """Random ("trained") params of `model`, saved as step 5 of a run at `path` (params + EMA)."""
+    from vdm import checkpoint as ckpt_lib
+
+    trained = _random_params(model)
+    with ckpt_lib.CheckpointManager(str(path), async_save=False) as m:
+        m.save(5, arrays={"params": trained, "ema": trained})
+    return trained
+
+
+def _fresh_state(model):
+    """(a fresh TrainState of `model`'s initial params, its abstract params) for init_from."""
+    from vdm import train_lib
+
+    fresh = nn.unbox(model.init(jax.random.key(1), *_inputs((1, 3, 4, 4)))["params"])
+    state = train_lib.TrainState(step=0, params=fresh, opt_state=(), ema_params=fresh)
+    return state, nn.unbox(_abstract(model))
+
+
 def test_a_model_grown_in_depth_from_a_checkpoint_starts_as_its_function(tmp_path):
     """`train.init_from` + `train.init_new_params`: a depth-1 model's weights start a depth-2 one;
     the added block keeps its fresh (adaLN-Zero) init, so the output is exactly the old model's."""
@@ -227,12 +246,8 @@ def test_a_model_grown_in_depth_from_a_checkpoint_starts_as_its_function(tmp_pat
     from vdm import train_lib
 
     small, big = dn.variant_model("mu", C, depth=1), dn.variant_model("mu", C, depth=2)
-    trained = _random_params(small)  # "trained": every gate and output projection non-zero
-    with ckpt_lib.CheckpointManager(str(tmp_path / "run"), async_save=False) as m:
-        m.save(5, arrays={"params": trained, "ema": trained})
-    abstract = nn.unbox(_abstract(big))
-    fresh = nn.unbox(big.init(jax.random.key(1), *_inputs((1, 3, 4, 4)))["params"])
-    state = train_lib.TrainState(step=0, params=fresh, opt_state=(), ema_params=fresh)
+    trained, (state, abstract) = _saved_run(tmp_path / "run", small), _fresh_state(big)
+    fresh = state.params
     with pytest.raises(train_lib.ConfigError, match=r"missing in the checkpoint: \['block_1/"):
         train_lib.init_params_from(state, str(tmp_path / "run"), abstract)
     grown = train_lib.init_params_from(state, str(tmp_path / "run"), abstract, keep_new=True)
@@ -258,17 +273,12 @@ def test_init_skip_retrains_the_layers_a_patch_size_change_reshapes(tmp_path):
     """`train.init_skip`: a patch-(1,2,2) checkpoint starts a patch-(1,1,1) model. Every block
     comes from the checkpoint; the skipped patch_embed / final_linear (other shapes there) keep
     their fresh initialisation. Without the skip the shape mismatch is named."""
-    from vdm import checkpoint as ckpt_lib
     from vdm import train_lib
 
     coarse = dn.variant_model("mu", C, depth=1, patch_size=(1, 2, 2))
     fine = dn.variant_model("mu", C, depth=1, patch_size=(1, 1, 1))
-    trained = _random_params(coarse)
-    with ckpt_lib.CheckpointManager(str(tmp_path / "run"), async_save=False) as m:
-        m.save(5, arrays={"params": trained, "ema": trained})
-    abstract = nn.unbox(_abstract(fine))
-    fresh = nn.unbox(fine.init(jax.random.key(1), *_inputs((1, 3, 4, 4)))["params"])
-    state = train_lib.TrainState(step=0, params=fresh, opt_state=(), ema_params=fresh)
+    trained, (state, abstract) = _saved_run(tmp_path / "run", coarse), _fresh_state(fine)
+    fresh = state.params
     with pytest.raises(train_lib.ConfigError, match=r"patch_embed/kernel: checkpoint \("):
         train_lib.init_params_from(state, str(tmp_path / "run"), abstract)
     with pytest.raises(train_lib.ConfigError, match="train.init_skip='\\(' is not a valid regex"):
