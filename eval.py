@@ -1,7 +1,7 @@
 """Scores a text-to-video checkpoint with the project's sample-quality metrics.
 
   python eval.py [--checkpoint DIR] [--num_videos 200] [--samplers euler,ddim,dpmpp2m] \
-      [--num_steps 10,20,50] [--output_dir eval_out/]
+      [--num_steps 10,20,50] [--eta 0,1] [--output_dir eval_out/]
 
 Prints a table and writes eval_out/metrics.json plus a contact sheet per setting. With no
 --checkpoint it evaluates the bundled default model. All logic lives in `vdm.eval_lib`.
@@ -15,6 +15,9 @@ _SAMPLERS = flags.DEFINE_list("samplers", None, "Samplers to evaluate.")
 _NUM_STEPS = flags.DEFINE_list("num_steps", None, "Step counts to evaluate.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance scale (default: the model's).")
 _SHIFT = flags.DEFINE_float("shift", None, "Flow sampling time shift (default: the model's).")
+_ETA = flags.DEFINE_list(
+    "eta", None, "Stochasticity of ddim / dpmpp2m, one row each (default: the model's; 0 = ODE)."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "eval_out", "Where metrics.json goes.")
 _RANDOM = flags.DEFINE_bool(
@@ -36,6 +39,7 @@ def main(argv):
             num_steps=[int(s) for s in _NUM_STEPS.value] if _NUM_STEPS.value else None,
             guidance=_GUIDANCE.value,
             shift=_SHIFT.value,
+            etas=[float(e) for e in _ETA.value] if _ETA.value else None,
             seed=_SEED.value,
             output_dir=_OUTPUT_DIR.value,
             random_weights=_RANDOM.value,

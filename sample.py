@@ -23,7 +23,9 @@ _NUM_STEPS = flags.DEFINE_integer(
 )
 _SAMPLER = flags.DEFINE_enum("sampler", None, ["euler", "ddim", "dpmpp2m"], "Sampler.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale.")
-_ETA = flags.DEFINE_float("eta", None, "DDIM stochasticity (0 = deterministic).")
+_ETA = flags.DEFINE_float(
+    "eta", None, "Stochasticity of ddim / dpmpp2m (0 = deterministic ODE, 1 = the reverse SDE)."
+)
 _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Prompt to steer away from.")
 _SHIFT = flags.DEFINE_float(
     "shift", None, "Flow sampling time shift (> 1: more steps near noise; default: the model's)."

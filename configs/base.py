@@ -268,7 +268,10 @@ def _sample() -> ConfigDict:
     # more steps near the noise end, where layout and identity are decided); unset = the model's
     # training `diffusion.shift`. Wan 2.1 likewise samples with its own `sample_shift`.
     s.shift = placeholder(float)
-    s.eta = 0.0  # DDIM stochasticity: 0 = deterministic, 1 = DDPM-like ancestral noise.
+    # Stochasticity of "ddim" and "dpmpp2m": 0 = the deterministic ODE solver, 1 = the reverse-time
+    # SDE (fresh noise each step; DDPM-like ancestral for ddim, DPM-Solver++(2M) SDE). "euler" is
+    # always the ODE.
+    s.eta = 0.0
     s.negative_prompt = ""  # the uncond branch's prompt; "" = the null (empty) prompt.
     return s
 

@@ -67,18 +67,23 @@ def test_bundled_model_draws_the_prompted_digit_moving_the_prompted_way(pipe):
 
 
 def test_eval_cli_writes_metrics_table_and_contact_sheets(tmp_path, capsys):
-    """eval.py's engine end to end on 4 test prompts, 2 Euler steps: the JSON has every setting
-    and both ceilings (real videos, and real videos through the VAE), the table prints them, and
-    one contact sheet per setting is written."""
+    """eval.py's engine end to end on 4 test prompts, 2 steps of Euler and of DDIM at two etas:
+    the JSON has every setting (eta only where the sampler takes one) and both ceilings (real
+    videos, and real videos through the VAE), the table prints them, and one contact sheet per
+    setting is written."""
     from vdm import eval_lib
 
     out = str(tmp_path / "eval")
-    res = eval_lib.run(num_videos=4, samplers=["euler"], num_steps=[2], output_dir=out)
+    res = eval_lib.run(
+        num_videos=4, samplers=["euler", "ddim"], num_steps=[2], etas=[0, 1], output_dir=out
+    )
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f) == json.loads(json.dumps(res))
-    assert [(r["captions"], r["sampler"], r["num_steps"]) for r in res["settings"]] == [
-        ("caption", "euler", 2),
-        ("caption_heldout", "euler", 2),
+    rows = [(r["captions"], r["sampler"], r["eta"], r["num_steps"]) for r in res["settings"]]
+    assert rows == [
+        (captions, sampler, eta, 2)
+        for captions in ("caption", "caption_heldout")
+        for sampler, eta in (("euler", None), ("ddim", 0.0), ("ddim", 1.0))
     ]
     for key in ("real", "real_through_vae"):
         assert set(res[key]) == {"digit_acc", "direction_acc", "consistency", "frechet"}
@@ -86,8 +91,13 @@ def test_eval_cli_writes_metrics_table_and_contact_sheets(tmp_path, capsys):
     assert 15.0 < res["vae_psnr"] < 60.0 and 0.5 < res["vae_ssim"] <= 1.0
     table = capsys.readouterr().out
     assert "| real test videos |" in table and "| real test videos through the VAE |" in table
+    assert "| caption | ddim | 1 | 2 |" in table and "| caption | euler | - | 2 |" in table
     assert sorted(os.listdir(out)) == [
+        "caption_ddim_eta0_2.png",
+        "caption_ddim_eta1_2.png",
         "caption_euler_2.png",
+        "caption_heldout_ddim_eta0_2.png",
+        "caption_heldout_ddim_eta1_2.png",
         "caption_heldout_euler_2.png",
         "metrics.json",
     ]

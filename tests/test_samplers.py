@@ -38,7 +38,7 @@ def _cond(prompts):
 
 
 NULL = jnp.zeros((1, 3), jnp.float32)
-SETTINGS = [("euler", 0.0), ("ddim", 0.0), ("ddim", 0.7), ("dpmpp2m", 0.0)]
+SETTINGS = [("euler", 0.0), ("ddim", 0.0), ("ddim", 0.7), ("dpmpp2m", 0.0), ("dpmpp2m", 0.7)]
 
 
 def _run(seed, prompts, samples, sampler, eta, spec=FLOW, guidance=4.0, num_steps=6):
@@ -138,6 +138,7 @@ GAUSS_CASES = [
     ("ddim", 0.0, 50, 0.03, 0.07),
     ("ddim", 1.0, 100, 0.03, None),
     ("dpmpp2m", 0.0, 20, 0.03, 0.03),
+    ("dpmpp2m", 1.0, 50, 0.03, None),
 ]
 
 
@@ -172,7 +173,7 @@ def test_lands_on_gaussian_target(objective, sampler, eta, steps, tol, transport
         assert transport < transport_tol, transport
 
 
-@pytest.mark.parametrize("sampler,eta", [("dpmpp2m", 0.0), ("ddim", 1.0)])
+@pytest.mark.parametrize("sampler,eta", [("dpmpp2m", 0.0), ("ddim", 1.0), ("dpmpp2m", 1.0)])
 def test_gaussian_check_catches_a_broken_model(sampler, eta):
     # The same check with the model's sign flipped must fail, so the test above can fail.
     mean_err, std_err, _ = _gaussian_errors("flow", sampler, eta, 20, sign=-1.0)
@@ -240,6 +241,24 @@ def _ref_dpmpp2m(objective, x, out, x0_prev, t_prev, s_time, t_time, first_order
     return s_t / s_s * x - a_t * (np.exp(-h) - 1) * d
 
 
+def _ref_dpmpp2m_sde(objective, x, out, x0_prev, t_prev, s_time, t_time, eta, z):
+    """k-diffusion's `sample_dpmpp_2m_sde` step (midpoint), alpha-scaled for VP / flow paths, in
+    its own noise parametrisation: noise sigma_t sqrt(1 - e^{-2 eta' h}). Its eta' is the one whose
+    noise equals DDIM's with `eta` (Song's): 1 - e^{-2 eta' h} = eta^2 (1 - e^{-2h})."""
+    a_p, s_p = _alpha_sigma_ref(objective, t_prev)
+    a_s, s_s = _alpha_sigma_ref(objective, s_time)
+    a_t, s_t = _alpha_sigma_ref(objective, t_time)
+    x0, _ = _ref_predictions(objective, out, x, s_time)
+    lam = lambda a, s: np.log(a / s)  # noqa: E731
+    h = lam(a_t, s_t) - lam(a_s, s_s)
+    h_last = lam(a_s, s_s) - lam(a_p, s_p)
+    eta_k = -np.log(1 - eta**2 * (1 - np.exp(-2 * h))) / (2 * h)
+    h_eta = h * (eta_k + 1)
+    x_t = s_t / s_s * np.exp(-h * eta_k) * x + a_t * -np.expm1(-h_eta) * x0
+    x_t += a_t * 0.5 * -np.expm1(-h_eta) * (h / h_last) * (x0 - x0_prev)
+    return x_t + s_t * np.sqrt(-np.expm1(-2 * h * eta_k)) * z
+
+
 def _fixed(n=5, seed=0):
     r = np.random.RandomState(seed)
     return r.randn(n, 3), r.randn(n, 3), r.randn(n, 3), r.randn(n, 3)
@@ -296,6 +315,30 @@ def test_dpmpp2m_step_matches_lu_algorithm2(objective, first_order):
     if not first_order:  # The second-order correction is really there.
         first = _ref_dpmpp2m(objective, x, out, x0_prev, tp, s, t, True)
         assert np.abs(want - first).max() > 1e-2
+
+
+@pytest.mark.parametrize("objective", ["flow", "eps", "v"])
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_dpmpp2m_sde_step_matches_k_diffusion(objective, eta):
+    x, out, x0_prev, z = _fixed(seed=2)
+    tp, s, t = 0.8, 0.6, 0.35
+    args = [jnp.asarray(a, jnp.float32) for a in (x, out, x0_prev)]
+    zj = jnp.asarray(z, jnp.float32)
+    got, _ = samplers.dpmpp2m_step(*args, tp, s, t, SPECS[objective], eta=eta, noise=zj)
+    want = _ref_dpmpp2m_sde(objective, x, out, x0_prev, tp, s, t, eta, z)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+    # eta -> 0 is the ODE solver; the noise really enters.
+    ode = _ref_dpmpp2m(objective, x, out, x0_prev, tp, s, t, False)
+    np.testing.assert_allclose(
+        _ref_dpmpp2m_sde(objective, x, out, x0_prev, tp, s, t, 1e-8, z), ode, atol=1e-6
+    )
+    assert np.abs(want - ode).max() > 1e-2
+    # Its first-order step is DDIM with the same eta and noise.
+    first, _ = samplers.dpmpp2m_step(
+        *args, tp, s, t, SPECS[objective], first_order=True, eta=eta, noise=zj
+    )
+    ddim = samplers.ddim_step(*args[:2], s, t, SPECS[objective], eta=eta, noise=zj)
+    np.testing.assert_allclose(np.asarray(first), np.asarray(ddim), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("objective", ["flow", "v"])
@@ -439,18 +482,19 @@ def test_bad_arguments_raise_clear_errors():
             guidance=1.0,
             diffusion_config=FLOW,
         )
-    with pytest.raises(ValueError, match="needs `key`"):
-        samplers.sample(
-            toy_model,
-            noise,
-            cond,
-            NULL,
-            sampler="ddim",
-            num_steps=3,
-            guidance=1.0,
-            diffusion_config=FLOW,
-            eta=0.5,
-        )
+    for sampler in ("ddim", "dpmpp2m"):
+        with pytest.raises(ValueError, match=f"{sampler} with eta > 0 .* needs `key`"):
+            samplers.sample(
+                toy_model,
+                noise,
+                cond,
+                NULL,
+                sampler=sampler,
+                num_steps=3,
+                guidance=1.0,
+                diffusion_config=FLOW,
+                eta=0.5,
+            )
     with pytest.raises(ValueError, match="exceeds"):
         samplers.sample(
             toy_model,

@@ -50,11 +50,16 @@ def run(
     num_steps: Sequence[int] | None = None,
     guidance: float | None = None,
     shift: float | None = None,
+    etas: Sequence[float] | None = None,
     seed: int = 0,
     output_dir: str = "eval_out",
     random_weights: bool = False,
 ) -> dict:
-    """Evaluates a checkpoint; returns and writes `{output_dir}/metrics.json`."""
+    """Evaluates a checkpoint; returns and writes `{output_dir}/metrics.json`.
+
+    One row per captions x sampler x eta x steps; `etas` (default: the model's `sample.eta`)
+    apply to the samplers that take one ("ddim", "dpmpp2m"), "euler" gets a single row.
+    """
     from vdm import evaluation, pipeline, video_io
 
     pipe = pipeline.load_pipeline(checkpoint)
@@ -74,6 +79,9 @@ def run(
     num_videos = num_videos or cfg.eval.num_videos
     samplers = list(samplers or cfg.eval.samplers)
     num_steps = list(num_steps or cfg.eval.num_steps)
+    etas = [float(cfg.sample.eta)] if etas is None else [float(e) for e in etas]
+    if any(e < 0 for e in etas):
+        raise UserError(f"eta must be >= 0 (0 = the deterministic ODE solver), got {etas}.")
     os.makedirs(output_dir, exist_ok=True)
 
     ex = evaluation.test_examples(cfg.data, num_videos)
@@ -107,36 +115,48 @@ def run(
         "settings": [],
     }
     for captions in ("caption", "caption_heldout"):
-        for sampler in samplers:
-            for steps in num_steps:
-                t0 = time.perf_counter()
-                m, videos, prompts = evaluation.evaluate_pipeline(
-                    pipe,
-                    num_videos,
-                    sampler=sampler,
-                    num_steps=steps,
-                    guidance=guidance,
-                    shift=shift,
-                    seed=seed,
-                    captions=captions,
-                )
-                row = {
-                    "captions": captions,
-                    "sampler": sampler,
-                    "num_steps": steps,
-                    **m,
-                    "seconds": time.perf_counter() - t0,
-                }
-                results["settings"].append(row)
-                print(json.dumps(row), flush=True)
-                name = f"{captions}_{sampler}_{steps}.png"
-                video_io.contact_sheet(
-                    videos[:8], captions=prompts[:8], path=os.path.join(output_dir, name)
-                )
+        for sampler, eta, steps in _grid(samplers, etas, num_steps):
+            t0 = time.perf_counter()
+            m, videos, prompts = evaluation.evaluate_pipeline(
+                pipe,
+                num_videos,
+                sampler=sampler,
+                num_steps=steps,
+                guidance=guidance,
+                shift=shift,
+                eta=eta,
+                seed=seed,
+                captions=captions,
+            )
+            row = {
+                "captions": captions,
+                "sampler": sampler,
+                "eta": eta,
+                "num_steps": steps,
+                **m,
+                "seconds": time.perf_counter() - t0,
+            }
+            results["settings"].append(row)
+            print(json.dumps(row), flush=True)
+            tag = "" if eta is None else f"_eta{eta:g}"
+            name = f"{captions}_{sampler}{tag}_{steps}.png"
+            video_io.contact_sheet(
+                videos[:8], captions=prompts[:8], path=os.path.join(output_dir, name)
+            )
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(format_table(results))
     return results
+
+
+def _grid(samplers, etas, num_steps):
+    """(sampler, eta or None, steps) rows; eta None for samplers it does not apply to."""
+    from vdm.diffusion.samplers import STOCHASTIC
+
+    for sampler in samplers:
+        for eta in etas if sampler in STOCHASTIC else [None]:
+            for steps in num_steps:
+                yield sampler, eta, steps
 
 
 def _sampling_shift(pipe, shift: float | None) -> float:
@@ -150,13 +170,15 @@ def format_table(results: dict) -> str:
     """A markdown table of the settings plus the ceilings (real videos, and real videos encoded
     and decoded by the VAE)."""
     lines = [
-        "| captions | sampler | steps | digit acc | direction acc | consistency | Fréchet |",
-        "|---|---|---|---|---|---|---|",
+        "| captions | sampler | eta | steps | digit acc | direction acc | consistency | Fréchet |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["settings"]:
+        eta = "-" if r.get("eta") is None else f"{r['eta']:g}"
         lines.append(
-            f"| {r['captions']} | {r['sampler']} | {r['num_steps']} | {r['digit_acc']:.3f} | "
-            f"{r['direction_acc']:.3f} | {r['consistency']:.3f} | {r['frechet']:.2f} |"
+            f"| {r['captions']} | {r['sampler']} | {eta} | {r['num_steps']} | "
+            f"{r['digit_acc']:.3f} | {r['direction_acc']:.3f} | {r['consistency']:.3f} | "
+            f"{r['frechet']:.2f} |"
         )
     ceilings = [
         ("real test videos", "real"),
@@ -166,7 +188,7 @@ def format_table(results: dict) -> str:
         if key in results:
             r = results[key]
             lines.append(
-                f"| {name} | - | - | {r['digit_acc']:.3f} | {r['direction_acc']:.3f} | "
+                f"| {name} | - | - | - | {r['digit_acc']:.3f} | {r['direction_acc']:.3f} | "
                 f"{r['consistency']:.3f} | {r['frechet']:.2f} |"
             )
     lines.append(

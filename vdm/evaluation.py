@@ -216,6 +216,7 @@ def evaluate_pipeline(
     num_steps: int | None = None,
     guidance: float | None = None,
     shift: float | None = None,
+    eta: float | None = None,
     seed: int = 0,
     captions: str = "caption",
 ) -> tuple[dict[str, float], np.ndarray, list[str]]:
@@ -224,7 +225,7 @@ def evaluate_pipeline(
     Args:
       pipe: a `vdm.pipeline.Pipeline` on a moving-digits config.
       num_videos: how many test prompts (one video each).
-      sampler, num_steps, guidance, shift: sampling settings (default: the model's config).
+      sampler, num_steps, guidance, shift, eta: sampling settings (default: the model's config).
       seed: sampling seed.
       captions: "caption" (training templates) or "caption_heldout" (paraphrases never trained on).
 
@@ -240,6 +241,7 @@ def evaluate_pipeline(
         num_steps=num_steps,
         guidance=guidance,
         shift=shift,
+        eta=eta,
         progress=True,
     )
     clf = classifier_for(pipe.config.data)

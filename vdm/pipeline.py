@@ -4,9 +4,9 @@
     videos = pipe(["a 3 moving up"], seed=0)   # uint8 [P * num_samples, T, H, W, 3]
 
 Reproducibility: the initial noise of sample i of prompt p is drawn from
-`fold_in(fold_in(key(seed), p), i)` and the sampler is deterministic (DDIM with eta > 0 folds the
-same per-example key), so a video depends only on (seed, p, i, prompt, settings), never on what
-else is in the batch or how many devices run it.
+`fold_in(fold_in(key(seed), p), i)` and the sampler is deterministic (a sampler with eta > 0
+folds the same per-example key into its step noise), so a video depends only on (seed, p, i,
+prompt, settings), never on what else is in the batch or how many devices run it.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class Pipeline:
             raise UserError(str(e)) from None
 
         ctx, mask = self.encode_prompts(prompts)
-        eta_key = rng.stream(jax.random.key(seed), "sampler")  # only DDIM with eta > 0 uses it
+        eta_key = rng.stream(jax.random.key(seed), "sampler")  # used only when eta > 0
         null_ctx, null_mask = self.encode_prompts([negative])
         pairs = [(p, i) for p in range(len(prompts)) for i in range(num_samples)]
         out = []

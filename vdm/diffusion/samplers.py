@@ -19,6 +19,15 @@ Solvers (all work for every objective through the (x0, eps) predictions of `sche
   where sigma = 0 and h = inf, so it is necessarily first-order and returns x0_hat (this is
   diffusers' forced `lower_order_final` for a zero final sigma). For flow, lambda(1) = -inf, so
   the second step's r is infinite and its 1/(2r) = 0: it is first-order too, the exact limit.
+  With eta > 0 it is the SDE solver DPM-Solver++(2M) SDE (Lu et al. 2022, sec. 4.2; k-diffusion's
+  `sample_dpmpp_2m_sde`, midpoint form): x_t = (sigma_t/sigma_s) k x_s + alpha_t (1 - k e^{-h}) D
+  + c z, with the same c as DDIM and k = sqrt(1 - c^2/sigma_t^2) (k-diffusion's e^{-eta' h}, its
+  eta' chosen per step so the noise equals DDIM's). Its first-order step is DDIM with the same eta
+  exactly, and eta = 1 is the reverse-time SDE for both.
+
+Stochastic sampling (eta > 0) re-injects fresh noise each step, so errors of earlier steps are
+partly forgotten instead of carried along the ODE trajectory (Karras et al. 2022, sec. 4); it
+needs more steps than the ODE to converge, and a key. "euler" is always the deterministic ODE.
 
 Classifier-free guidance (Ho & Salimans 2022) is applied to the RAW model output:
 out = uncond + g (cond - uncond), computed as cond + (g - 1)(cond - uncond) so g = 1 returns the
@@ -29,7 +38,7 @@ objective, and no choice to get wrong. The cond and uncond branches run in ONE m
 the batch concatenated [cond; uncond]. A negative prompt is simply passed as `null_cond`.
 
 Reproducibility: `initial_noise` draws sample i of prompt p from fold_in(fold_in(key(seed), p), i)
-per example; every solver step is per-example, and DDIM's eta-noise can use per-example keys, so
+per example; every solver step is per-example, and the eta-noise can use per-example keys, so
 a sample does not depend on the rest of the batch or on the device count.
 """
 
@@ -50,6 +59,7 @@ from vdm.diffusion.schedules import DiffusionSpec, _expand
 
 PyTree = Any
 SAMPLERS = ("euler", "ddim", "dpmpp2m")
+STOCHASTIC = ("ddim", "dpmpp2m")  # the samplers `eta` applies to ("euler" is always the ODE)
 
 
 # -- single steps (pure; tests call them on fixed inputs) ----------------------------------------
@@ -80,6 +90,12 @@ def euler_step(x, output, s, t, spec: DiffusionSpec):
     return x + dt * ode_velocity(output, x, s, spec)
 
 
+def _noise_ratio(eta, expm_h):
+    """c / sigma_t = eta sqrt(1 - e^{-2h}): the fresh noise's share of sigma_t in one step."""
+    eta = _expand(jnp.asarray(eta, jnp.float32), expm_h)
+    return eta * jnp.sqrt(jnp.maximum(1.0 - expm_h**2, 0.0))
+
+
 def ddim_step(x, output, s, t, spec: DiffusionSpec, eta=0.0, noise=None):
     """One DDIM step (Song et al. 2021, eq. 12) from time s to time t (< s), any path.
 
@@ -100,16 +116,18 @@ def ddim_step(x, output, s, t, spec: DiffusionSpec, eta=0.0, noise=None):
     alpha_t, sigma_t = schedules.alpha_sigma(_expand(t, x0), spec)
     # e^{-h} = (alpha_s sigma_t) / (sigma_s alpha_t) in [0, 1): finite even where lambda is not.
     expm_h = (alpha_s * sigma_t) / (sigma_s * alpha_t)
-    eta = _expand(jnp.asarray(eta, jnp.float32), x0)
-    ratio = eta * jnp.sqrt(jnp.maximum(1.0 - expm_h**2, 0.0))  # c / sigma_t
+    ratio = _noise_ratio(eta, expm_h)  # c / sigma_t
     x_t = alpha_t * x0 + sigma_t * jnp.sqrt(jnp.maximum(1.0 - ratio**2, 0.0)) * eps
     if noise is not None:
         x_t = x_t + sigma_t * ratio * noise.astype(jnp.float32)
     return x_t
 
 
-def dpmpp2m_step(x, output, x0_prev, t_prev, s, t, spec: DiffusionSpec, first_order=False):
-    """One DPM-Solver++(2M) step (Lu et al. 2022, Algorithm 2) from time s to time t (< s).
+def dpmpp2m_step(
+    x, output, x0_prev, t_prev, s, t, spec: DiffusionSpec, first_order=False, eta=0.0, noise=None
+):
+    """One DPM-Solver++(2M) step (Lu et al. 2022, Algorithm 2) from time s to time t (< s); with
+    eta > 0 one step of its SDE form (see the module docstring).
 
     Args:
       x: x_s [B, ...].
@@ -120,6 +138,8 @@ def dpmpp2m_step(x, output, x0_prev, t_prev, s, t, spec: DiffusionSpec, first_or
       t: next time.
       spec: the DiffusionSpec.
       first_order: force the first-order update (DDIM); traced bool is fine.
+      eta: stochasticity as in `ddim_step` (0 = the ODE solver); scalar or [B].
+      noise: z ~ N(0, I) shaped like x; required for eta > 0 (ignored when None).
 
     Returns:
       (x_t, x0_hat at s): the new state and this step's data prediction (next step's x0_prev).
@@ -137,7 +157,12 @@ def dpmpp2m_step(x, output, x0_prev, t_prev, s, t, spec: DiffusionSpec, first_or
     half_inv_r = jnp.where(ok, h / (2.0 * jnp.where(ok, h_prev, 1.0)), 0.0)  # 1 / (2r)
     d = x0 if x0_prev is None else x0 + half_inv_r * (x0 - x0_prev.astype(jnp.float32))
     x = x.astype(jnp.float32)
-    return (sigma_t / sigma_s) * x + alpha_t * (1.0 - expm_h) * d, x0
+    ratio = _noise_ratio(eta, expm_h)  # c / sigma_t; 0 for eta = 0, and then k = 1 exactly
+    k = jnp.sqrt(jnp.maximum(1.0 - ratio**2, 0.0))
+    x_t = (sigma_t / sigma_s) * k * x + alpha_t * (1.0 - k * expm_h) * d
+    if noise is not None:
+        x_t = x_t + sigma_t * ratio * noise.astype(jnp.float32)
+    return x_t, x0
 
 
 # -- guidance --------------------------------------------------------------------------------------
@@ -193,7 +218,7 @@ def guided_output(model_fn, x, t, cond, null_cond, guidance):
 
 # -- the sampler -----------------------------------------------------------------------------------
 def _step_noise(key, step, shape):
-    """DDIM eta-noise for one step: from one key ([]) or per-example keys ([B])."""
+    """The eta-noise for one step: from one key ([]) or per-example keys ([B])."""
     if key.ndim == 0:
         return jax.random.normal(jax.random.fold_in(key, step), shape, jnp.float32)
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape[1:]))(key)
@@ -214,13 +239,15 @@ def _sample_impl(model_fn, noise, cond, null_cond, guidance, eta, key, *, sample
         x, x0_prev = carry
         i, tp, s, t = inp
         out = guided_output(model_fn, x, s, cond, null_cond, guidance)
+        z = None if key is None else _step_noise(key, i, x.shape)
         if sampler == "euler":
             x_new, x0 = euler_step(x, out, s, t, spec), x0_prev
         elif sampler == "ddim":
-            z = None if key is None else _step_noise(key, i, x.shape)
             x_new, x0 = ddim_step(x, out, s, t, spec, eta=eta, noise=z), x0_prev
         else:
-            x_new, x0 = dpmpp2m_step(x, out, x0_prev, tp, s, t, spec, first_order=i == 0)
+            x_new, x0 = dpmpp2m_step(
+                x, out, x0_prev, tp, s, t, spec, first_order=i == 0, eta=eta, noise=z
+            )
         return (x_new, x0), None
 
     x = noise.astype(jnp.float32)
@@ -277,10 +304,11 @@ def sample(
       num_steps: number of steps (= model evaluations).
       guidance: guidance scale g (scalar or [B]); 1 = conditional only.
       diffusion_config: `config.diffusion` or a `schedules.DiffusionSpec` (must match training).
-      eta: DDIM stochasticity (scalar or [B]); ignored by the other samplers.
-      key: DDIM eta-noise key: one key, or per-example keys [B] so each sample is independent of
+      eta: stochasticity of "ddim" and "dpmpp2m" (scalar or [B]): 0 = the ODE solver, 1 = the
+        reverse-time SDE; ignored by "euler".
+      key: eta-noise key: one key, or per-example keys [B] so each sample is independent of
         the batch (the "ddim_noise" stream is folded in, then the step index). Required for
-        "ddim" unless eta is a concrete 0.
+        "ddim" and "dpmpp2m" unless eta is a concrete 0.
 
     Returns:
       x0, float32, shaped like `noise`.
@@ -291,13 +319,14 @@ def sample(
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
     spec = DiffusionSpec.from_config(diffusion_config)
     key = _as_key(key)
-    if sampler == "ddim" and key is None and (_is_traced(eta) or np.any(np.asarray(eta) != 0)):
+    stochastic = sampler in STOCHASTIC and (_is_traced(eta) or np.any(np.asarray(eta) != 0))
+    if stochastic and key is None:
         raise ValueError(
-            "DDIM with eta > 0 (or a traced eta) needs `key` for its per-step noise; pass "
+            f"{sampler} with eta > 0 (or a traced eta) needs `key` for its per-step noise; pass "
             "key=... (one key or per-example keys), or eta=0.0."
         )
-    if sampler != "ddim":
-        key = None  # only DDIM draws noise; keeps the other programs free of unused inputs.
+    if not stochastic:
+        key = None  # no noise drawn: keeps the program free of unused inputs.
     if key is not None and key.shape not in ((), (noise.shape[0],)):
         raise ValueError(f"key must be one key or [B={noise.shape[0]}] keys, got {key.shape}.")
     guidance = jnp.asarray(guidance, jnp.float32)
