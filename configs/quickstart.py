@@ -38,7 +38,8 @@ def get_config():
     c.sample.sampler = "dpmpp2m"
     c.sample.num_steps = 20
     # Guidance 3 was chosen on test prompts 500-699 (disjoint from eval.py's) for the bundled model
-    # (vdm/assets/default_model/README.md), which also samples with shift 3 (`export --sample`);
-    # the in-training logs of its stages used guidance 4.
+    # (vdm/assets/default_model/README.md), which also samples with shift 3 and stochastic DDIM
+    # (sampler "ddim", eta 1; `export --sample`); the in-training logs of its stages used
+    # dpmpp2m at guidance 4.
     c.sample.guidance = 3.0
     return c
