@@ -54,8 +54,9 @@ def test_bundled_model_draws_the_prompted_digit_moving_the_prompted_way(pipe):
     """Sixteen test prompts at 10 steps: the prompted digit, moving in the prompted direction,
     keeping its identity from frame to frame.
 
-    The thresholds sit well below the measured figures (README's table: ~0.99 digit, 1.0
-    direction, ~0.97 consistency at 10 steps on 100 prompts; these 16: 1.0 / 1.0 / 0.94) and far
+    The thresholds sit well below the measured figures with the bundle's sampler, DDIM at eta 1
+    (README's table: 1.0 digit, 1.0 direction, ~0.99 consistency at 10 steps on 100 prompts;
+    these 16: 1.0 / 1.0 / 1.0; deterministic dpmpp2m: 1.0 / 1.0 / 0.94) and far
     above chance (10% digit, 12.5% direction, ~0.38 consistency with random weights), so this
     catches a broken bundle, sampler, guidance or VAE without being a benchmark. (A bundle that
     drew the digits without moving them, direction 0.26, would fail here.)
