@@ -1,7 +1,7 @@
 """Generates videos from text prompts. All logic lives in `vdm.pipeline`.
 
   python sample.py --prompt "the digit 4 moving down" [--prompt ...] [--checkpoint DIR] --seed 0 \
-      [--num_samples N] [--num_steps 30] [--sampler euler|ddim|dpmpp2m] [--guidance 5.0] \
+      [--num_samples N] [--num_steps 30] [--sampler euler|ddim|dpmpp2m] [--eta 1] [--guidance 5.0] \
       [--negative_prompt ...] [--shift 3.0] [--output_dir out/] [--formats mp4,gif,npy,png]
 
 With no --checkpoint it uses the bundled default model. Writes

@@ -138,14 +138,16 @@ def test_export_roundtrip(trained, tmp_path):
     tuned = pipeline.export(trained["dit"], str(tmp_path / "tuned"), sample={"guidance": "2.5"})
     assert pipeline.load_pipeline(tuned).config.sample.guidance == 2.5
     # ... including the flow sampling shift; the bundle then samples with it by default (the run
-    # trained, and so by default samples, with diffusion.shift=1).
-    shifted = pipeline.export(trained["dit"], str(tmp_path / "shifted"), sample={"shift": "3"})
+    # trained with diffusion.shift=1 and samples with configs/quickstart.py's sample.shift=3).
+    shifted = pipeline.export(trained["dit"], str(tmp_path / "shifted"), sample={"shift": "1.5"})
     c = pipeline.load_pipeline(shifted)
-    assert c.config.sample.shift == 3.0 and c.config.diffusion.shift == 1.0
-    c3 = c(["six moving to the right"], seed=0, num_steps=2)
-    assert not np.array_equal(a, c3)
-    np.testing.assert_array_equal(c3, c(["six moving to the right"], seed=0, num_steps=2, shift=3))
-    np.testing.assert_array_equal(a, c(["six moving to the right"], seed=0, num_steps=2, shift=1))
+    assert c.config.sample.shift == 1.5 and c.config.diffusion.shift == 1.0
+    c15 = c(["six moving to the right"], seed=0, num_steps=2)
+    assert not np.array_equal(a, c15)
+    np.testing.assert_array_equal(
+        c15, c(["six moving to the right"], seed=0, num_steps=2, shift=1.5)
+    )
+    np.testing.assert_array_equal(a, c(["six moving to the right"], seed=0, num_steps=2, shift=3))
     with pytest.raises(
         ConfigError, match=r"config\.sample\.guidanse'.*Did you mean: config\.sample\.guidance"
     ):
