@@ -90,10 +90,12 @@ def euler_step(x, output, s, t, spec: DiffusionSpec):
     return x + dt * ode_velocity(output, x, s, spec)
 
 
-def _noise_ratio(eta, expm_h):
-    """c / sigma_t = eta sqrt(1 - e^{-2h}): the fresh noise's share of sigma_t in one step."""
+def _noise_split(eta, expm_h):
+    """How one step splits sigma_t between fresh noise and the carried-over noise:
+    (c / sigma_t = eta sqrt(1 - e^{-2h}), sqrt(1 - c^2 / sigma_t^2)); (0, 1) exactly at eta = 0."""
     eta = _expand(jnp.asarray(eta, jnp.float32), expm_h)
-    return eta * jnp.sqrt(jnp.maximum(1.0 - expm_h**2, 0.0))
+    ratio = eta * jnp.sqrt(jnp.maximum(1.0 - expm_h**2, 0.0))
+    return ratio, jnp.sqrt(jnp.maximum(1.0 - ratio**2, 0.0))
 
 
 def ddim_step(x, output, s, t, spec: DiffusionSpec, eta=0.0, noise=None):
@@ -116,8 +118,8 @@ def ddim_step(x, output, s, t, spec: DiffusionSpec, eta=0.0, noise=None):
     alpha_t, sigma_t = schedules.alpha_sigma(_expand(t, x0), spec)
     # e^{-h} = (alpha_s sigma_t) / (sigma_s alpha_t) in [0, 1): finite even where lambda is not.
     expm_h = (alpha_s * sigma_t) / (sigma_s * alpha_t)
-    ratio = _noise_ratio(eta, expm_h)  # c / sigma_t
-    x_t = alpha_t * x0 + sigma_t * jnp.sqrt(jnp.maximum(1.0 - ratio**2, 0.0)) * eps
+    ratio, keep = _noise_split(eta, expm_h)
+    x_t = alpha_t * x0 + sigma_t * keep * eps
     if noise is not None:
         x_t = x_t + sigma_t * ratio * noise.astype(jnp.float32)
     return x_t
@@ -157,9 +159,8 @@ def dpmpp2m_step(
     half_inv_r = jnp.where(ok, h / (2.0 * jnp.where(ok, h_prev, 1.0)), 0.0)  # 1 / (2r)
     d = x0 if x0_prev is None else x0 + half_inv_r * (x0 - x0_prev.astype(jnp.float32))
     x = x.astype(jnp.float32)
-    ratio = _noise_ratio(eta, expm_h)  # c / sigma_t; 0 for eta = 0, and then k = 1 exactly
-    k = jnp.sqrt(jnp.maximum(1.0 - ratio**2, 0.0))
-    x_t = (sigma_t / sigma_s) * k * x + alpha_t * (1.0 - k * expm_h) * d
+    ratio, keep = _noise_split(eta, expm_h)  # the module docstring's c / sigma_t and k
+    x_t = (sigma_t / sigma_s) * keep * x + alpha_t * (1.0 - keep * expm_h) * d
     if noise is not None:
         x_t = x_t + sigma_t * ratio * noise.astype(jnp.float32)
     return x_t, x0
