@@ -4,7 +4,7 @@
       [--num_steps 10,20,50] [--eta 0,1] [--output_dir eval_out/]
 
 Prints a table and writes eval_out/metrics.json plus a contact sheet per setting. With no
---checkpoint it evaluates the bundled default model. All logic lives in `vdm.eval_lib`.
+--checkpoint it evaluates the bundled default model. All logic lives in `vdm.eval.runner`.
 """
 
 from absl import app, flags
@@ -28,10 +28,11 @@ _RANDOM = flags.DEFINE_bool(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from vdm import cli_errors, eval_lib
+    from vdm import cli
+    from vdm.eval import runner as eval_lib
 
-    cli_errors.quiet_library_logs()
-    with cli_errors.clear_errors():
+    cli.quiet_library_logs()
+    with cli.clear_errors():
         eval_lib.run(
             checkpoint=_CHECKPOINT.value,
             num_videos=_NUM_VIDEOS.value,
@@ -47,6 +48,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from vdm.config import parse_flags_with_help
+    from vdm.cli import parse_flags_with_help
 
     app.run(main, flags_parser=parse_flags_with_help)

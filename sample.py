@@ -1,4 +1,4 @@
-"""Generates videos from text prompts. All logic lives in `vdm.pipeline`.
+"""Generates videos from text prompts. All logic lives in `vdm.inference.pipeline`.
 
   python sample.py --prompt "the digit 4 moving down" [--prompt ...] [--checkpoint DIR] --seed 0 \
       [--num_samples N] [--num_steps 30] [--sampler euler|ddim|dpmpp2m] [--eta 1] [--guidance 5.0] \
@@ -39,10 +39,11 @@ flags.mark_flag_as_required("prompt")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from vdm import cli_errors, sample_lib
+    from vdm import cli
+    from vdm.inference import writer as sample_lib
 
-    cli_errors.quiet_library_logs()
-    with cli_errors.clear_errors():
+    cli.quiet_library_logs()
+    with cli.clear_errors():
         sample_lib.run(
             prompts=_PROMPT.value,
             checkpoint=_CHECKPOINT.value,
@@ -61,6 +62,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from vdm.config import parse_flags_with_help
+    from vdm.cli import parse_flags_with_help
 
     app.run(main, flags_parser=parse_flags_with_help)

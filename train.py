@@ -1,4 +1,4 @@
-"""Trains a vdm stage (autoencoder or denoiser). All logic lives in `vdm.train_lib`.
+"""Trains a vdm stage (autoencoder or denoiser). All logic lives in `vdm.train.loop`.
 
   python train.py --config configs/quickstart.py --workdir workdirs/quickstart \
       [--config.train.num_steps=1000 ...]
@@ -11,6 +11,7 @@ variables; --auto_distributed lets JAX detect TPU pods / SLURM).
 from absl import app, flags
 from ml_collections import config_flags
 
+from vdm import cli
 from vdm import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -25,10 +26,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from vdm import cli_errors, parallel, train_lib
+    from vdm import parallel
+    from vdm.train import loop as train_lib
 
-    cli_errors.quiet_library_logs()
-    with cli_errors.clear_errors():
+    cli.quiet_library_logs()
+    with cli.clear_errors():
         parallel.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_AUTO.value
         )
@@ -38,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_lib.parse_flags_with_help)
+    app.run(main, flags_parser=cli.parse_flags_with_help)

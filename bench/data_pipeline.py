@@ -24,7 +24,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import base  # noqa: E402
-from vdm.data import moving_digits, pipeline  # noqa: E402
+from vdm.data import loader as pipeline
+from vdm.data import moving_digits  # noqa: E402
 
 
 def _config(data_dir: str, size: int, num_train: int, num_test: int, frames: int):

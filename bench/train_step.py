@@ -6,7 +6,7 @@
   python bench/train_step.py --fake_devices 8 --set mesh.shape="{'data': 4, 'fsdp': 2}"
   python bench/train_step.py --config configs/quickstart.py   # the real task of that config
 
-The step is the real `vdm.train_lib.make_train_step` (jit with shardings and donation, or pmap)
+The step is the real `vdm.train.loop.make_train_step` (jit with shardings and donation, or pmap)
 fed with `task.dummy_batch` sharded over the mesh, so the input pipeline is not measured (see
 bench/data_pipeline.py). Throughput is timed over `--steps` steps after a compile + warm-up step.
 Checkpoint save of the full state (params, optimizer, EMA): "blocking" = orbax without async
@@ -62,10 +62,11 @@ def main():
     import jax
     import numpy as np
 
-    from vdm import checkpoint as ckpt_lib
-    from vdm import parallel, train_lib
+    from vdm import parallel
     from vdm.config import load_config
+    from vdm.io import checkpoint as ckpt_lib
     from vdm.rng import base_key
+    from vdm.train import loop as train_lib
 
     overrides = dict(kv.split("=", 1) for kv in args.set)
     if args.config is None:

@@ -92,7 +92,7 @@ def _vae() -> ConfigDict:
 
 
 def _text_encoder() -> ConfigDict:
-    """The frozen text encoder (vdm.models.text_encoder.load_text_encoder).
+    """The frozen text encoder (vdm.models.text.encoder.load_text_encoder).
 
     Our linen modules load Hugging Face weights; the family comes from the model's config.json
     `model_type`: BERT ("bert"), T5 / mT5 / UMT5 ("t5", "mt5", "umt5"), CLIP text
@@ -170,7 +170,7 @@ def _diffusion() -> ConfigDict:
 
 
 def _optim() -> ConfigDict:
-    """AdamW (vdm.train_lib.make_optimizer). Params are float32; modules compute in their dtype."""
+    """AdamW (vdm.train.loop.make_optimizer). Params are float32; modules compute in their dtype."""
     o = ConfigDict()
     o.learning_rate = 3e-4  # peak learning rate, reached after the warmup.
     o.warmup_steps = 500  # linear warmup from 0 (in train steps).
@@ -247,7 +247,7 @@ def _mesh() -> ConfigDict:
 
 
 def _checkpoint() -> ConfigDict:
-    """orbax checkpoints in workdir/checkpoints/<step>/ (vdm.checkpoint). Also saved at the last
+    """orbax checkpoints in workdir/checkpoints/<step>/ (vdm.io.checkpoint). Also saved at the last
     step and on SIGTERM; a run resumes from its workdir on its own."""
     c = ConfigDict()
     c.every_steps = 1000  # 0 = only at the end / on preemption.

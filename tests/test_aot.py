@@ -1,5 +1,6 @@
-"""vdm.aot: compile the tiny config's train step, sampler and text encoder for a TPU v5e 2x2 slice
-on the CPU (libtpu's compiler, no TPU), and check shardings, the memory report and the errors.
+"""vdm.tools.aot: compile the tiny config's train step, sampler and text encoder for a TPU v5e
+2x2 slice on the CPU (libtpu's compiler, no TPU), and check shardings, the memory report and
+the errors.
 
 Needs libtpu: `pip install -e ".[tpu-aot]"`. Without it these tests FAIL (not skip), so CI cannot
 silently stop checking that the sharding rules compile for TPU.
@@ -39,7 +40,7 @@ def _require_libtpu():
 @pytest.fixture(scope="module")
 def aot():
     _require_libtpu()
-    from vdm import aot
+    from vdm.tools import aot
 
     return aot
 
@@ -57,7 +58,8 @@ def report(aot, tiny_config):
 
 
 def test_topology_and_mesh_errors(aot, tiny_config):
-    from vdm.config import ConfigError, load_config
+    from vdm.config import load_config
+    from vdm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="GENERATION:SHAPE"):
         aot.get_topology("v9:2x2")

@@ -15,8 +15,9 @@ import optax
 import pytest
 from scipy import ndimage
 
-from vdm import metrics
-from vdm.config import ConfigError, load_config
+from vdm.config import load_config
+from vdm.errors import ConfigError
+from vdm.eval import metrics
 from vdm.models import autoencoder as ae
 from vdm.parallel import unbox
 from vdm.tasks import autoencoder as ae_task

@@ -10,7 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from vdm import evaluation, pipeline
+from vdm.eval import digits as evaluation
+from vdm.inference import pipeline
 
 ASSET = pipeline.DEFAULT_MODEL
 
@@ -72,7 +73,7 @@ def test_eval_cli_writes_metrics_table_and_contact_sheets(tmp_path, capsys):
     the JSON has every setting (eta only where the sampler takes one) and both ceilings (real
     videos, and real videos through the VAE), the table prints them, and one contact sheet per
     setting is written."""
-    from vdm import eval_lib
+    from vdm.eval import runner as eval_lib
 
     out = str(tmp_path / "eval")
     res = eval_lib.run(

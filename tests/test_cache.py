@@ -19,9 +19,10 @@ import pytest
 from flax import linen as nn
 
 from configs import base
-from vdm.data import cache, pipeline, sources
+from vdm.data import cache, sources
+from vdm.data import loader as pipeline
 from vdm.models import autoencoder as ae
-from vdm.models import text_encoder as te
+from vdm.models.text import encoder as te
 from vdm.tasks import denoiser as denoiser_task
 
 N_TRAIN, N_TEST, BATCH = 20, 8, 8  # 20 = two full batches and a padded partial one
@@ -201,7 +202,7 @@ def test_mismatched_config_raises_clearly(config, built):
     ckpt = os.path.join(os.path.realpath(real), "checkpoints", "5")
     linked["vae"]["checkpoint"], linked["vae"]["random_init_seed"] = ckpt, None
     cache.check_compatible(linked, via_link)
-    # An exported model's vae/ weights are a VAE checkpoint of their own (`vdm.export`).
+    # An exported model's vae/ weights are a VAE checkpoint of their own (`vdm.tools.export`).
     bundle = os.path.join(os.path.dirname(built), "bundle")
     os.makedirs(os.path.join(bundle, "vae"), exist_ok=True)
     with open(os.path.join(bundle, "model.json"), "w") as f:
@@ -295,7 +296,7 @@ def test_denoiser_task_frozen_inputs(config, built, encoders, monkeypatch):
     frozen = task.frozen()
     assert set(frozen) == {"shift", "scale", "null_ctx", "null_mask"}
     # Training-time evaluation still decodes with the VAE (the host copy).
-    from vdm import pipeline as vdm_pipeline
+    from vdm.inference import pipeline as vdm_pipeline
 
     pipe = vdm_pipeline.Pipeline.from_parts(task.config, task, None, frozen)
     assert pipe.vae_params is task.vae_params

@@ -12,8 +12,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tests.toy_task import ToyTask, toy_config
-from vdm import checkpoint as ckpt_lib
-from vdm import parallel, train_lib
+from vdm import parallel
+from vdm.io import checkpoint as ckpt_lib
+from vdm.train import loop as train_lib
 
 
 def _abstract(tree, sharding):

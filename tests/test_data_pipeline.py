@@ -11,9 +11,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import base
-from vdm import video_io
 from vdm.data import captions as cap
-from vdm.data import folder, pipeline, sources
+from vdm.data import folder, sources
+from vdm.data import loader as pipeline
+from vdm.io import video as video_io
 
 
 @pytest.fixture(scope="module")

@@ -222,7 +222,7 @@ def test_remat_variants_match():
 
 def _saved_run(path, model):
     """Random ("trained") params of `model`, saved as step 5 of a run at `path` (params + EMA)."""
-    from vdm import checkpoint as ckpt_lib
+    from vdm.io import checkpoint as ckpt_lib
 
     trained = _random_params(model)
     with ckpt_lib.CheckpointManager(str(path), async_save=False) as m:
@@ -232,7 +232,7 @@ def _saved_run(path, model):
 
 def _fresh_state(model):
     """(a fresh TrainState of `model`'s initial params, its abstract params) for init_from."""
-    from vdm import train_lib
+    from vdm.train import loop as train_lib
 
     fresh = nn.unbox(model.init(jax.random.key(1), *_inputs((1, 3, 4, 4)))["params"])
     state = train_lib.TrainState(step=0, params=fresh, opt_state=(), ema_params=fresh)
@@ -242,8 +242,8 @@ def _fresh_state(model):
 def test_a_model_grown_in_depth_from_a_checkpoint_starts_as_its_function(tmp_path):
     """`train.init_from` + `train.init_new_params`: a depth-1 model's weights start a depth-2 one;
     the added block keeps its fresh (adaLN-Zero) init, so the output is exactly the old model's."""
-    from vdm import checkpoint as ckpt_lib
-    from vdm import train_lib
+    from vdm.io import checkpoint as ckpt_lib
+    from vdm.train import loop as train_lib
 
     small, big = dn.variant_model("mu", C, depth=1), dn.variant_model("mu", C, depth=2)
     trained, (state, abstract) = _saved_run(tmp_path / "run", small), _fresh_state(big)
@@ -273,7 +273,7 @@ def test_init_skip_retrains_the_layers_a_patch_size_change_reshapes(tmp_path):
     """`train.init_skip`: a patch-(1,2,2) checkpoint starts a patch-(1,1,1) model. Every block
     comes from the checkpoint; the skipped patch_embed / final_linear (other shapes there) keep
     their fresh initialisation. Without the skip the shape mismatch is named."""
-    from vdm import train_lib
+    from vdm.train import loop as train_lib
 
     coarse = dn.variant_model("mu", C, depth=1, patch_size=(1, 2, 2))
     fine = dn.variant_model("mu", C, depth=1, patch_size=(1, 1, 1))

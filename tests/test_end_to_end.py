@@ -50,7 +50,7 @@ def tiny(data_dir, **extra):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from vdm import train_lib
+    from vdm.train import loop as train_lib
 
     root = tmp_path_factory.mktemp("e2e")
     data_dir = str(root / "data")
@@ -104,7 +104,7 @@ def test_sample_cli_writes_files_and_records(trained, tmp_path):
 
 
 def test_sample_is_independent_of_batch_and_reproducible(trained):
-    from vdm import pipeline
+    from vdm.inference import pipeline
 
     pipe = pipeline.load_pipeline(trained["dit"])
     alone = pipe(["the digit 4 moving down"], seed=5, num_steps=2)
@@ -127,8 +127,8 @@ def test_sample_is_independent_of_batch_and_reproducible(trained):
 
 
 def test_export_roundtrip(trained, tmp_path):
-    from vdm import pipeline
-    from vdm.config import ConfigError
+    from vdm.errors import ConfigError
+    from vdm.inference import pipeline
 
     out = pipeline.export(trained["dit"], str(tmp_path / "bundle"))
     a = pipeline.load_pipeline(trained["dit"])(["six moving to the right"], seed=0, num_steps=2)
@@ -157,8 +157,11 @@ def test_export_roundtrip(trained, tmp_path):
 def test_decoder_fine_tune_replaces_the_vae_of_a_bundle(trained, tmp_path):
     """configs/vae_quickstart_decoder.py on the tiny VAE, then `export --vae`: the bundle decodes
     with the new decoder; a VAE whose encoder changed is refused (the denoiser's latents differ)."""
-    from vdm import checkpoint, export, pipeline, train_lib
-    from vdm.cli_errors import UserError
+    from vdm.errors import UserError
+    from vdm.inference import pipeline
+    from vdm.io import checkpoint
+    from vdm.tools import export
+    from vdm.train import loop as train_lib
 
     data_dir = str(trained["root"] / "data")
     ft_dir, full_dir = str(tmp_path / "vae_decoder"), str(tmp_path / "vae_full")
@@ -187,8 +190,11 @@ def test_a_new_run_starts_from_an_exported_model(trained, tmp_path):
     """An exported model's `vae/` and `denoiser/` load like checkpoints: a deeper denoiser grows
     from the bundle on the bundle's VAE and is re-exported over that same bundle, which keeps the
     record of every run in the chain."""
-    from vdm import checkpoint, export, pipeline, train_lib
-    from vdm.cli_errors import UserError
+    from vdm.errors import UserError
+    from vdm.inference import pipeline
+    from vdm.io import checkpoint
+    from vdm.tools import export
+    from vdm.train import loop as train_lib
 
     bundle = str(tmp_path / "bundle")
     export.export_with_logs(trained["dit"], bundle)
@@ -250,7 +256,8 @@ def test_a_new_run_starts_from_an_exported_model(trained, tmp_path):
 
 
 def test_resume_continues_from_checkpoint(trained):
-    from vdm import checkpoint, train_lib
+    from vdm.io import checkpoint
+    from vdm.train import loop as train_lib
 
     cfg = config_lib.load_config(
         QUICKSTART,

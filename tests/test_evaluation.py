@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from vdm import evaluation
 from vdm.data import moving_digits as md
+from vdm.eval import digits as evaluation
 
 
 @pytest.fixture(scope="module")

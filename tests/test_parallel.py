@@ -9,8 +9,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.toy_task import ToyTask, toy_config
-from vdm import parallel, train_lib
+from vdm import parallel
 from vdm.rng import base_key
+from vdm.train import loop as train_lib
 
 
 def test_mesh_shape_fills_and_rejects_bad_shapes():

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from transformers import BertConfig, GPT2Config
 
-from vdm.models import text_encoder as te
+from vdm.models.text import encoder as te
 from vdm.models.text import t5 as t5_lib
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "minilm_reference.npz")

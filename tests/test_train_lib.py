@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from tests.toy_task import ToyIterator, ToyTask, iterator_factory, toy_config
-from vdm import checkpoint as ckpt_lib
-from vdm import parallel, train_lib
-from vdm.config import ConfigError
+from vdm import parallel
+from vdm.errors import ConfigError
+from vdm.io import checkpoint as ckpt_lib
 from vdm.rng import base_key
+from vdm.train import loop as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_MAIN = os.path.join(ROOT, "tests", "toy_task.py")

@@ -1,4 +1,4 @@
-"""Round trips and error handling of vdm.video_io (tiny videos, all offline)."""
+"""Round trips and error handling of vdm.io.video (tiny videos, all offline)."""
 
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vdm import video_io
+from vdm.io import video as video_io
 
 
 def _video(t=9, h=32, w=32, seed=0):

@@ -248,7 +248,8 @@ def main(argv=None):
     parser.add_argument("--process_id", type=int, default=None)
     args = parser.parse_args(argv)
 
-    from vdm import parallel, train_lib
+    from vdm import parallel
+    from vdm.train import loop as train_lib
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     overrides = dict(kv.split("=", 1) for kv in args.set)

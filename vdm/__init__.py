@@ -10,7 +10,7 @@ import importlib.util
 import os
 
 # What libtpu reads from a TPU VM's metadata server. Any well-formed values silence its warnings
-# on a host without one (vdm.aot uses them too, to compile for a topology).
+# on a host without one (vdm.tools.aot uses them too, to compile for a topology).
 TPU_PLACEHOLDER_ENV = {
     "TPU_ACCELERATOR_TYPE": "v5litepod-4",
     "TPU_WORKER_HOSTNAMES": "localhost",
@@ -22,7 +22,8 @@ def _quiet_libtpu_without_tpu() -> None:
     """On a host without TPU chips, keeps an installed libtpu from printing warnings and an
     "E0000 ... INVALID_ARGUMENT" line at every start.
 
-    libtpu is there when the `tpu-aot` / `test` extras are installed (vdm.aot compiles with it).
+    libtpu is there when the `tpu-aot` / `test` extras are installed (vdm.tools.aot compiles
+    with it).
     JAX then tries a TPU backend on every host, and libtpu complains that it cannot find the TPU
     VM's accelerator type and worker hostnames before JAX falls back to CPU / GPU. With harmless
     placeholder values it fails quietly instead. Nothing is set on a TPU VM (TPU device nodes
@@ -49,6 +50,6 @@ __version__ = "0.1.0"
 
 def load_pipeline(path=None, **kwargs):
     """Loads a text-to-video pipeline from a checkpoint directory (default: the bundled model)."""
-    from vdm.pipeline import load_pipeline as _load
+    from vdm.inference.pipeline import load_pipeline as _load
 
     return _load(path, **kwargs)

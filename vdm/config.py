@@ -13,14 +13,12 @@ import difflib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import ml_collections
 from ml_collections import ConfigDict
 
-
-class ConfigError(ValueError):
-    """A config file, key or value the user gave is wrong; the message says which and why."""
+from vdm.errors import ConfigError
 
 
 def flat_keys(config: ConfigDict, prefix: str = "") -> list[str]:
@@ -186,7 +184,7 @@ REQUIRED = (
 )
 
 
-def _get(config: ConfigDict, key: str):
+def get_key(config: ConfigDict, key: str):
     node = config
     for p in key.split("."):
         node = node[p]
@@ -198,12 +196,12 @@ def validate(config: ConfigDict) -> None:
     problems = []
     for key in REQUIRED:
         try:
-            _get(config, key)
+            get_key(config, key)
         except (KeyError, AttributeError):
             problems.append(f"required field config.{key} is missing")
     for key, choices in _CHOICES.items():
         try:
-            value = _get(config, key)
+            value = get_key(config, key)
         except (KeyError, AttributeError):
             continue
         if value not in choices:
@@ -236,37 +234,6 @@ def validate(config: ConfigDict) -> None:
         problems.append("train.batch_size must be positive")
     if problems:
         raise ConfigError("Invalid config: " + "; ".join(problems) + ".")
-
-
-def parse_flags_with_help(argv: Sequence[str]):
-    """absl `flags_parser` for `app.run`: turns flag errors into one clear message and exit 2.
-
-    Unknown `--config.*` keys are checked against the config file before absl parses anything, so
-    the message names the key and the closest valid ones instead of a KeyError traceback.
-    """
-    from absl import flags
-
-    config_path = None
-    for i, arg in enumerate(argv[1:], start=1):
-        if arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            config_path = argv[i + 1]
-    try:
-        if config_path is not None:
-            config = load_config_file(config_path)
-            for arg in argv[1:]:
-                if arg.startswith("--config.") and "=" in arg:
-                    key = arg[len("--config.") :].split("=", 1)[0]
-                    try:
-                        _get(config, key)
-                    except (KeyError, AttributeError):
-                        raise ConfigError(unknown_key_message(config, key)) from None
-        return flags.FLAGS(argv)
-    except (ConfigError, flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        message = str(e).strip("'\"")
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
 
 
 def to_dict(config: ConfigDict) -> dict:

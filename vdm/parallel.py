@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vdm.config import ConfigError
+from vdm.errors import ConfigError
 
 PyTree = Any
 MESH_AXES = ("data", "fsdp", "tensor")

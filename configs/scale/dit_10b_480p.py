@@ -3,8 +3,8 @@
 The 1B config (configs/scale/dit_1b_480p.py) scaled in width and depth; same data, VAE, text
 encoder and sampler. Check that it fits before booking the pod (no TPU needed; docs/aot.md):
 
-  python -m vdm.aot --config configs/scale/dit_10b_480p.py --topology v5p:4x4x4
-  python -m vdm.aot --config configs/scale/dit_10b_480p.py --topology v6e:8x8 \
+  python -m vdm.tools.aot --config configs/scale/dit_10b_480p.py --topology v5p:4x4x4
+  python -m vdm.tools.aot --config configs/scale/dit_10b_480p.py --topology v6e:8x8 \
       --config.mesh.shape="{'data': -1, 'fsdp': 32, 'tensor': 2}" \
       --config.train.batch_size=32 --config.optim.accumulate_steps=2
 (measured, docs/aot.md: 35.1 GiB of 95 per v5p chip with this config's mesh; on a v6e's 32 GiB
@@ -28,7 +28,7 @@ Sizes:
   text       T5 v1.1 XXL encoder, 4.76B frozen params in bfloat16, 256 tokens per caption
   FLOPs      forward 0.43 PFLOP per video (Denoiser.flops_per_example); a train step ~3x that
 
-Mesh and memory (the design and its arithmetic; check it with vdm.aot, docs/aot.md):
+Mesh and memory (the design and its arithmetic; check it with vdm.tools.aot, docs/aot.md):
   mesh       fsdp over 64 devices (data = devices / 64): the 9.93B params' float32 state
              (params + 2 AdamW moments + EMA = 16 bytes/param, 158 GB, plus 40 GB of gradients
              in the step) is split 64 ways -> ~3 GB per chip; the frozen T5 9.5 GB -> 0.15 GB.

@@ -2,9 +2,9 @@
 
 Check that it fits a pod slice before paying for one (no TPU needed; see docs/aot.md):
 
-  python -m vdm.aot --config configs/scale/dit_1b_480p.py --topology v5p:4x4x4
-  python -m vdm.aot --config configs/scale/dit_1b_480p.py --topology v6e:8x8
-  python -m vdm.aot --config configs/scale/dit_1b_480p.py --topology v5e:16x16 \
+  python -m vdm.tools.aot --config configs/scale/dit_1b_480p.py --topology v5p:4x4x4
+  python -m vdm.tools.aot --config configs/scale/dit_1b_480p.py --topology v6e:8x8
+  python -m vdm.tools.aot --config configs/scale/dit_1b_480p.py --topology v5e:16x16 \
       --config.mesh.shape="{'data': -1, 'fsdp': 8, 'tensor': 2}" \
       --config.train.batch_size=128 --config.optim.accumulate_steps=2 \
       --config.model.scan_layers=true
@@ -31,7 +31,7 @@ Sizes:
              heads x 64): 4.76B frozen params in bfloat16 (9.5 GB), 256 tokens per caption
   FLOPs      forward 44 TFLOP per video (Denoiser.flops_per_example); a train step ~3x that
 
-Mesh and memory (the design and its arithmetic; check it with vdm.aot, docs/aot.md):
+Mesh and memory (the design and its arithmetic; check it with vdm.tools.aot, docs/aot.md):
   mesh       data x fsdp = (devices / 8) x 8: parameters, AdamW moments, EMA and the frozen T5
              are split 8 ways along "embed" (fsdp) -- ~20 bytes x 0.98B = 20 GB of trainable
              state (f32 params, 2 moments, EMA, gradients) becomes ~2.5 GB per chip, the T5's

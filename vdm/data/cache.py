@@ -127,7 +127,7 @@ def _abs_checkpoint(path: str) -> str:
     (the same checkpoint reached through a symlinked workdir is the same checkpoint)."""
     if not path:
         return ""
-    from vdm import checkpoint
+    from vdm.io import checkpoint
 
     if checkpoint.bundle_part(path) is not None:  # an exported model's vae/ weights
         return os.path.realpath(path)
@@ -290,7 +290,7 @@ class CacheSource:
     """Random-access source over one split of a latent cache (`config.data.source="cache:DIR"`).
 
     Records are the dicts described in the module docstring. The source holds no video, so
-    `vdm.data.pipeline` skips its video crops for it (`provides_video = False`).
+    `vdm.data.loader` skips its video crops for it (`provides_video = False`).
 
     Args:
       path: the cache directory.
@@ -500,9 +500,9 @@ def build_cache(
     from array_record.python import array_record_module
     from tqdm import tqdm
 
-    from vdm.data import pipeline
+    from vdm.data import loader as pipeline
     from vdm.data.sources import get_source
-    from vdm.models import text_encoder as te
+    from vdm.models.text import encoder as te
 
     if str(config.data.source).startswith("cache:"):
         raise ValueError(
@@ -719,7 +719,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         overrides.append(arg)
 
-    from vdm import cli_errors
+    from vdm import cli
     from vdm.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -727,7 +727,7 @@ def main(argv: list[str] | None = None) -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
-    with cli_errors.clear_errors():
+    with cli.clear_errors():
         config = load_config(args.config, overrides)
         split = args.split or config.data.train_split
         manifest = build_cache(

@@ -15,7 +15,7 @@ Reading a clip (in `FolderSource.__getitem__`, so in grain workers when there ar
     is kept (stride 1 when the file stores no frame rate: npy and frame folders are taken as
     already at the target rate), at most `MAX_FRAMES` frames;
   * each frame is immediately resized (bilinear, aspect kept) so that it covers the target
-    height x width, so a long HD clip never sits in memory at full size; `vdm.data.pipeline` then
+    height x width, so a long HD clip never sits in memory at full size; `vdm.data.loader` then
     center-crops it and picks `num_frames` frames (clips that are too short are padded by
     repeating their last frame: a freeze looks like a clip that ended, a loop would add a jump
     cut that the model would learn as motion).
@@ -35,7 +35,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from vdm import video_io
+from vdm.io import video as video_io
 
 log = logging.getLogger(__name__)
 

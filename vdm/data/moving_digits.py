@@ -540,7 +540,7 @@ def main(argv=None) -> None:
     parser.add_argument("--heldout", action="store_true", help="show caption_heldout (test)")
     args = parser.parse_args(argv)
 
-    from vdm import video_io
+    from vdm.io import video as video_io
 
     cfg = MovingDigitsConfig(
         num_frames=args.frames,

@@ -11,7 +11,7 @@
 
 Every source is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`, a stable `__repr__`
 for iterator checkpoints, picklable for grain workers) whose records are dicts with
-  video    uint8 [T', H', W', 3] (shape as stored; `vdm.data.pipeline` crops / resizes it),
+  video    uint8 [T', H', W', 3] (shape as stored; `vdm.data.loader` crops / resizes it),
   caption  python str,
 and any other features of the source (bytes become str), e.g. the moving-digits labels.
 Cache sources have no `video`; their records are described in `vdm.data.cache`.

@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from vdm import metrics
-from vdm.config import ConfigError
+from vdm.errors import ConfigError
+from vdm.eval import metrics
 from vdm.models import autoencoder as ae
 from vdm.rng import stream
 from vdm.tasks.base import PyTree, Task
@@ -53,7 +53,7 @@ CHARBONNIER_EPS = 1e-3
 
 def _make_loader(config, split, **kwargs):
     """The data loader (a seam the tests replace with synthetic batches)."""
-    from vdm.data import pipeline
+    from vdm.data import loader as pipeline
 
     return pipeline.make_loader(config, split, **kwargs)
 
@@ -275,7 +275,7 @@ def write_comparison(originals: np.ndarray, recons: np.ndarray, path: str) -> np
         rows += [o, r]
         captions += [f"#{i} original", f"#{i} reconstruction"]
     try:
-        from vdm.video_io import contact_sheet
+        from vdm.io.video import contact_sheet
     except ImportError:  # video_io is optional here; fall back to a plain grid.
         return _grid_png(np.stack(rows), path)
     scale = 2 if originals.shape[2] <= 64 else 1

@@ -1,4 +1,4 @@
-"""The contract between a training stage and the shared training loop (`vdm.train_lib`).
+"""The contract between a training stage and the shared training loop (`vdm.train.loop`).
 
 A `Task` says *what* is learned: how parameters are initialised, what the loss is, which frozen
 weights it needs, how host batches become device arrays, and how it is evaluated. `train_lib` does

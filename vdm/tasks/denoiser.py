@@ -23,7 +23,7 @@ from vdm import parallel, rng
 from vdm.diffusion import losses
 from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
-from vdm.models import text_encoder as te
+from vdm.models.text import encoder as te
 from vdm.tasks.base import Task
 
 
@@ -37,7 +37,7 @@ def load_frozen_vae(config) -> tuple[Any, Any, dict]:
     module = ae.VideoAutoencoder.from_config(config.vae)
     path = config.vae.checkpoint
     if path:
-        from vdm import checkpoint
+        from vdm.io import checkpoint
 
         params = checkpoint.load_params(path, item="ema")
         stats = checkpoint.load_metadata(path).get("latent_stats")
@@ -197,7 +197,9 @@ class DenoiserTask(Task):
     def evaluate(self, params, frozen, step, workdir):
         """Samples test prompts with the given (EMA) params, scores them with the project's
         metrics (moving digits only) and writes a contact sheet of previews."""
-        from vdm import evaluation, pipeline, video_io
+        from vdm.eval import digits as evaluation
+        from vdm.inference import pipeline
+        from vdm.io import video as video_io
 
         pipe = pipeline.Pipeline.from_parts(self.config, self, params, frozen)
         metrics = {}

@@ -2,7 +2,7 @@
 
 transformers 5 has no Flax models, so the modules are written here and load the PyTorch
 checkpoints' safetensors weights (PyTorch `Linear` weights are stored (out, in) and are transposed
-on load). The public entry point is `vdm.models.text_encoder.load_text_encoder`; this package holds
+on load). The public entry point is `vdm.models.text.encoder.load_text_encoder`; this package holds
 the building blocks:
 
   layers.py  attention, MLP, norms, activations and the torch -> flax weight helpers

@@ -223,7 +223,7 @@ def evaluate_pipeline(
     """Generates one video per test prompt and scores it against the prompt's labels.
 
     Args:
-      pipe: a `vdm.pipeline.Pipeline` on a moving-digits config.
+      pipe: a `vdm.inference.pipeline.Pipeline` on a moving-digits config.
       num_videos: how many test prompts (one video each).
       sampler, num_steps, guidance, shift, eta: sampling settings (default: the model's config).
       seed: sampling seed.

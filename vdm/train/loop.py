@@ -51,9 +51,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from vdm import checkpoint as ckpt_lib
 from vdm import parallel
-from vdm.config import ConfigError
+from vdm.errors import ConfigError
+from vdm.io import checkpoint as ckpt_lib
 from vdm.rng import base_key, stream
 
 PyTree = Any
@@ -614,8 +614,8 @@ class _Preemption:
 def default_iterator_factory(
     config, split, *, batch_size, shuffle, seed, process_index, process_count
 ):
-    """`vdm.data.pipeline.make_loader` (the grain loader of `config.data`)."""
-    from vdm.data import pipeline
+    """`vdm.data.loader.make_loader` (the grain loader of `config.data`)."""
+    from vdm.data import loader as pipeline
 
     return pipeline.make_loader(
         config,

@@ -183,7 +183,7 @@ def get_family(model_type: str) -> Family:
         raise ValueError(
             f"Text encoder model_type {model_type!r} is not supported. Supported model types: "
             f"{supported}. To add one, implement a linen module and a weight converter and "
-            "register them in vdm.models.text_encoder.FAMILIES."
+            "register them in vdm.models.text.encoder.FAMILIES."
         )
     return FAMILIES[model_type]
 

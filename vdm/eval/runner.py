@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from vdm.cli_errors import UserError
+from vdm.errors import UserError
 
 
 def vae_reconstruction(
@@ -19,7 +19,7 @@ def vae_reconstruction(
 ) -> tuple[dict[str, float], np.ndarray]:
     """PSNR / SSIM of the pipeline's VAE (posterior mean) on uint8 videos, and the uint8
     reconstructions (what the denoiser's best possible latents would decode to)."""
-    from vdm import metrics
+    from vdm.eval import metrics
     from vdm.models import autoencoder as ae
 
     @jax.jit
@@ -60,7 +60,9 @@ def run(
     One row per captions x sampler x eta x steps; `etas` (default: the model's `sample.eta`)
     apply to the samplers that take one ("ddim", "dpmpp2m"), "euler" gets a single row.
     """
-    from vdm import evaluation, pipeline, video_io
+    from vdm.eval import digits as evaluation
+    from vdm.inference import pipeline
+    from vdm.io import video as video_io
 
     pipe = pipeline.load_pipeline(checkpoint)
     cfg = pipe.config

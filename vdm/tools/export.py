@@ -1,11 +1,12 @@
 """Exports a trained denoiser (and its VAE) as a compact, self-contained model directory.
 
-  python -m vdm.export --checkpoint workdirs/quickstart --output vdm/assets/default_model \
+  python -m vdm.tools.export --checkpoint workdirs/quickstart --output vdm/assets/default_model \
       [--vae workdirs/vae_quickstart_decoder] [--sample guidance=3 ...]
 
-Writes `vdm.pipeline.export`'s bundle (EMA weights of the denoiser and the VAE, the config, the
-latent statistics; the text encoder referenced by name) plus the training logs of both stages
-(`train_log.jsonl`, `vae_train_log.jsonl`: each workdir's metrics.jsonl; `init_train_log.jsonl` /
+Writes `vdm.inference.pipeline.export`'s bundle (EMA weights of the denoiser and the VAE, the
+config, the latent statistics; the text encoder referenced by name) plus the training logs of both
+stages (`train_log.jsonl`, `vae_train_log.jsonl`: each workdir's metrics.jsonl;
+`init_train_log.jsonl` /
 `vae_init_train_log.jsonl` when a stage was started from another run's weights, e.g. a denoiser
 grown from the bundled one, `init_init_train_log.jsonl` for the run before that, and so on) so
 the bundle carries the record of how it was made.
@@ -62,7 +63,7 @@ def _logs_of(path: str, part: str, hops: int = 0, chain: tuple[str, ...] = ()) -
     exported from a run already in the chain (a model re-exported over the bundle it grew from,
     so the bundle now holds this chain's own later runs), its logs are aligned by that run.
     """
-    from vdm import checkpoint as ckpt
+    from vdm.io import checkpoint as ckpt
 
     if hops > _MAX_HOPS:
         raise ValueError(f"train.init_from chain longer than {_MAX_HOPS} runs at '{path}'.")
@@ -95,7 +96,7 @@ def _same_weights(a: str, b: str) -> bool:
     import jax
     import numpy as np
 
-    from vdm import pipeline
+    from vdm.inference import pipeline
 
     if not (os.path.isdir(a) and os.path.isdir(b)):
         return False
@@ -131,7 +132,7 @@ def export_with_logs(
       another checkpoint (`train.init_from`), "init_train_log" / "vae_init_train_log" (and
       "init_init_train_log", ... along a longer chain).
     """
-    from vdm import pipeline
+    from vdm.inference import pipeline
 
     output = os.path.abspath(output)
     vae_run = vae or pipeline.vae_source(checkpoint)
@@ -161,9 +162,9 @@ def export_with_logs(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m vdm.export --checkpoint WORKDIR --output DIR`."""
+    """`python -m vdm.tools.export --checkpoint WORKDIR --output DIR`."""
     parser = argparse.ArgumentParser(
-        prog="python -m vdm.export", description=__doc__.split("\n")[0]
+        prog="python -m vdm.tools.export", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--checkpoint", required=True, help="denoiser training workdir")
     parser.add_argument("--output", required=True, help="bundle directory to write")
@@ -189,10 +190,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from absl import logging as absl_logging
 
-    from vdm import cli_errors
+    from vdm import cli
 
     absl_logging.set_verbosity(absl_logging.WARNING)
-    with cli_errors.clear_errors():
+    with cli.clear_errors():
         out = export_with_logs(args.checkpoint, args.output, vae=args.vae, sample=sample)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.output) for f in fs)
     print(f"Exported {args.checkpoint} -> {out['bundle']} ({size / 2**20:.1f} MiB).")

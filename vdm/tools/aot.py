@@ -1,7 +1,7 @@
 """Ahead-of-time compilation for TPU topologies on a CPU host: per-chip memory, FLOPs, projections.
 
     pip install -e ".[tpu-aot]"      # jax[tpu]: a libtpu matching the installed jax
-    python -m vdm.aot --config configs/scale/dit_1b_480p.py --topology v5p:4x4x4 \
+    python -m vdm.tools.aot --config configs/scale/dit_1b_480p.py --topology v5p:4x4x4 \
         [--topology v5e:16x16 ...] [--config.train.batch_size=64 ...] [--json report.json]
 
 No TPU is needed: `jax.experimental.topologies.get_topology_desc` describes the devices of a TPU
@@ -12,9 +12,9 @@ compiler, which fails if the program does not fit in a chip's HBM and otherwise 
 `memory_analysis()` and `cost_analysis()`.
 
 Programs compiled (the same code training and sampling run, not copies):
-  train_step   `vdm.train_lib.make_train_step(task, config, mesh)` of the config's stage, with the
+  train_step   `vdm.train.loop.make_train_step(task, config, mesh)` of the config's stage, with the
                state shardings of `train_lib.state_shardings` and the task's frozen inputs.
-  sample       `vdm.pipeline.Pipeline._generate_impl`: the sampler's `lax.scan` over
+  sample       `vdm.inference.pipeline.Pipeline._generate_impl`: the sampler's `lax.scan` over
                `sample.num_steps` guided denoiser calls + the streaming VAE decode, with the
                denoiser params sharded like training and the batch over (data, fsdp).
   text_encode  the frozen text encoder (`TextEncoder.encode`) on a batch of prompts, its params
@@ -105,14 +105,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from vdm import parallel, train_lib  # noqa: E402
-from vdm.cli_errors import UserError  # noqa: E402
-from vdm.config import ConfigError  # noqa: E402
+from vdm import parallel  # noqa: E402
+from vdm.errors import ConfigError, UserError  # noqa: E402
 from vdm.models import autoencoder as ae  # noqa: E402
 from vdm.models import denoiser as dn  # noqa: E402
-from vdm.models import text_encoder as te  # noqa: E402
+from vdm.models.text import encoder as te  # noqa: E402
 from vdm.rng import base_key  # noqa: E402
 from vdm.tasks.denoiser import DenoiserTask  # noqa: E402
+from vdm.train import loop as train_lib  # noqa: E402
 
 PyTree = Any
 GiB = 1024**3
@@ -275,7 +275,7 @@ def text_encoder_architecture(name: str):
         f"config.text_encoder.name={name!r}: AOT needs the encoder's architecture without "
         f"downloading it. Known hub ids: {sorted(TEXT_ENCODER_ARCHITECTURES)}; or an alias "
         f"({sorted(te.ALIASES)}), or a local directory with config.json (add other hub ids to "
-        "vdm.aot.TEXT_ENCODER_ARCHITECTURES)."
+        "vdm.tools.aot.TEXT_ENCODER_ARCHITECTURES)."
     )
 
 
@@ -780,7 +780,7 @@ def compile_sample(b: Built, batch: int):
     Returns:
       (compiled sampler, ProgramReport); FLOPs are `num_steps` x the guided call's.
     """
-    from vdm import pipeline
+    from vdm.inference import pipeline
 
     config, task, mesh = b.config, b.task, b.mesh
     if not isinstance(task, DenoiserTask):
@@ -1082,12 +1082,12 @@ def main(argv: Sequence[str]) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from vdm import cli_errors
+    from vdm import cli
     from vdm import config as config_lib
 
-    cli_errors.quiet_library_logs()
+    cli.quiet_library_logs()
     F = flags.FLAGS
-    with cli_errors.clear_errors():
+    with cli.clear_errors():
         config = F.config
         config_lib.validate(config)
         programs = [p for s in F.programs for p in s.split(",") if p]
@@ -1143,7 +1143,7 @@ def _define_flags():
 if __name__ == "__main__":
     from absl import app
 
-    from vdm import config as config_lib
+    from vdm import cli
 
     _define_flags()
-    app.run(main, flags_parser=config_lib.parse_flags_with_help)
+    app.run(main, flags_parser=cli.parse_flags_with_help)

@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from vdm.cli_errors import UserError
+from vdm.errors import UserError
 
 FORMATS = ("mp4", "gif", "npy", "png")
 
@@ -33,7 +33,8 @@ def run(
     Files are `{output_dir}/{prompt_idx:03d}_{sample_idx:02d}.{ext}`; `npy` holds uint8
     [T, H, W, 3]; `png` is a contact sheet of the frames.
     """
-    from vdm import pipeline, video_io
+    from vdm.inference import pipeline
+    from vdm.io import video as video_io
 
     bad = [f for f in formats if f not in FORMATS]
     if bad:

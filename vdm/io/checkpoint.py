@@ -16,8 +16,8 @@ falls back to the previous step.
 
 Inference: `load_params(path, item="ema")`, `load_metadata(path)`, `load_config(path)`, where
 `path` is a workdir, its `checkpoints/` directory (both: latest step) or one step directory.
-The two weight directories of an exported model (`vdm.export`: `MODEL/denoiser`, `MODEL/vae`, EMA
-weights only) load the same way, so a new run can start from the bundled model
+The two weight directories of an exported model (`vdm.tools.export`: `MODEL/denoiser`,
+`MODEL/vae`, EMA weights only) load the same way, so a new run can start from the bundled model
 (`--config.vae.checkpoint=vdm/assets/default_model/vae`,
 `--config.train.init_from=vdm/assets/default_model/denoiser`).
 """
@@ -39,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vdm.config import ConfigError
+from vdm.errors import ConfigError
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -339,7 +339,7 @@ BUNDLE_CONFIG = "model.json"
 
 def bundle_part(path: str) -> tuple[str, str] | None:
     """`(model_dir, part)` when `path` is the `denoiser/` or `vae/` weights of an exported model
-    dir (`vdm.export`), else None."""
+    dir (`vdm.tools.export`), else None."""
     path = os.path.abspath(os.path.expanduser(str(path)))
     parent, part = os.path.split(os.path.normpath(path))
     is_part = part in BUNDLE_PARTS and os.path.isdir(path)

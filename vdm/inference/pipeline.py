@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm import rng
-from vdm.cli_errors import UserError
 from vdm.diffusion import samplers, schedules
+from vdm.errors import UserError
 from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
-from vdm.models import text_encoder as te
+from vdm.models.text import encoder as te
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default_model")
 
@@ -266,7 +266,7 @@ def load_pipeline(
     """
     from ml_collections import ConfigDict
 
-    from vdm import checkpoint
+    from vdm.io import checkpoint
 
     path = path or DEFAULT_MODEL
     if not os.path.exists(path):
@@ -349,7 +349,7 @@ def swap_vae(pipe: Pipeline, vae_path: str) -> Pipeline:
     Raises:
       UserError: no VAE checkpoint at `vae_path`, or one that encodes differently (named).
     """
-    from vdm import checkpoint
+    from vdm.io import checkpoint
 
     try:
         vae_config = checkpoint.load_config(vae_path)
@@ -386,7 +386,7 @@ def vae_source(denoiser_path: str) -> str:
     if os.path.exists(os.path.join(denoiser_path, "model.json")):
         meta = _read_json(os.path.join(denoiser_path, "model.json"))
         return meta.get("vae_source") or os.path.join(denoiser_path, "vae")
-    from vdm import checkpoint
+    from vdm.io import checkpoint
 
     return checkpoint.load_metadata(denoiser_path).get("vae_checkpoint", "")
 

@@ -1,0 +1,1 @@
+"""Text -> video with a trained model: sampling settings, the pipeline, writing files."""

@@ -1,0 +1,1 @@
+"""Files on disk: training checkpoints, exported model bundles, video files."""
