@@ -126,6 +126,7 @@ def _train_step_fn(model, config):
     import optax
 
     from vdm.diffusion import losses
+    from vdm.models import denoiser as dn
 
     tx = optax.adamw(config.optim.learning_rate, weight_decay=0.0)
 
@@ -133,10 +134,9 @@ def _train_step_fn(model, config):
         null = (jnp.zeros_like(ctx[:1]), jnp.ones_like(mask[:1]))
 
         def loss_fn(p):
-            def model_fn(x, t, cond):
-                return model.apply({"params": p}, x, t, cond[0], cond[1])
-
-            per = losses.diffusion_loss(model_fn, x0, (ctx, mask), key, config.diffusion, null)
+            per = losses.diffusion_loss(
+                dn.model_fn(model, p), x0, (ctx, mask), key, config.diffusion, null
+            )
             return per.mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -236,9 +236,9 @@ def bench_train(args, peak) -> dict:
 def bench_sampler(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
-    from jax.tree_util import Partial
 
     from vdm.diffusion import samplers
+    from vdm.models import denoiser as dn
 
     model, config = _model()
     b = args.sample_batch
@@ -249,16 +249,13 @@ def bench_sampler(args) -> list[dict]:
     cond = (ctx, mask)
     null = (jnp.zeros_like(ctx[:1]), jnp.ones_like(mask[:1]))
 
-    def apply_fn(p, x, t, c):
-        return model.apply({"params": p}, x, t, c[0], c[1])
-
-    model_fn = Partial(apply_fn, params)
+    model_fn = dn.model_fn(model, params)
     guidance = jnp.float32(args.guidance)
 
     # One guided evaluation = one model call on the [cond; uncond] batch of 2B + the CFG mix.
     @jax.jit
     def guided(p, x, t, c, n):
-        return samplers.guided_output(Partial(apply_fn, p), x, t, c, n, guidance)
+        return samplers.guided_output(dn.model_fn(model, p), x, t, c, n, guidance)
 
     t_mid = jnp.float32(0.5)
     ev = _time(

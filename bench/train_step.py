@@ -65,6 +65,7 @@ def main():
     from vdm import parallel
     from vdm.config import load_config
     from vdm.io import checkpoint as ckpt_lib
+    from vdm.models.layers import count_params
     from vdm.rng import base_key
     from vdm.train import loop as train_lib
 
@@ -101,7 +102,7 @@ def main():
         shardings=shardings,
         frozen_shardings=frozen_shardings,
     )
-    num_params = train_lib.count_params(state.params)
+    num_params = count_params(state.params)
     pmap = config.parallel == "pmap"
     host_batch = task.dummy_batch(batch_size // jax.process_count())
     if pmap:

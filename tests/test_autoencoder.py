@@ -343,7 +343,7 @@ def test_evaluate_and_metadata_with_fake_loader(task_config, tmp_path, monkeypat
     reconstruct = task._jit("reconstruct", task._reconstruct)  # compiled by evaluate.
     recon = np.concatenate(
         [
-            ae_task.to_uint8(reconstruct(params, ae_task.to_model_input(videos[i : i + 4])))
+            ae.to_uint8(np.asarray(reconstruct(params, ae.from_uint8(videos[i : i + 4]))))
             for i in (0, 4)
         ]
     )

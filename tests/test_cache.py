@@ -3,7 +3,7 @@ frozen encoders, compatibility checks and determinism. Tiny: 20 train / 8 test m
 videos of 9x32x32, the "mu" VAE randomly initialised, MiniLM with max_length 8.
 
 The VAE's random params are drawn with numpy from `eval_shape` shapes rather than by
-`vdm.tasks.denoiser.load_frozen_vae` (which `build_cache` uses by default): with
+`vdm.encoders.load_vae` (which `build_cache` uses by default): with
 jax_threefry_partitionable, XLA takes ~10 s to compile each 5-D random draw on CPU, a minute
 for the VAE's init.
 """
@@ -19,6 +19,7 @@ import pytest
 from flax import linen as nn
 
 from configs import base
+from vdm import encoders as encoders_lib
 from vdm.data import cache, sources
 from vdm.data import loader as pipeline
 from vdm.models import autoencoder as ae
@@ -48,7 +49,7 @@ def config(tmp_path_factory):
 
 
 def _random_vae(config):
-    """(module, params, identity stats) like `load_frozen_vae` without a checkpoint."""
+    """(module, params, identity stats) like `load_vae` without a checkpoint."""
     module = ae.VideoAutoencoder.from_config(config.vae)
     video = jnp.zeros((1, config.data.num_frames, config.data.height, config.data.width, 3))
     shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), video)["params"])
@@ -251,7 +252,7 @@ def test_deterministic_bytes_and_limit(config, built, encoders, tmp_path):
 def test_cli(config, encoders, tmp_path, monkeypatch, capsys):
     vae, text = encoders
     monkeypatch.setattr(te, "load_text_encoder", lambda *a, **k: text)  # skip a 2nd MiniLM load
-    monkeypatch.setattr(denoiser_task, "load_frozen_vae", lambda config: vae)  # see docstring
+    monkeypatch.setattr(encoders_lib, "load_vae", lambda config: vae)  # see docstring
     out = str(tmp_path / "cli")
     args = [
         "--config", os.path.join(os.path.dirname(base.__file__), "base.py"),
@@ -279,7 +280,7 @@ def test_denoiser_task_frozen_inputs(config, built, encoders, monkeypatch):
     steps on a cache do not take them at all (the loss never reads them)."""
     from vdm import parallel
 
-    monkeypatch.setattr(denoiser_task, "load_frozen_vae", lambda c: encoders[0])
+    monkeypatch.setattr(encoders_lib, "load_vae", lambda c: encoders[0])
     mesh = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     rules = config.mesh.logical_axis_rules
 

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from configs import base
 from vdm.models import denoiser as dn
 from vdm.models import layers
+from vdm.models.layers import count_params
 
 C, D_TXT, L_TXT = 8, 12, 5  # latent channels, text width, text length
 SHAPE = (4, 4, 4, 4)  # (B, t, h, w) of most tests: one compile per model config
@@ -333,16 +334,16 @@ def test_param_counts_match_formula():
     block = 3 * attn + 3 * mod + (2 * w * m + m + w) + 2 * w  # + cross-attn LayerNorm
     embeds = (p * w + w) + (f * w + w * w + 2 * w) + 2 * (d * w + w * w + 2 * w)
     expected = embeds + 2 * block + (w * 2 * w + 2 * w + w * p + p)
-    assert dn.count_params(_abstract(MU)) == MU.num_params(D_TXT) == expected == 77824
+    assert count_params(_abstract(MU)) == MU.num_params(D_TXT) == expected == 77824
     for kw in [dict(attention="full"), dict(pooled_text=False, qk_norm=False, mlp_ratio=2.0)]:
         model = dn.variant_model("mu", C, **kw)
-        assert dn.count_params(_abstract(model)) == model.num_params(D_TXT), kw
+        assert count_params(_abstract(model)) == model.num_params(D_TXT), kw
     # Named sizes match the formula (abstract init: no memory) and the sizes they are named for.
     targets = {"S": (2e6, 5e6), "B": (120e6, 145e6), "L": (420e6, 480e6), "XL": (640e6, 720e6)}
     for name, (lo, hi) in targets.items():
         model = dn.variant_model(name, C)
         if name in ("S", "B"):
-            assert dn.count_params(_abstract(model)) == model.num_params(D_TXT), name
+            assert count_params(_abstract(model)) == model.num_params(D_TXT), name
         assert lo < model.num_params(384) < hi, (name, model.num_params(384))
 
 
@@ -358,7 +359,7 @@ def test_config_and_variants():
     text = model.summary(latent_shape=(5, 8, 8, 8), context_shape=(32, 384))
     assert "factorized" in text and f"{model.num_params(384):,}" in text and "80 tokens" in text
     params = _random_params(MU)
-    assert f"{dn.count_params(params):,}" in MU.summary(params, context_shape=(L_TXT, D_TXT))
+    assert f"{count_params(params):,}" in MU.summary(params, context_shape=(L_TXT, D_TXT))
 
 
 def test_flops_estimate_matches_xla():

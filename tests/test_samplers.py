@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vdm import rng
 from vdm.diffusion import samplers, schedules
 from vdm.diffusion.schedules import DiffusionSpec
 
@@ -44,7 +45,7 @@ SETTINGS = [("euler", 0.0), ("ddim", 0.0), ("ddim", 0.7), ("dpmpp2m", 0.0), ("dp
 def _run(seed, prompts, samples, sampler, eta, spec=FLOW, guidance=4.0, num_steps=6):
     prompts, samples = np.asarray(prompts), np.asarray(samples)
     noise = samplers.initial_noise(seed, prompts, samples, (4,))
-    keys = samplers.example_keys(seed + 1000, prompts, samples)
+    keys = rng.example_keys(seed + 1000, prompts, samples)
     return samplers.sample(
         toy_model,
         noise,
@@ -93,7 +94,7 @@ def test_initial_noise_independent_of_batch_and_devices():
     # Sharded over 8 devices: the same bits.
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    keys = jax.device_put(samplers.example_keys(7, p, i), sharding)
+    keys = jax.device_put(rng.example_keys(7, p, i), sharding)
     sharded = samplers._noise_from_keys(keys, (2, 3), jnp.dtype(jnp.float32))
     assert len(sharded.sharding.device_set) == 8
     assert np.asarray(sharded).tobytes() == full.tobytes()
@@ -432,7 +433,7 @@ def test_sample_inside_outer_jit_with_traced_params():
     """The pipeline's pattern: model closes over traced params inside its own jit."""
     noise = samplers.initial_noise(0, np.array([0, 1]), np.array([0, 0]), (4,))
     cond = _cond([0, 1])
-    keys = samplers.example_keys(9, np.array([0, 1]), np.array([0, 0]))
+    keys = rng.example_keys(9, np.array([0, 1]), np.array([0, 0]))
 
     @jax.jit
     def generate(w, guidance, eta, keys):

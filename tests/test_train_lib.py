@@ -20,6 +20,7 @@ from tests.toy_task import ToyIterator, ToyTask, iterator_factory, toy_config
 from vdm import parallel
 from vdm.errors import ConfigError
 from vdm.io import checkpoint as ckpt_lib
+from vdm.models.layers import count_params
 from vdm.rng import base_key
 from vdm.train import loop as train_lib
 
@@ -193,7 +194,7 @@ def test_init_from_and_freeze_fine_tune_part_of_a_trained_model(tmp_path, capsys
     assert not np.array_equal(state.params["fc2"]["kernel"], base["fc2"]["kernel"])
     assert not np.array_equal(state.ema_params["fc2"]["kernel"], base["fc2"]["kernel"])
     # AdamW moments (mu, nu) for the 3,172 trainable values only, plus step counters.
-    assert 2 * 3172 <= train_lib.count_params(state.opt_state) < 2 * 3172 + 8
+    assert 2 * 3172 <= count_params(state.opt_state) < 2 * 3172 + 8
 
     # Resuming the fine-tune ignores init_from (its own checkpoint wins) and says so.
     config = toy_config(

@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from vdm.models import autoencoder as ae
+
 log = logging.getLogger("vdm.data.cache")
 
 FORMAT = "vdm-latent-cache"
@@ -367,9 +369,8 @@ class CacheSource:
 
 def _encode_videos(module, latent_dtype: str, params, video):
     """uint8 video [B, T, H, W, 3] -> posterior (mean, logvar) in `latent_dtype`."""
-    import jax.numpy as jnp
 
-    x = video.astype(jnp.float32) / 127.5 - 1.0
+    x = ae.from_uint8(video)
     mean, logvar = module.apply({"params": params}, x, method=module.encode_moments)
     return mean.astype(latent_dtype), logvar.astype(latent_dtype)
 
@@ -489,7 +490,7 @@ def build_cache(
       zero_padding: store zeros at padded context positions (smaller; exact for the denoiser,
         which ignores padding).
       limit: encode only the first `limit` examples (for timing; the manifest records it).
-      vae: a ready `(module, params, latent_stats)` (default: `vdm.tasks.denoiser.load_frozen_vae`).
+      vae: a ready `(module, params, latent_stats)` (default: `vdm.encoders.load_vae`).
       text_encoder: a ready TextEncoder (default: `load_text_encoder(config.text_encoder...)`).
       progress: show a tqdm progress bar.
 
@@ -536,9 +537,9 @@ def build_cache(
     os.makedirs(output, exist_ok=True)
 
     if vae is None:
-        from vdm.tasks.denoiser import load_frozen_vae
+        from vdm.encoders import load_vae
 
-        vae = load_frozen_vae(config)
+        vae = load_vae(config)
     module, vae_params, stats = vae
     if text_encoder is None:
         text_encoder = te.load_text_encoder(

@@ -342,35 +342,13 @@ def sample(
 
 
 # -- per-example noise -----------------------------------------------------------------------------
-def example_keys(seed, prompt_indices, sample_indices) -> jax.Array:
-    """Per-example keys fold_in(fold_in(key(seed), p), i) [B] (typed keys).
-
-    Args:
-      seed: int seed (or a typed base key).
-      prompt_indices: int [B], the prompt index p of each example.
-      sample_indices: int [B], the sample index i of each example.
-
-    Returns:
-      typed PRNG keys [B].
-    """
-    typed = isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key)
-    base = seed if typed else jax.random.key(seed)
-    p = jnp.asarray(prompt_indices, jnp.int32)
-    i = jnp.asarray(sample_indices, jnp.int32)
-    if p.shape != i.shape or p.ndim != 1:
-        raise ValueError(
-            f"prompt_indices {p.shape} and sample_indices {i.shape} must be equal-length 1-D."
-        )
-    return jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(base, a), b))(p, i)
-
-
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
 def _noise_from_keys(keys, shape, dtype):
     return jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(keys)
 
 
 def initial_noise(seed, prompt_indices, sample_indices, shape, dtype=jnp.float32) -> jax.Array:
-    """Starting noise: example b is N(0, I) drawn from its own key (`example_keys`).
+    """Starting noise: example b is N(0, I) drawn from its own key (`vdm.rng.example_keys`).
 
     Each example's noise depends only on (seed, p, i), never on the batch it sits in or on how many
     devices compute it (threefry is partitionable, `vdm/__init__.py`).
@@ -385,5 +363,5 @@ def initial_noise(seed, prompt_indices, sample_indices, shape, dtype=jnp.float32
     Returns:
       [B, *shape] noise.
     """
-    keys = example_keys(seed, prompt_indices, sample_indices)
+    keys = rng.example_keys(seed, prompt_indices, sample_indices)
     return _noise_from_keys(keys, tuple(int(d) for d in shape), jnp.dtype(dtype))

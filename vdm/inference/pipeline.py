@@ -106,11 +106,8 @@ class Pipeline:
         num_steps,
         spec=None,
     ):
-        def model_fn(x, t, cond):
-            return self.model.apply({"params": params}, x, t, cond[0], cond[1])
-
         z = samplers.sample(
-            model_fn,
+            dn.model_fn(self.model, params),
             noise,
             (ctx, mask),
             (null_ctx, null_mask),
@@ -123,7 +120,7 @@ class Pipeline:
         )
         z = z * self._scale + self._shift
         video = ae.decode(self.vae, vae_params, z, chunk=self.config.vae.decode_chunk)
-        return jnp.round((jnp.clip(video, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+        return ae.to_uint8(video)
 
     def sampling_spec(self, shift: float | None = None) -> schedules.DiffusionSpec:
         """The DiffusionSpec the sampler uses: `config.diffusion` with the sampling time shift
@@ -302,9 +299,9 @@ def load_pipeline(
             vae_params = checkpoint.load_params(vae_path, item="ema")
         else:
             logging.warning("Denoiser checkpoint has no VAE reference: using a random VAE.")
-            from vdm.tasks.denoiser import load_frozen_vae
+            from vdm.encoders import load_vae
 
-            _, vae_params, _ = load_frozen_vae(config)
+            _, vae_params, _ = load_vae(config)
     _add_new_fields(config)
     text = te.load_text_encoder(
         meta.get("text_encoder", config.text_encoder.name),

@@ -39,7 +39,6 @@ checkpoint metadata (`vdm.tasks.autoencoder.AutoencoderTask.metadata`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -119,6 +118,17 @@ def resolve_vae_config(vae_config) -> dict[str, Any]:
             "channel multiplier are required."
         )
     return out
+
+
+def from_uint8(video):
+    """uint8 pixels [0, 255] -> float32 in [-1, 1], the VAE's input range (numpy or jax)."""
+    return video.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(video):
+    """The VAE's output range [-1, 1] -> uint8 pixels, clipped and rounded (numpy or jax)."""
+    xp = np if isinstance(video, np.ndarray) else jnp
+    return xp.round((xp.clip(video, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 def latent_shape(vae_config, T: int, H: int, W: int) -> tuple[int, int, int, int]:
@@ -582,8 +592,3 @@ def denormalize_latents(z: jnp.ndarray, stats: Mapping[str, Any]) -> jnp.ndarray
     """z * scale + shift per channel: the denoiser's outputs -> latents for `decode`."""
     shift, scale = _stats_arrays(stats, z.shape[-1])
     return (z * scale + shift).astype(z.dtype)
-
-
-def count_params(params: PyTree) -> int:
-    """Number of scalar parameters (works on boxed `nn.Partitioned` trees too)."""
-    return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(nn.meta.unbox(params))))

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -135,9 +135,14 @@ def unpatchify(x: jax.Array, patch_size: Sequence[int], channels: int) -> jax.Ar
     return x.reshape(b, gt * pt, gh * ph, gw * pw, channels)
 
 
-def count_params(params: Any) -> int:
-    """Number of scalars in a param tree (arrays, `nn.Partitioned` boxes or ShapeDtypeStructs)."""
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+def model_fn(model: Denoiser, params: Any) -> Callable:
+    """`f(x, t, cond)` for the samplers and the loss: `model` applied with `params`, where
+    `cond = (context [B, L, D], mask [B, L])`."""
+
+    def f(x, t, cond):
+        return model.apply({"params": params}, x, t, cond[0], cond[1])
+
+    return f
 
 
 class DiTBlock(nn.Module):
@@ -517,7 +522,7 @@ class Denoiser(nn.Module):
         """
         ln, d = context_shape
         groups = self.param_groups(d)
-        total = count_params(params) if params is not None else self.num_params(d)
+        total = L.count_params(params) if params is not None else self.num_params(d)
         arch = (
             f"Denoiser: {self.attention} attention, {self.pos_encoding}, depth {self.depth} x "
             f"width {self.width} ({self.num_heads} heads x {self.head_dim}), mlp {self.mlp_hidden}"

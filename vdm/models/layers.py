@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Names = tuple[str | None, ...]
@@ -455,3 +456,8 @@ class AdaLNModulation(nn.Module):
             zero_init=True,
         )(c_act)
         return tuple(jnp.split(y, self.n, axis=-1))
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a param tree (arrays, `nn.Partitioned` boxes or ShapeDtypeStructs)."""
+    return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(nn.meta.unbox(params))))

@@ -74,16 +74,6 @@ def reconstruction_loss(recon: jax.Array, video: jax.Array, kind: str) -> jax.Ar
     raise ValueError(f"Unknown reconstruction loss {kind!r}; valid: {RECON_LOSSES}.")
 
 
-def to_model_input(video_uint8) -> np.ndarray:
-    """uint8 video -> float32 in [-1, 1] (the models' convention)."""
-    return np.asarray(video_uint8, np.float32) / 127.5 - 1.0
-
-
-def to_uint8(video) -> np.ndarray:
-    """Float video in [-1, 1] -> uint8 (clipped, rounded)."""
-    return np.clip(np.round((np.asarray(video, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 class AutoencoderTask(Task):
     """Trains `VideoAutoencoder.from_config(config.vae)` on `config.data` videos."""
 
@@ -161,7 +151,7 @@ class AutoencoderTask(Task):
         video = np.asarray(batch["video"])
         if video.dtype != np.uint8:
             raise ValueError(f"Expected uint8 videos from the data pipeline; got {video.dtype}.")
-        return {"video": to_model_input(video)}
+        return {"video": ae.from_uint8(np.asarray(video))}
 
     def evaluate(self, params, frozen, step: int, workdir: str) -> dict[str, float]:
         cfg = self.config
@@ -183,7 +173,7 @@ class AutoencoderTask(Task):
             if i >= cfg.train.eval_batches:
                 break
             video = np.asarray(batch["video"])
-            recon = to_uint8(reconstruct(params, to_model_input(video)))
+            recon = ae.to_uint8(np.asarray(reconstruct(params, ae.from_uint8(np.asarray(video)))))
             psnrs.append(metrics.psnr(video, recon, 255.0))
             frames_fit = min(video.shape[2:4]) >= 11
             if frames_fit:
@@ -243,7 +233,7 @@ class AutoencoderTask(Task):
         encode = self._jit("encode", lambda p, v: ae.encode(self.module, p, v))
         latents, seen = [], 0
         for batch in loader:
-            latents.append(np.asarray(encode(params, to_model_input(batch["video"]))))
+            latents.append(np.asarray(encode(params, ae.from_uint8(np.asarray(batch["video"])))))
             seen += len(latents[-1])
             if seen >= n:
                 break

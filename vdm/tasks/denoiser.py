@@ -10,52 +10,27 @@ most of a chip). A step on a latent cache never reads them and does not take the
 
 from __future__ import annotations
 
-import logging
 import os
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import parallel, rng
+from vdm import encoders as encoders_lib
+from vdm import rng
+from vdm.data import cache
 from vdm.diffusion import losses
+from vdm.encoders import FrozenEncoders
 from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
-from vdm.models.text import encoder as te
 from vdm.tasks.base import Task
 
 
-def load_frozen_vae(config) -> tuple[Any, Any, dict]:
-    """The VAE module, its (EMA) params and latent statistics from `config.vae.checkpoint`.
-
-    With no checkpoint configured (tiny test configs only) the VAE is randomly initialised from the
-    config seed and the statistics are identity; this is logged loudly because a real run needs a
-    trained VAE.
-    """
-    module = ae.VideoAutoencoder.from_config(config.vae)
-    path = config.vae.checkpoint
-    if path:
-        from vdm.io import checkpoint
-
-        params = checkpoint.load_params(path, item="ema")
-        stats = checkpoint.load_metadata(path).get("latent_stats")
-        if stats is None:
-            raise ValueError(
-                f"VAE checkpoint '{path}' has no latent statistics in its metadata; re-export it "
-                "with the current code (stage 'autoencoder' stores them at every checkpoint)."
-            )
-        return module, params, stats
-    logging.warning(
-        "config.vae.checkpoint is empty: using a RANDOMLY INITIALISED VAE (fine for tests, useless "
-        "for real training). Train one with stage 'autoencoder' and set --config.vae.checkpoint."
-    )
-    t, h, w = config.data.num_frames, config.data.height, config.data.width
-    video = jnp.zeros((1, t, h, w, 3), jnp.float32)
-    params = jax.jit(module.init)(jax.random.key(config.seed), video)["params"]
-    c = config.vae.latent_channels
-    return module, params, {"shift": [0.0] * c, "scale": [1.0] * c}
+def _as_array(x, dtype):
+    """x as a jnp array of `dtype`; an abstract `ShapeDtypeStruct` stays abstract."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, dtype)
+    return jnp.asarray(x, dtype)
 
 
 class DenoiserTask(Task):
@@ -67,31 +42,21 @@ class DenoiserTask(Task):
     denoiser alone). Both draw the same posterior sample `mean + exp(logvar / 2) * eps`.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, encoders: FrozenEncoders | None = None):
+        """
+        Args:
+          config: the run config.
+          encoders: the frozen VAE and text encoder (default: `vdm.encoders.load(config)`;
+            `vdm.encoders.abstract(config)` for ahead-of-time compiles).
+        """
         super().__init__(config)
-        self.text = te.load_text_encoder(
-            config.text_encoder.name,
-            max_length=config.text_encoder.max_length,
-            dtype=jnp.dtype(config.text_encoder.dtype),
-        )
-        self.vae, self._vae_params, self.latent_stats = load_frozen_vae(config)
+        enc = encoders_lib.load(config) if encoders is None else encoders
+        self.encoders = enc
+        self.text, self.vae, self.latent_stats = enc.text, enc.vae, enc.latent_stats
         d = config.data
         self.latent_shape = ae.latent_shape(config.vae, d.num_frames, d.height, d.width)
         self.model = dn.Denoiser.from_config(config.model, config.vae.latent_channels)
         self.cached = d.source.startswith("cache:")
-        self.data_kind = d.source.split(":", 1)[0]
-        if self.cached:
-            from vdm.data import cache
-
-            manifest = cache.read_manifest(d.source.split(":", 1)[1])
-            cache.check_compatible(manifest, config, d.train_split)
-            self.latent_stats = manifest["latent_stats"]
-            self.data_kind = cache.underlying_source(d.source).split(":", 1)[0]
-        ids, mask = self.text.tokenize([""])
-        # The empty prompt's embedding: dropped captions in training, the unconditional branch of
-        # guidance in sampling. Computed once; it is a frozen input like the weights.
-        self._null_ctx = np.asarray(self.text.encode(self.text.params, ids, mask))
-        self._null_mask = np.asarray(mask)
 
     @property
     def tokens_per_example(self) -> int:
@@ -122,26 +87,16 @@ class DenoiserTask(Task):
     @property
     def vae_params(self):
         """The frozen VAE's (EMA) params as loaded (host arrays, no axis names)."""
-        return self._vae_params
-
-    def encoders(self) -> dict[str, Any]:
-        """The frozen encoders' weights, boxed with logical axis names: {"vae", "text"}."""
-        d = self.config.data
-        video = jax.ShapeDtypeStruct((1, d.num_frames, d.height, d.width, 3), jnp.float32)
-        vae_axes = nn.get_partition_spec(jax.eval_shape(self.vae.init, jax.random.key(0), video))
-        return {
-            "vae": parallel.box(self._vae_params, vae_axes["params"]),
-            "text": parallel.box(self.text.params, self.text.logical_axes()),
-        }
+        return self.encoders.vae_params
 
     def frozen(self):
         """Latent statistics, the null caption and (raw-video steps only) `encoders()`."""
         return {
-            **({} if self.cached else self.encoders()),
+            **({} if self.cached else self.encoders.boxed(self.config.data)),
             "shift": jnp.asarray(self.latent_stats["shift"], jnp.float32),
             "scale": jnp.asarray(self.latent_stats["scale"], jnp.float32),
-            "null_ctx": jnp.asarray(self._null_ctx, jnp.float32),
-            "null_mask": jnp.asarray(self._null_mask),
+            "null_ctx": _as_array(self.encoders.null_ctx, jnp.float32),
+            "null_mask": _as_array(self.encoders.null_mask, jnp.int32),
         }
 
     def device_batch(self, batch):
@@ -159,7 +114,7 @@ class DenoiserTask(Task):
             z = mean + std * jax.random.normal(key, mean.shape, jnp.float32)
             ctx, mask = batch["context"].astype(jnp.float32), batch["context_mask"]
         else:
-            x = batch["video"].astype(jnp.float32) / 127.5 - 1.0
+            x = ae.from_uint8(batch["video"])
             z = ae.encode(self.vae, frozen["vae"], x, key=key)
             mask = batch["mask"]
             ctx = self.text.encode(frozen["text"], batch["ids"], mask)
@@ -173,11 +128,13 @@ class DenoiserTask(Task):
             jnp.broadcast_to(frozen["null_mask"], mask.shape),
         )
 
-        def model_fn(x, t, cond):
-            return self.model.apply({"params": params}, x, t, cond[0], cond[1])
-
         per_example = losses.diffusion_loss(
-            model_fn, z0, (ctx, mask), key, self.config.diffusion, null_cond=null_cond
+            dn.model_fn(self.model, params),
+            z0,
+            (ctx, mask),
+            key,
+            self.config.diffusion,
+            null_cond=null_cond,
         )
         return per_example.mean(), {"latent_std": z0.std()}
 
@@ -204,7 +161,8 @@ class DenoiserTask(Task):
         pipe = pipeline.Pipeline.from_parts(self.config, self, params, frozen)
         metrics = {}
         n = self.config.eval.during_training
-        if n and self.data_kind == "moving_digits":
+        data_kind = cache.underlying_source(self.config.data.source).split(":", 1)[0]
+        if n and data_kind == "moving_digits":
             metrics, videos, prompts = evaluation.evaluate_pipeline(pipe, n, seed=self.config.seed)
         else:
             prompts = list(pipeline.PREVIEW_PROMPTS)

@@ -21,10 +21,11 @@ Programs compiled (the same code training and sampling run, not copies):
                sharded by the logical-axis rules (how prompts are encoded for sampling and for
                the latent/embedding cache).
 
-The denoiser task is built abstractly (`AbstractDenoiserTask`): it is `DenoiserTask` (same loss,
-same batches) whose frozen VAE and text-encoder params are abstract, so a T5-XXL-size encoder is
-never downloaded or allocated. Its architecture comes from `TEXT_ENCODER_ARCHITECTURES` (known
-hub ids such as "google/t5-v1_1-xxl") or from the `config.json` of a local model directory.
+The denoiser task is `DenoiserTask` (same loss, same batches) built with
+`vdm.encoders.abstract(config)`: its frozen VAE and text-encoder params are abstract, so a
+T5-XXL-size encoder is never downloaded or allocated. Its architecture comes from
+`vdm.models.text.architectures` (known hub ids such as "google/t5-v1_1-xxl") or from the
+`config.json` of a local model directory.
 
 Figures per device (a TPU v5e/v5p/v6e chip is one JAX device; a v4 topology here gives one
 device per TensorCore, two per chip, so HBM and peak FLOP/s are halved per device):
@@ -99,17 +100,16 @@ def quiet_libtpu() -> None:
 
 quiet_libtpu()
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from vdm import parallel  # noqa: E402
+from vdm import encoders as encoders_lib  # noqa: E402
+from vdm import parallel, tasks  # noqa: E402
 from vdm.errors import ConfigError, UserError  # noqa: E402
-from vdm.models import autoencoder as ae  # noqa: E402
 from vdm.models import denoiser as dn  # noqa: E402
-from vdm.models.text import encoder as te  # noqa: E402
+from vdm.models.layers import count_params  # noqa: E402
 from vdm.rng import base_key  # noqa: E402
 from vdm.tasks.denoiser import DenoiserTask  # noqa: E402
 from vdm.train import loop as train_lib  # noqa: E402
@@ -223,131 +223,12 @@ def make_topology_mesh(config, topology: Topology) -> Mesh:
 
 # ----------------------------------------------------------------------------- abstract task
 
-# Architectures of text encoders known by hub id, so AOT needs neither the hub nor the weights.
-# Values are transformers config kwargs (model_type picks the family in text_encoder.FAMILIES).
-TEXT_ENCODER_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    # T5 v1.1 XXL encoder (Imagen, PixArt, CogVideoX, SD3): 4.76B params.
-    "google/t5-v1_1-xxl": dict(
-        model_type="t5",
-        vocab_size=32128,
-        d_model=4096,
-        d_kv=64,
-        d_ff=10240,
-        num_layers=24,
-        num_heads=64,
-        feed_forward_proj="gated-gelu",
-    ),
-    # UMT5-XXL (Wan 2.x): the same shape with a 256k vocabulary and per-layer position bias.
-    "google/umt5-xxl": dict(
-        model_type="umt5",
-        vocab_size=256384,
-        d_model=4096,
-        d_kv=64,
-        d_ff=10240,
-        num_layers=24,
-        num_heads=64,
-        feed_forward_proj="gated-gelu",
-    ),
-}
-
-
-def text_encoder_architecture(name: str):
-    """The transformers config of text encoder `name` without reading any weights.
-
-    Args:
-      name: `config.text_encoder.name`: a key of TEXT_ENCODER_ARCHITECTURES, an alias
-        ("minilm") or a local directory with a config.json.
-
-    Returns:
-      A transformers PretrainedConfig.
-    """
-    te.import_transformers()
-    from transformers import AutoConfig, T5Config, UMT5Config
-
-    if name in TEXT_ENCODER_ARCHITECTURES:
-        kwargs = dict(TEXT_ENCODER_ARCHITECTURES[name])
-        cls = {"t5": T5Config, "umt5": UMT5Config}[kwargs.pop("model_type")]
-        return cls(**kwargs)
-    if name in te.ALIASES or os.path.isdir(os.path.expanduser(name)):
-        model_dir, _ = te.resolve_model_dir(name)
-        return AutoConfig.from_pretrained(model_dir)
-    raise ConfigError(
-        f"config.text_encoder.name={name!r}: AOT needs the encoder's architecture without "
-        f"downloading it. Known hub ids: {sorted(TEXT_ENCODER_ARCHITECTURES)}; or an alias "
-        f"({sorted(te.ALIASES)}), or a local directory with config.json (add other hub ids to "
-        "vdm.tools.aot.TEXT_ENCODER_ARCHITECTURES)."
-    )
-
-
-class AbstractTextEncoder:
-    """The parts of `TextEncoder` a train step / sampler uses, with abstract boxed params."""
-
-    # The very functions of the real encoder (same program), bound to this object.
-    encode = te.TextEncoder.encode
-    dim = te.TextEncoder.dim
-    dtype = te.TextEncoder.dtype
-
-    def __init__(self, module: nn.Module, max_length: int, name: str):
-        self.module = module
-        self.max_length = max_length
-        self.name = name
-        ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
-        # Abstract evaluation only: the key never draws numbers.
-        self.params = jax.eval_shape(module.init, jax.random.key(0), ids, ids)["params"]
-
-
-class AbstractDenoiserTask(DenoiserTask):
-    """`DenoiserTask` with abstract frozen weights: same `loss`, `dummy_batch`, `init`.
-
-    Only construction differs: the text encoder is built from its architecture (no weights), the
-    VAE params come from `jax.eval_shape`, latent statistics are placeholders (they are inputs,
-    not shapes), and a cache source is not opened (its batches have the shapes the config gives).
-    `frozen()` returns boxed `ShapeDtypeStruct`s so the logical-axis rules shard them.
-    """
-
-    def __init__(self, config):  # noqa: D107 -- deliberately not calling DenoiserTask.__init__
-        self.config = config
-        t = config.text_encoder
-        hf_config = text_encoder_architecture(t.name)
-        dtype = jnp.dtype(t.dtype)
-        module = te.get_family(hf_config.model_type).build(
-            hf_config, dtype=dtype, param_dtype=dtype
-        )
-        self.text = AbstractTextEncoder(module, int(t.max_length), t.name)
-        self.vae = ae.VideoAutoencoder.from_config(config.vae)
-        d = config.data
-        video = jax.ShapeDtypeStruct((1, d.num_frames, d.height, d.width, 3), jnp.float32)
-        self._vae_params = jax.eval_shape(self.vae.init, jax.random.key(0), video)["params"]
-        c = config.vae.latent_channels
-        self.latent_stats = {"shift": [0.0] * c, "scale": [1.0] * c}
-        self.latent_shape = ae.latent_shape(config.vae, d.num_frames, d.height, d.width)
-        self.model = dn.Denoiser.from_config(config.model, c)
-        self.cached = d.source.startswith("cache:")
-        self.data_kind = d.source.split(":", 1)[0]
-        L = self.text.max_length
-        self._null_ctx = jax.ShapeDtypeStruct((1, L, self.text.dim), jnp.float32)
-        self._null_mask = jax.ShapeDtypeStruct((1, L), jnp.int32)
-
-    def encoders(self):
-        return {"vae": self._vae_params, "text": self.text.params}  # boxed by eval_shape
-
-    def frozen(self):
-        c = self.config.vae.latent_channels
-        return {
-            **({} if self.cached else self.encoders()),
-            "shift": jax.ShapeDtypeStruct((c,), jnp.float32),
-            "scale": jax.ShapeDtypeStruct((c,), jnp.float32),
-            "null_ctx": self._null_ctx,
-            "null_mask": self._null_mask,
-        }
-
 
 def abstract_task(config):
-    """The config stage's Task without materialising frozen weights (see AbstractDenoiserTask)."""
+    """The config stage's Task with abstract frozen weights (`vdm.encoders.abstract`): the same
+    `loss`, `dummy_batch` and `init` as training, nothing read or allocated."""
     if config.stage == "denoiser":
-        return AbstractDenoiserTask(config)
-    from vdm import tasks
-
+        return DenoiserTask(config, encoders_lib.abstract(config))
     return tasks.get_task(config)  # the autoencoder stage has no frozen weights.
 
 
@@ -614,7 +495,7 @@ def build(config, topology: Topology, frozen_sharding: str = "rules") -> Built:
         return jax.tree.map(lambda _: parallel.replicated(mesh), parallel.unbox(tree))
 
     frozen = task.frozen()
-    encoders = task.encoders() if isinstance(task, DenoiserTask) else {}
+    encoders = task.encoders.boxed(config.data) if isinstance(task, DenoiserTask) else {}
     return Built(
         config, topology, mesh, task, abstract_state, shardings, parallel.unbox(frozen),
         place(frozen), parallel.unbox(encoders), place(encoders),
@@ -757,11 +638,13 @@ def _guided_call_program(b: Built, batch: int):
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
 
     def one_step(params, x, ctx, mask, null_ctx, null_mask, guidance):
-        def model_fn(x, t, cond):
-            return task.model.apply({"params": params}, x, t, cond[0], cond[1])
-
         return samplers.guided_output(
-            model_fn, x, jnp.float32(0.5), (ctx, mask), (null_ctx, null_mask), guidance
+            dn.model_fn(task.model, params),
+            x,
+            jnp.float32(0.5),
+            (ctx, mask),
+            (null_ctx, null_mask),
+            guidance,
         )
 
     step_fn = jax.jit(
@@ -930,10 +813,10 @@ def run(
     start = time.perf_counter()
     b = build(config, topo, frozen_sharding)
     build_seconds = time.perf_counter() - start
-    params = {"trainable": train_lib.count_params(b.abstract_state.params)}
+    params = {"trainable": count_params(b.abstract_state.params)}
     if isinstance(b.task, DenoiserTask):
-        params["text_encoder"] = train_lib.count_params(b.encoders["text"])
-        params["vae"] = train_lib.count_params(b.encoders["vae"])
+        params["text_encoder"] = count_params(b.encoders["text"])
+        params["vae"] = count_params(b.encoders["vae"])
     batch = sample_batch or default_sample_batch(b.mesh)
     report = TopologyReport(topo, dict(b.mesh.shape), params, [], frozen_sharding, build_seconds)
     for name in programs:

@@ -54,6 +54,7 @@ from jax.sharding import Mesh
 from vdm import parallel
 from vdm.errors import ConfigError
 from vdm.io import checkpoint as ckpt_lib
+from vdm.models.layers import count_params
 from vdm.rng import base_key, stream
 
 PyTree = Any
@@ -360,11 +361,6 @@ def init_params_from(
     # A copy: params and EMA are donated to the step separately, so they must not share buffers.
     ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
     return state.replace(params=params, ema_params=ema)
-
-
-def count_params(tree: PyTree) -> int:
-    """Number of scalars in a (possibly abstract or boxed) pytree."""
-    return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(parallel.unbox(tree))))
 
 
 # ----------------------------------------------------------------------------- the step

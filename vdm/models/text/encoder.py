@@ -211,7 +211,7 @@ class TextEncoder:
     Attributes:
       module: the linen module, `module.apply({"params": params}, ids, mask) -> [B, L, D]`.
       params: pytree of jnp arrays (plain, unboxed).
-      tokenizer: the transformers tokenizer.
+      tokenizer: the transformers tokenizer (None for an abstract encoder, which only encodes).
       max_length: L; every batch is padded (or truncated) to exactly L tokens.
       name: where it was loaded from (for messages and checkpoint metadata).
     """
@@ -220,7 +220,8 @@ class TextEncoder:
         self, module: nn.Module, params: Any, tokenizer: Any, max_length: int = 32, name: str = ""
     ):
         _check_max_length(module, max_length, name)
-        if tokenizer.pad_token is None:  # some tokenizers ship without one; the mask hides it.
+        # No tokenizer: an abstract encoder (vdm.models.text.architectures) that only encodes.
+        if tokenizer is not None and tokenizer.pad_token is None:  # the mask hides the pad.
             tokenizer.pad_token = tokenizer.eos_token
         self.module = module
         self.params = params
@@ -267,7 +268,7 @@ class TextEncoder:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        module = _build(hf_config, dtype, param_dtype)
+        module = build_module(hf_config, dtype, param_dtype)
         ids = jnp.zeros((1, max_length), jnp.int32)
         # One compiled init instead of an op-by-op dispatch per param (much faster on CPU).
         params = nn.unbox(jax.jit(module.init)(key, ids, jnp.ones_like(ids))["params"])
@@ -359,7 +360,8 @@ def _check_max_length(module: nn.Module, max_length: int, name: str) -> None:
         )
 
 
-def _build(hf_config: Any, dtype: Dtype, param_dtype: Dtype | None) -> nn.Module:
+def build_module(hf_config: Any, dtype: Dtype, param_dtype: Dtype | None) -> nn.Module:
+    """The linen module of the architecture a transformers config describes."""
     dtype = jnp.dtype(dtype)
     param_dtype = dtype if param_dtype is None else jnp.dtype(param_dtype)
     return get_family(hf_config.model_type).build(hf_config, dtype=dtype, param_dtype=param_dtype)
@@ -397,7 +399,7 @@ def load_text_encoder(
 
     model_dir, tokenizer_dir = resolve_model_dir(name_or_path)
     hf_config = AutoConfig.from_pretrained(model_dir)
-    module = _build(hf_config, dtype, param_dtype)
+    module = build_module(hf_config, dtype, param_dtype)
     _check_max_length(module, max_length, name_or_path)  # before reading any weights.
     weights = Weights(model_dir, module.param_dtype)
     try:
