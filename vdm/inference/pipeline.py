@@ -69,9 +69,7 @@ class Pipeline:
         )
         self._shift = jnp.asarray(self.latent_stats["shift"], jnp.float32)
         self._scale = jnp.asarray(self.latent_stats["scale"], jnp.float32)
-        self._generate = jax.jit(
-            self._generate_impl, static_argnames=("sampler", "num_steps", "spec")
-        )
+        self._generate = jax.jit(self.generate, static_argnames=("sampler", "num_steps", "spec"))
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -89,7 +87,7 @@ class Pipeline:
         )
 
     # -- sampling --------------------------------------------------------------------------------
-    def _generate_impl(
+    def generate(
         self,
         params,
         vae_params,
@@ -106,6 +104,20 @@ class Pipeline:
         num_steps,
         spec=None,
     ):
+        """The whole sampling program, pure and jit-able (what `__call__` runs and `vdm.tools.aot`
+        compiles): `num_steps` guided denoiser calls from `noise`, then the streaming VAE decode.
+
+        Args:
+          params, vae_params: the denoiser's and the VAE's params.
+          ctx, mask: [B, L, D] prompt context and [B, L] its mask; null_ctx, null_mask: the same
+            for the negative (or empty) prompt.
+          noise: [B, *latent_shape] starting noise; guidance, eta: float32 scalars; key: per-example
+            keys [B] (used by stochastic samplers).
+          sampler, num_steps, spec: static sampler settings (`spec`: the sampling DiffusionSpec).
+
+        Returns:
+          uint8 videos [B, T, H, W, 3].
+        """
         z = samplers.sample(
             dn.model_fn(self.model, params),
             noise,

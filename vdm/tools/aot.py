@@ -14,7 +14,7 @@ compiler, which fails if the program does not fit in a chip's HBM and otherwise 
 Programs compiled (the same code training and sampling run, not copies):
   train_step   `vdm.train.loop.make_train_step(task, config, mesh)` of the config's stage, with the
                state shardings of `train_lib.state_shardings` and the task's frozen inputs.
-  sample       `vdm.inference.pipeline.Pipeline._generate_impl`: the sampler's `lax.scan` over
+  sample       `vdm.inference.pipeline.Pipeline.generate`: the sampler's `lax.scan` over
                `sample.num_steps` guided denoiser calls + the streaming VAE decode, with the
                denoiser params sharded like training and the batch over (data, fsdp).
   text_encode  the frozen text encoder (`TextEncoder.encode`) on a batch of prompts, its params
@@ -658,7 +658,7 @@ def _guided_call_program(b: Built, batch: int):
 
 
 def compile_sample(b: Built, batch: int):
-    """Compiles the sampling program (`Pipeline._generate_impl`) and one guided denoiser call.
+    """Compiles the sampling program (`Pipeline.generate`) and one guided denoiser call.
 
     Returns:
       (compiled sampler, ProgramReport); FLOPs are `num_steps` x the guided call's.
@@ -694,7 +694,7 @@ def compile_sample(b: Built, batch: int):
     vae = _sds(b.encoders["vae"], vae_sh)
     bs = parallel.batch_sharding(mesh)
     fn = parallel.with_sharding_rules(
-        functools.partial(pipe._generate_impl, sampler=sampler, num_steps=num_steps), mesh, rules
+        functools.partial(pipe.generate, sampler=sampler, num_steps=num_steps), mesh, rules
     )
     in_sh = (param_sh, vae_sh, bs, bs, bs, bs, bs, rep, rep, bs)
     jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=bs)
