@@ -4,7 +4,8 @@ The training loop never looks at the parallel mode; it moves the state, the froz
 batches and the metrics through a layout object. `Layout` is the default one: every argument is a
 global `jax.Array` sharded over the mesh by the logical-axis rules, so the state the step returns
 is already the canonical one that checkpoints and evaluation read. The data-parallel alternative
-(`vdm.parallel.pmap.PmapLayout`) has the same methods; `vdm.train.step.make_layout` picks one.
+(in the adapter module beside this one) has the same methods; `vdm.train.step.make_layout` picks
+one.
 """
 
 from __future__ import annotations

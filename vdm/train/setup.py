@@ -124,4 +124,3 @@ def place_frozen(setup: TrainSetup, frozen: PyTree = None) -> PyTree:
     if frozen is None:
         frozen = setup.task.frozen()
     return setup.layout.put_frozen(frozen, setup.frozen_shardings)
-
