@@ -110,6 +110,16 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
     return process_index, process_count
 
 
+def _check_batch_and_seed(batch_size: int, process_count: int, seed: int) -> None:
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(
+            f"Global batch_size={batch_size} must be a positive multiple of the process count "
+            f"({process_count}); each process loads batch_size // process_count examples."
+        )
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"Data seed must be in [0, 2**32), got {seed}.")
+
+
 def _sampler(source, split: str, shard, *, shuffle: bool, num_epochs, seed: int):
     """The global order: a function of (seed, epoch) only; this process's shard of it."""
     if len(source) // shard.shard_count == 0:
@@ -190,13 +200,7 @@ def make_loader(
     """
     data = _data_config(config)
     process_index, process_count = _processes(process_index, process_count)
-    if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(
-            f"Global batch_size={batch_size} must be a positive multiple of the process count "
-            f"({process_count}); each process loads batch_size // process_count examples."
-        )
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"Data seed must be in [0, 2**32), got {seed}.")
+    _check_batch_and_seed(batch_size, process_count, seed)
     local_batch = batch_size // process_count
     source = get_source(data, split) if source is None else source
     shard = grain.sharding.ShardOptions(
