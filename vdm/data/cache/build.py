@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from array_record.python import array_record_module
 from tqdm import tqdm
 
 from vdm.config import to_dict
@@ -176,8 +177,6 @@ class _SplitWriter:
     """
 
     def __init__(self, output: str, split: str, captions: _CaptionEncoder, **layout):
-        from array_record.python import array_record_module  # native; only the builder needs it
-
         self.path = os.path.join(output, fmt.split_file(split))
         self._tmp = self.path + ".tmp"
         self._writer = array_record_module.ArrayRecordWriter(self._tmp, fmt.WRITER_OPTIONS)
