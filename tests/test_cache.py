@@ -1,9 +1,10 @@
-"""The latent cache (vdm.data.cache): building, reading through the pipeline, fidelity to the
-frozen encoders, compatibility checks and determinism. Tiny: 20 train / 8 test moving-digits
-videos of 9x32x32, the "mu" VAE randomly initialised, MiniLM with max_length 8.
+"""The latent cache (vdm.data.cache) and its command (vdm.tools.cache): building, reading through
+the pipeline, fidelity to the frozen encoders, compatibility checks and determinism. Tiny: 20
+train / 8 test moving-digits videos of 9x32x32, the "mu" VAE randomly initialised, MiniLM with
+max_length 8.
 
 The VAE's random params are drawn with numpy from `eval_shape` shapes rather than by
-`vdm.encoders.load_vae` (which `build_cache` uses by default): with
+`vdm.encoders.load_vae` (which the command loads the VAE with): with
 jax_threefry_partitionable, XLA takes ~10 s to compile each 5-D random draw on CPU, a minute
 for the VAE's init.
 """
@@ -22,9 +23,11 @@ from configs import base
 from vdm import encoders as encoders_lib
 from vdm.data import cache, sources
 from vdm.data import loader as pipeline
+from vdm.data.cache import build
 from vdm.models import autoencoder as ae
 from vdm.models.text import encoder as te
 from vdm.tasks import denoiser as denoiser_task
+from vdm.tools import cache as cache_tool
 
 N_TRAIN, N_TEST, BATCH = 20, 8, 8  # 20 = two full batches and a padded partial one
 
@@ -73,13 +76,18 @@ def encoders(config):
     return _random_vae(config), text
 
 
+def _injected(encoders):
+    """What `build_cache` takes: the encoders object (`vdm.tools.cache` loads one)."""
+    (module, params, stats), text = encoders
+    return build.Encoders(text=text, vae=module, vae_params=params, latent_stats=stats)
+
+
 @pytest.fixture(scope="module")
 def built(config, encoders, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache"))
-    vae, text = encoders
     for split in ("train", "test"):
-        cache.build_cache(
-            config, out, split, batch_size=BATCH, vae=vae, text_encoder=text, progress=False
+        build.build_cache(
+            config, split, out, encoders=_injected(encoders), batch_size=BATCH, progress=False
         )
     return out
 
@@ -168,7 +176,7 @@ def test_cached_values_equal_the_encoders(config, built, encoders):
     np.testing.assert_array_equal(null_mask, want_mask[0])
 
 
-def test_mismatched_config_raises_clearly(config, built):
+def test_mismatched_config_raises_clearly(config, built, encoders):
     manifest = cache.read_manifest(built)
     frames = copy.deepcopy(config)
     frames.data.num_frames = 13
@@ -218,14 +226,15 @@ def test_mismatched_config_raises_clearly(config, built):
         cache.check_compatible(linked, exported)
     # Adding a split built with another config to an existing cache is refused.
     with pytest.raises(ValueError, match="already holds a latent cache built differently"):
-        cache.build_cache(text, built, "test", progress=False)
+        build.build_cache(text, "test", built, encoders=_injected(encoders), progress=False)
+    with pytest.raises(ValueError, match="already holds a latent cache built differently"):
+        build.check_output(text, built)  # what the command checks before loading encoders
 
 
 def test_deterministic_bytes_and_limit(config, built, encoders, tmp_path):
-    vae, text = encoders
     out = str(tmp_path / "again")
-    cache.build_cache(
-        config, out, "test", batch_size=BATCH, vae=vae, text_encoder=text, progress=False
+    build.build_cache(
+        config, "test", out, encoders=_injected(encoders), batch_size=BATCH, progress=False
     )
     for name in ("test.array_record", cache.NULL_CONTEXT):
         with open(os.path.join(built, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
@@ -234,9 +243,9 @@ def test_deterministic_bytes_and_limit(config, built, encoders, tmp_path):
     assert mine["splits"]["test"] == theirs["splits"]["test"]
     # limit + zero_padding: the first examples, zeros exactly where the mask is 0.
     small = str(tmp_path / "small")
-    m = cache.build_cache(
-        config, small, "test", batch_size=BATCH, limit=5, zero_padding=True, vae=vae,
-        text_encoder=text, progress=False,
+    m = build.build_cache(
+        config, "test", small, encoders=_injected(encoders), batch_size=BATCH, limit=5,
+        zero_padding=True, progress=False,
     )  # fmt: skip
     assert m["splits"]["test"]["num_examples"] == 5 and m["zero_padding"]
     a, b = cache.CacheSource(small, "test"), cache.CacheSource(built, "test")
@@ -264,14 +273,14 @@ def test_cli(config, encoders, tmp_path, monkeypatch, capsys):
         "--config.vae.base_channels=8", "--config.vae.channel_multipliers=(1,2)",
         "--config.text_encoder.max_length=8",
     ]  # fmt: skip
-    cache.main(args)
+    cache_tool.main(args)
     assert "Cached 3 examples of split 'test'" in capsys.readouterr().out
     with open(os.path.join(out, cache.MANIFEST)) as f:
         assert json.load(f)["splits"]["test"]["limit"] == 3
     with pytest.raises(SystemExit):
-        cache.main([*args, "--bogus"])
+        cache_tool.main([*args, "--bogus"])
     with pytest.raises(SystemExit):
-        cache.main([*args, "--config.vae.depht=3"])
+        cache_tool.main([*args, "--config.vae.depht=3"])
     assert "Unknown config key" in capsys.readouterr().err
 
 

@@ -9,7 +9,9 @@ import tensorflow_datasets as tfds
 
 from configs import base
 from vdm.data import captions as cap
+from vdm.data import digit_videos
 from vdm.data import moving_digits as md
+from vdm.tools import moving_digits as md_tool
 
 TINY = dict(num_frames=9, height=32, width=32, num_train=64, num_test=32)
 
@@ -109,7 +111,7 @@ def test_splits_use_disjoint_source_digits(prepared):
     all_train = set(np.concatenate(pools["train"]).tolist())
     all_test = set(np.concatenate(pools["test"]).tolist())
     assert not all_train & all_test and len(all_train | all_test) == 1797
-    _, targets = md._load_digits()
+    _, targets = digit_videos._load_digits()
     for e in examples["test"]:
         assert targets[int(e["source_index"])] == int(e["digit"])
 
@@ -234,7 +236,7 @@ def test_parse_caption_handles_user_prompts():
 def test_preview_command(prepared, tmp_path):
     _, _, data_dir, _ = prepared
     out = tmp_path / "preview.png"
-    md.main(
+    md_tool.main(
         [
             "--preview",
             str(out),

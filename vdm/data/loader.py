@@ -100,6 +100,71 @@ class ResizeCenterCrop(grain.transforms.Map):
         return element
 
 
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(process_index, process_count), each defaulting to jax's."""
+    if process_index is None or process_count is None:
+        import jax  # slow to import; callers that give both never need it
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return process_index, process_count
+
+
+def _check_batch_and_seed(batch_size: int, process_count: int, seed: int) -> None:
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(
+            f"Global batch_size={batch_size} must be a positive multiple of the process count "
+            f"({process_count}); each process loads batch_size // process_count examples."
+        )
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"Data seed must be in [0, 2**32), got {seed}.")
+
+
+def _sampler(source, split: str, shard, *, shuffle: bool, num_epochs, seed: int):
+    """The global order: a function of (seed, epoch) only; this process's shard of it."""
+    if len(source) // shard.shard_count == 0:
+        raise ValueError(
+            f"Split '{split}' has {len(source)} examples, fewer than the {shard.shard_count} "
+            "processes."
+        )
+    return grain.samplers.IndexSampler(
+        num_records=len(source),
+        shard_options=shard,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        seed=seed,
+    )
+
+
+def _operations(source, data, *, shuffle: bool, local_batch: int, drop_remainder: bool) -> list:
+    operations = [SkipUnreadable()]
+    # Latent caches (vdm.data.cache) hold no video: their records were cropped before encoding.
+    if getattr(source, "provides_video", True):
+        num_frames = int(data.num_frames)
+        operations += [
+            RandomTemporalCrop(num_frames) if shuffle else CenterTemporalCrop(num_frames),
+            ResizeCenterCrop(int(data.height), int(data.width)),
+        ]
+    operations.append(grain.transforms.Batch(batch_size=local_batch, drop_remainder=drop_remainder))
+    return operations
+
+
+def _mark_flags_parsed() -> None:
+    """grain's worker processes read absl flags; programs that never parsed them (tests,
+    notebooks, plain-argparse tools) must mark them parsed first."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _read_options(data, local_batch: int) -> grain.ReadOptions:
+    buffer = max(1, int(data.prefetch) * local_batch)
+    # At most `buffer` reads can be in flight; more threads would only idle (and grain warns about
+    # it on every run).
+    return grain.ReadOptions(num_threads=min(16, buffer), prefetch_buffer_size=buffer)
+
+
 def make_loader(
     config,
     split: str,
@@ -134,62 +199,24 @@ def make_loader(
       A `grain.DataLoader`; `iter()` of it yields dicts of numpy arrays (module docstring).
     """
     data = _data_config(config)
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(
-            f"Global batch_size={batch_size} must be a positive multiple of the process count "
-            f"({process_count}); each process loads batch_size // process_count examples."
-        )
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"Data seed must be in [0, 2**32), got {seed}.")
+    process_index, process_count = _processes(process_index, process_count)
+    _check_batch_and_seed(batch_size, process_count, seed)
     local_batch = batch_size // process_count
     source = get_source(data, split) if source is None else source
     shard = grain.sharding.ShardOptions(
         shard_index=process_index, shard_count=process_count, drop_remainder=True
     )
-    if len(source) // process_count == 0:
-        raise ValueError(
-            f"Split '{split}' has {len(source)} examples, fewer than the {process_count} processes."
-        )
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=shard,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        seed=seed,
-    )
-    num_frames = int(data.num_frames)
-    operations = [SkipUnreadable()]
-    # Latent caches (vdm.data.cache) hold no video: their records were cropped before encoding.
-    if getattr(source, "provides_video", True):
-        operations += [
-            RandomTemporalCrop(num_frames) if shuffle else CenterTemporalCrop(num_frames),
-            ResizeCenterCrop(int(data.height), int(data.width)),
-        ]
-    operations.append(grain.transforms.Batch(batch_size=local_batch, drop_remainder=drop_remainder))
+    sampler = _sampler(source, split, shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed)
     workers = int(data.num_workers) if worker_count is None else int(worker_count)
     if workers > 0:
-        # grain's worker processes read absl flags; programs that never parsed them (tests,
-        # notebooks, plain-argparse tools) must mark them parsed first.
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-    buffer = max(1, int(data.prefetch) * local_batch)
+        _mark_flags_parsed()
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=operations,
+        operations=_operations(
+            source, data, shuffle=shuffle, local_batch=local_batch, drop_remainder=drop_remainder
+        ),
         worker_count=workers,
         shard_options=shard,
-        read_options=grain.ReadOptions(
-            # At most `buffer` reads can be in flight; more threads would only idle (and grain
-            # warns about it on every run).
-            num_threads=min(16, buffer),
-            prefetch_buffer_size=buffer,
-        ),
+        read_options=_read_options(data, local_batch),
     )

@@ -6,7 +6,7 @@
                            `tfds.data_source` (needs no TensorFlow); `config.data.video_key` and
                            `config.data.caption_key` name its features (a ClassLabel caption
                            feature, e.g. ucf101's "label", becomes its class name as text).
-  "cache:/path/to/dir"     a latent cache built by `python -m vdm.data.cache` (vdm.data.cache):
+  "cache:/path/to/dir"     a latent cache built by `python -m vdm.tools.cache` (vdm.data.cache):
                            records hold VAE posteriors and text contexts instead of a video.
 
 Every source is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`, a stable `__repr__`
@@ -24,6 +24,11 @@ import re
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
+
+from vdm.data import moving_digits
+from vdm.data.cache.source import CacheSource
+from vdm.data.folder import FolderSource
 
 SOURCE_KINDS = ("moving_digits", "folder:/path", "tfds:name[/config]", "cache:/path")
 
@@ -87,8 +92,6 @@ class TfdsSource:
                         f"tfds data set '{name}' has no feature '{key}'; its features are "
                         f"{keys}. Set config.data.video_key / config.data.caption_key."
                     )
-            import tensorflow_datasets as tfds
-
             feature = features[caption_key]
             if isinstance(feature, tfds.features.ClassLabel):
                 self._label_names = [_label_text(n) for n in feature.names]
@@ -140,11 +143,7 @@ class TfdsSource:
 
 
 def _tfds_source(spec: str, data_config, split: str) -> TfdsSource:
-    import tensorflow_datasets as tfds
-
-    from vdm.data.moving_digits import resolve_data_dir
-
-    data_dir = resolve_data_dir(data_config)
+    data_dir = moving_digits.resolve_data_dir(data_config)
     missing = FileNotFoundError(
         f"tfds data set '{spec}' is not prepared in data_dir '{data_dir}'. Prepare it first (with "
         f"file_format='array_record'; nothing is downloaded here), or set config.data.data_dir."
@@ -193,8 +192,6 @@ def get_source(data_config, split: str):
     """
     spec = str(data_config.source)
     if spec == "moving_digits":
-        from vdm.data import moving_digits
-
         builder = moving_digits.prepare(data_config)
         if split.split("[")[0] not in moving_digits.SPLITS:
             raise ValueError(
@@ -207,8 +204,6 @@ def get_source(data_config, split: str):
             features=builder.info.features,
         )
     if spec.startswith("folder:"):
-        from vdm.data.folder import FolderSource
-
         root = os.path.expanduser(spec[len("folder:") :])
         return FolderSource(
             root,
@@ -221,8 +216,6 @@ def get_source(data_config, split: str):
     if spec.startswith("tfds:"):
         return _tfds_source(spec[len("tfds:") :], data_config, split)
     if spec.startswith("cache:"):
-        from vdm.data.cache import CacheSource
-
         return CacheSource(spec[len("cache:") :], split, data_config=data_config)
     raise ValueError(
         f"Unknown config.data.source '{spec}'. Valid: {', '.join(SOURCE_KINDS)} "

@@ -1,0 +1,83 @@
+"""`CacheSource`: one split of a latent cache as a grain random-access source."""
+
+from __future__ import annotations
+
+import os
+
+from vdm.data.cache import format as fmt
+
+
+class CacheSource:
+    """Random-access source over one split of a latent cache (`config.data.source="cache:DIR"`).
+
+    Records are the dicts described in `vdm.data.cache.format`. The source holds no video, so
+    `vdm.data.loader` skips its video crops for it (`provides_video = False`).
+
+    Args:
+      path: the cache directory.
+      split: a cached split name.
+      data_config: `config.data` of the consumer; when given, its num_frames / height / width
+        must be those the cache was built with (the rest is checked by `check_compatible`).
+    """
+
+    provides_video = False
+
+    def __init__(self, path: str, split: str, data_config=None):
+        self._path = os.path.abspath(os.path.expanduser(str(path)))
+        self._split = split
+        manifest = fmt.read_manifest(self._path)
+        if split not in manifest["splits"]:
+            raise ValueError(
+                f"Latent cache '{self._path}' has no split {split!r}; cached: "
+                f"{sorted(manifest['splits'])}. Build it: {fmt.BUILD_COMMAND} --config ... "
+                f"--output {self._path} --split {split}"
+            )
+        if data_config is not None:
+            found = {k: manifest["data"][k] for k in ("num_frames", "height", "width")}
+            wanted = {k: int(data_config[k]) for k in found}
+            if found != wanted:
+                raise ValueError(
+                    f"Latent cache '{self._path}' was built for videos {found}, but config.data "
+                    f"asks for {wanted}. Rebuild the cache with this config or set "
+                    f"config.data.num_frames/height/width to the cached values."
+                )
+        entry = manifest["splits"][split]
+        self._features = entry["features"]
+        self._file = os.path.join(self._path, entry["file"])
+        self._len = int(entry["num_examples"])
+        self._reader = None
+        if not os.path.isfile(self._file):
+            raise FileNotFoundError(
+                f"Latent cache '{self._path}' lists split {split!r} but '{self._file}' is "
+                "missing; rebuild that split."
+            )
+
+    @property
+    def features(self) -> dict:
+        """{name: {"dtype": str, "shape": list}} of every record field ("str" for text)."""
+        return self._features
+
+    def _source(self):
+        if self._reader is None:
+            import grain  # slow to import; only readers need it
+
+            self._reader = grain.sources.ArrayRecordDataSource([self._file])
+        return self._reader
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"CacheSource(path={self._path!r}, split={self._split!r}, n={self._len})"
+
+    def __getitem__(self, index: int) -> dict:
+        return fmt.unpack_record(self._source()[index], self._features)
+
+    def __getitems__(self, indices) -> list[dict]:
+        return [fmt.unpack_record(r, self._features) for r in self._source().__getitems__(indices)]
+
+    def __getstate__(self):
+        # Workers reopen the file themselves (readers hold native handles).
+        state = dict(self.__dict__)
+        state["_reader"] = None
+        return state
