@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from vdm import config as config_lib
 from vdm.io import bundle
+from vdm.io.bundle import part_of as bundle_part
 from vdm.io.manager import (
     ARRAY_ITEMS,
     CHECKPOINT_SUBDIR,
@@ -38,6 +39,7 @@ from vdm.io.manager import (
 # from here for the code that reads and writes checkpoints through one module.
 __all__ = [
     "DATA_ITEM",
+    "bundle_part",
     "CheckpointManager",
     "abstract_from_metadata",
     "checkpoint_dir",
@@ -46,6 +48,7 @@ __all__ = [
     "load_params",
     "load_params_like",
     "resolve",
+    "weights_dir",
     "to_jsonable",
 ]
 
@@ -101,6 +104,15 @@ def resolve(path: str) -> tuple[str, int]:
         f"directories, or a step directory holding items {ARRAY_ITEMS}. Found: "
         f"{sorted(os.listdir(path))[:10] if os.path.isdir(path) else 'a file'}."
     )
+
+
+def weights_dir(path: str) -> str:
+    """The directory holding the weights `path` names: the step directory a workdir, checkpoints
+    dir or step dir resolves to, or an exported model's `denoiser/` / `vae/` itself."""
+    if bundle.part_of(path) is not None:
+        return os.path.abspath(os.path.expanduser(str(path)))
+    directory, step = resolve(path)
+    return os.path.join(directory, str(step))
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
