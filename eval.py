@@ -9,6 +9,9 @@ Prints a table and writes eval_out/metrics.json plus a contact sheet per setting
 
 from absl import app, flags
 
+from vdm import cli
+from vdm.eval import runner
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser checkpoint (default: bundled).")
 _NUM_VIDEOS = flags.DEFINE_integer("num_videos", None, "Test prompts per setting.")
 _SAMPLERS = flags.DEFINE_list("samplers", None, "Samplers to evaluate.")
@@ -28,12 +31,9 @@ _RANDOM = flags.DEFINE_bool(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from vdm import cli
-    from vdm.eval import runner as eval_lib
-
     cli.quiet_library_logs()
     with cli.clear_errors():
-        eval_lib.run(
+        runner.run(
             checkpoint=_CHECKPOINT.value,
             num_videos=_NUM_VIDEOS.value,
             samplers=_SAMPLERS.value,
@@ -48,6 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from vdm.cli import parse_flags_with_help
-
-    app.run(main, flags_parser=parse_flags_with_help)
+    app.run(main, flags_parser=cli.parse_flags_with_help)

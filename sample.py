@@ -1,4 +1,4 @@
-"""Generates videos from text prompts. All logic lives in `vdm.inference.pipeline`.
+"""Generates videos from text prompts. All logic lives in `vdm.inference` (writer, pipeline).
 
   python sample.py --prompt "the digit 4 moving down" [--prompt ...] [--checkpoint DIR] --seed 0 \
       [--num_samples N] [--num_steps 30] [--sampler euler|ddim|dpmpp2m] [--eta 1] [--guidance 5.0] \
@@ -9,6 +9,9 @@ out/{prompt_idx:03d}_{sample_idx:02d}.{ext} and out/samples.jsonl (one line per 
 """
 
 from absl import app, flags
+
+from vdm import cli
+from vdm.inference import writer
 
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Text prompt (repeat for several).")
 _CHECKPOINT = flags.DEFINE_string(
@@ -39,22 +42,21 @@ flags.mark_flag_as_required("prompt")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from vdm import cli
-    from vdm.inference import writer as sample_lib
-
     cli.quiet_library_logs()
     with cli.clear_errors():
-        sample_lib.run(
+        writer.run(
             prompts=_PROMPT.value,
             checkpoint=_CHECKPOINT.value,
             seed=_SEED.value,
             num_samples=_NUM_SAMPLES.value,
-            num_steps=_NUM_STEPS.value,
-            sampler=_SAMPLER.value,
-            guidance=_GUIDANCE.value,
-            eta=_ETA.value,
-            negative_prompt=_NEGATIVE.value,
-            shift=_SHIFT.value,
+            sampling={
+                "sampler": _SAMPLER.value,
+                "num_steps": _NUM_STEPS.value,
+                "guidance": _GUIDANCE.value,
+                "eta": _ETA.value,
+                "negative_prompt": _NEGATIVE.value,
+                "shift": _SHIFT.value,
+            },
             output_dir=_OUTPUT_DIR.value,
             formats=_FORMATS.value,
             batch_size=_BATCH.value,
@@ -62,6 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from vdm.cli import parse_flags_with_help
-
-    app.run(main, flags_parser=parse_flags_with_help)
+    app.run(main, flags_parser=cli.parse_flags_with_help)

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from vdm.eval import digits as evaluation
+from vdm.eval import digits
 from vdm.inference import pipeline
 
 ASSET = pipeline.DEFAULT_MODEL
@@ -45,8 +45,9 @@ def test_bundle_is_compact_and_documented():
 
 def test_bundled_model_generates_right_shape_and_reproducibly(pipe):
     d = pipe.config.data
-    a = pipe(["the digit 4 moving down"], seed=3, num_steps=4, batch_size=1)
-    b = pipe(["the digit 4 moving down"], seed=3, num_steps=4, batch_size=1)
+    four = pipe.settings.override(num_steps=4)
+    a = pipe(["the digit 4 moving down"], seed=3, settings=four, batch_size=1)
+    b = pipe(["the digit 4 moving down"], seed=3, settings=four, batch_size=1)
     assert a.shape == (1, d.num_frames, d.height, d.width, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
 
@@ -62,7 +63,9 @@ def test_bundled_model_draws_the_prompted_digit_moving_the_prompted_way(pipe):
     catches a broken bundle, sampler, guidance or VAE without being a benchmark. (A bundle that
     drew the digits without moving them, direction 0.26, would fail here.)
     """
-    m, _, _ = evaluation.evaluate_pipeline(pipe, 16, num_steps=10, seed=0)
+    m, _, _ = digits.evaluate_pipeline(
+        pipe, 16, settings=pipe.settings.override(num_steps=10), seed=0
+    )
     assert m["digit_acc"] >= 0.75, m
     assert m["direction_acc"] >= 0.75, m
     assert m["consistency"] >= 0.85, m
@@ -73,10 +76,10 @@ def test_eval_cli_writes_metrics_table_and_contact_sheets(tmp_path, capsys):
     the JSON has every setting (eta only where the sampler takes one) and both ceilings (real
     videos, and real videos through the VAE), the table prints them, and one contact sheet per
     setting is written."""
-    from vdm.eval import runner as eval_lib
+    from vdm.eval import runner
 
     out = str(tmp_path / "eval")
-    res = eval_lib.run(
+    res = runner.run(
         num_videos=4, samplers=["euler", "ddim"], num_steps=[2], etas=[0, 1], output_dir=out
     )
     with open(os.path.join(out, "metrics.json")) as f:
@@ -103,3 +106,26 @@ def test_eval_cli_writes_metrics_table_and_contact_sheets(tmp_path, capsys):
         "caption_heldout_euler_2.png",
         "metrics.json",
     ]
+
+
+def test_sampling_settings_default_to_the_bundle_and_name_bad_flags(pipe):
+    """One `SamplingSettings` carries the six options: defaults from `config.sample`, None
+    overrides keep them, and a bad value is refused with its flag named."""
+    from vdm.errors import UserError
+    from vdm.inference.settings import SamplingSettings
+
+    s = pipe.settings
+    assert s == SamplingSettings.from_config(pipe.config.sample)
+    assert (s.sampler, s.num_steps, s.guidance, s.eta, s.shift) == ("ddim", 20, 3.0, 1.0, 3.0)
+    assert s.override(sampler=None, guidance=None) == s
+    assert s.override(num_steps=5).num_steps == 5 and s.num_steps == 20  # frozen: a new value
+    for bad, flag in (
+        ({"sampler": "heun"}, "--sampler"),
+        ({"num_steps": 0}, "--num_steps"),
+        ({"guidance": float("nan")}, "--guidance"),
+        ({"eta": -1.0}, "--eta"),
+        ({"shift": 0.0}, "--shift"),
+        ({"steps": 3}, "Unknown sampling setting"),
+    ):
+        with pytest.raises(UserError, match=flag):
+            s.override(**bad)

@@ -1,4 +1,5 @@
-"""Checkpoint items, restore onto another mesh, inference loaders, partial/corrupt steps."""
+"""Checkpoint items (vdm.io.manager), restore onto another mesh, the loaders (vdm.io.checkpoint),
+partial/corrupt steps, and config upgrades of saved configs."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from tests.toy_task import ToyTask, toy_config
 from vdm import parallel
-from vdm.io import checkpoint as ckpt_lib
+from vdm.io import checkpoint, manager
 from vdm.train import loop as train_lib
 
 
@@ -24,7 +25,7 @@ def _abstract(tree, sharding):
 def _save_steps(directory, steps, *, max_to_keep=0, value=1.0):
     mesh = parallel.make_mesh({"data": 8})
     w = jax.device_put(jnp.full((8, 4), value), NamedSharding(mesh, P("data")))
-    with ckpt_lib.CheckpointManager(directory, max_to_keep=max_to_keep) as m:
+    with manager.CheckpointManager(directory, max_to_keep=max_to_keep) as m:
         for s in steps:
             m.save(s, arrays={"params": {"w": w * s}}, json_items={"config": {"step": s}})
     return w
@@ -34,7 +35,7 @@ def test_train_state_saved_on_one_mesh_restores_on_another(tmp_path):
     config = toy_config({"mesh.shape": {"data": 4, "fsdp": 2}})
     task = ToyTask(config)
     state, _ = train_lib.create_train_state(task, config, parallel.make_mesh(config.mesh))
-    with ckpt_lib.CheckpointManager(str(tmp_path), async_save=True) as m:
+    with manager.CheckpointManager(str(tmp_path), async_save=True) as m:
         m.save(
             3,
             arrays={
@@ -45,7 +46,7 @@ def test_train_state_saved_on_one_mesh_restores_on_another(tmp_path):
     # Restore onto a data=2 x tensor=4 mesh: the `mlp` dim is now split 4 ways.
     other = toy_config({"mesh.shape": {"data": 2, "fsdp": 1, "tensor": 4}})
     abstract, _ = train_lib.state_shardings(task, other, parallel.make_mesh(other.mesh))
-    with ckpt_lib.CheckpointManager(str(tmp_path)) as m:
+    with manager.CheckpointManager(str(tmp_path)) as m:
         restored = m.restore(
             3,
             arrays={
@@ -69,7 +70,7 @@ def test_train_state_saved_on_one_mesh_restores_on_another(tmp_path):
     )
     # And onto a single device, as inference does.
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = ckpt_lib.load_params(str(tmp_path / "3"), "params", sharding=one)
+    params = checkpoint.load_params(str(tmp_path / "3"), "params", sharding=one)
     assert params["fc1"]["kernel"].sharding == one
     np.testing.assert_array_equal(
         np.asarray(params["fc2"]["kernel"]), state.params["fc2"]["kernel"]
@@ -78,34 +79,34 @@ def test_train_state_saved_on_one_mesh_restores_on_another(tmp_path):
 
 def test_load_params_accepts_workdir_checkpoints_dir_and_step_dir(tmp_path):
     workdir = tmp_path / "run"
-    w = _save_steps(ckpt_lib.checkpoint_dir(str(workdir)), [1, 2])
+    w = _save_steps(manager.checkpoint_dir(str(workdir)), [1, 2])
     expected = 2 * np.asarray(w)
     for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "2"):
         # No "ema" item was written (EMA off): "ema" falls back to the raw params.
-        params = ckpt_lib.load_params(str(path))
+        params = checkpoint.load_params(str(path))
         np.testing.assert_array_equal(np.asarray(params["w"]), expected)
         assert params["w"].is_fully_replicated
-    step1 = ckpt_lib.load_params(str(workdir / "checkpoints" / "1"), "params")
+    step1 = checkpoint.load_params(str(workdir / "checkpoints" / "1"), "params")
     np.testing.assert_array_equal(np.asarray(step1["w"]), np.asarray(w))
-    assert ckpt_lib.load_config(str(workdir)).step == 2
+    assert checkpoint.load_config(str(workdir)).step == 2
     with pytest.raises(FileNotFoundError, match="no 'metadata' item"):
-        ckpt_lib.load_metadata(str(workdir))
+        checkpoint.load_metadata(str(workdir))
 
 
 def test_missing_checkpoints_raise_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'.*nowhere' does not exist.*training workdir"):
-        ckpt_lib.load_params(str(tmp_path / "nowhere"))
+        checkpoint.load_params(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"No checkpoint found at '.*empty': expected"):
-        ckpt_lib.load_params(str(tmp_path / "empty"))
+        checkpoint.load_params(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="item must be 'ema' or 'params'"):
-        ckpt_lib.load_params(str(tmp_path / "empty"), item="opt_state")
+        checkpoint.load_params(str(tmp_path / "empty"), item="opt_state")
 
 
 def test_json_and_data_iterator_items_round_trip(tmp_path):
     config = toy_config()
     metadata = {"shift": np.float32(0.5), "scale": np.arange(3, dtype=np.float32), "name": "vae"}
-    with ckpt_lib.CheckpointManager(str(tmp_path)) as m:
+    with manager.CheckpointManager(str(tmp_path)) as m:
         m.save(
             1,
             arrays={"params": {"w": np.ones(2, np.float32)}},
@@ -116,10 +117,10 @@ def test_json_and_data_iterator_items_round_trip(tmp_path):
         m.wait()
         assert m.restore(1, arrays={}, data=True)["data_iter"] == b'{"last_seen_indices": {"0": 7}}'
         assert m.restore(2, arrays={}, data=True)["data_iter"] == {"next_index": 2}
-    loaded = ckpt_lib.load_config(str(tmp_path / "1"))
+    loaded = checkpoint.load_config(str(tmp_path / "1"))
     assert loaded.mesh.logical_axis_rules == config.mesh.logical_axis_rules  # tuples again
     assert loaded.optim.learning_rate == config.optim.learning_rate
-    assert ckpt_lib.load_metadata(str(tmp_path / "1")) == {
+    assert checkpoint.load_metadata(str(tmp_path / "1")) == {
         "shift": 0.5,
         "scale": [0.0, 1.0, 2.0],
         "name": "vae",
@@ -137,7 +138,7 @@ def test_restore_latest_ignores_partial_writes_and_moves_corrupt_steps_aside(tmp
     shutil.copytree(f"{d}/3", f"{d}/4.orbax-checkpoint-tmp")  # a save killed mid-write
     shutil.rmtree(f"{d}/3/params/d")  # a "finished" step whose array data is gone
     target = {"params": {"w": _abstract(w, w.sharding)}}
-    with ckpt_lib.CheckpointManager(d) as m:
+    with manager.CheckpointManager(d) as m:
         assert m.all_steps() == [1, 2, 3]
         step, restored = m.restore_latest(arrays=target)
         assert step == 2
@@ -158,12 +159,12 @@ def test_restore_latest_moves_nothing_when_no_step_fits(tmp_path):
             "w": jax.ShapeDtypeStruct((3, 3), jnp.float32, sharding=parallel.replicated(mesh))
         }
     }
-    with ckpt_lib.CheckpointManager(d) as m:
+    with manager.CheckpointManager(d) as m:
         with pytest.raises(ValueError, match=r"Cannot resume from .*none of its steps \[1, 2\]"):
             m.restore_latest(arrays=wrong)
         assert m.all_steps() == [1, 2]
         assert m.restore_latest(arrays={})[0] == 2
-    assert ckpt_lib.CheckpointManager(str(tmp_path / "fresh")).restore_latest(arrays={}) == (
+    assert manager.CheckpointManager(str(tmp_path / "fresh")).restore_latest(arrays={}) == (
         None,
         None,
     )
@@ -174,3 +175,25 @@ def test_max_to_keep_keeps_the_newest(tmp_path):
     assert sorted(int(n) for n in os.listdir(tmp_path) if n.isdigit()) == [4, 5]
     with open(tmp_path / "5" / "config" / "metadata") as f:
         assert json.load(f) == {"step": 5}
+
+
+def test_saved_configs_are_upgraded_to_the_current_schema(tmp_path):
+    """A config saved before fields were added (version 0) reads back with them at their
+    defaults, so an old checkpoint takes the same overrides as a new one."""
+    from ml_collections import ConfigDict
+
+    from vdm import config as config_lib
+    from vdm.errors import ConfigError
+
+    old = toy_config().to_dict()
+    old.setdefault("sample", {"guidance": 3.0})
+    old["sample"].pop("shift", None)
+    old.setdefault("train", {}).pop("init_from", None)
+    with manager.CheckpointManager(str(tmp_path)) as m:
+        m.save(1, arrays={"params": {"w": np.ones(2, np.float32)}}, json_items={"config": old})
+    loaded = checkpoint.load_config(str(tmp_path))
+    assert loaded.sample.shift is None and loaded.train.init_from == ""
+    config_lib.apply_override(loaded, "sample.shift", "1.5")  # typed: a float placeholder
+    assert loaded.sample.shift == 1.5
+    with pytest.raises(ConfigError, match="version 99"):
+        config_lib.upgrade(ConfigDict({"version": 99}))

@@ -107,16 +107,17 @@ def test_sample_is_independent_of_batch_and_reproducible(trained):
     from vdm.inference import pipeline
 
     pipe = pipeline.load_pipeline(trained["dit"])
-    alone = pipe(["the digit 4 moving down"], seed=5, num_steps=2)
+    two = pipe.settings.override(num_steps=2)
+    alone = pipe(["the digit 4 moving down"], seed=5, settings=two)
     batch = pipe(
         ["the digit 4 moving down", "a 7 moving left", "3 moving up"],
         seed=5,
         num_samples=2,
-        num_steps=2,
+        settings=two,
         batch_size=4,
     )
-    again = pipe(["the digit 4 moving down"], seed=5, num_steps=2)
-    other = pipe(["the digit 4 moving down"], seed=6, num_steps=2)
+    again = pipe(["the digit 4 moving down"], seed=5, settings=two)
+    other = pipe(["the digit 4 moving down"], seed=6, settings=two)
     # Same noise whatever the batch: the same video up to float rounding (XLA's CPU kernels may
     # reduce in another order at another batch size; one 8-bit value off by one was seen).
     diff = np.abs(alone[0].astype(int) - batch[0].astype(int))
@@ -126,32 +127,40 @@ def test_sample_is_independent_of_batch_and_reproducible(trained):
     assert not np.array_equal(alone, other)
 
 
-def test_export_roundtrip(trained, tmp_path):
-    from vdm.errors import ConfigError
-    from vdm.inference import pipeline
+def _two_steps(pipe, **settings):
+    return pipe.settings.override(num_steps=2, **settings)
 
-    out = pipeline.export(trained["dit"], str(tmp_path / "bundle"))
-    a = pipeline.load_pipeline(trained["dit"])(["six moving to the right"], seed=0, num_steps=2)
-    b = pipeline.load_pipeline(out)(["six moving to the right"], seed=0, num_steps=2)
+
+def test_export_roundtrip(trained, tmp_path):
+    from vdm.errors import ConfigError, UserError
+    from vdm.inference import pipeline
+    from vdm.tools import export
+
+    prompt = ["six moving to the right"]
+    out = export.export(trained["dit"], str(tmp_path / "bundle"))
+    run = pipeline.load_pipeline(trained["dit"])
+    a = run(prompt, seed=0, settings=_two_steps(run))
+    bundled = pipeline.load_pipeline(out)
+    b = bundled(prompt, seed=0, settings=_two_steps(bundled))
     np.testing.assert_array_equal(a, b)
     # sampling defaults chosen after training are recorded in the bundle
-    tuned = pipeline.export(trained["dit"], str(tmp_path / "tuned"), sample={"guidance": "2.5"})
+    tuned = export.export(trained["dit"], str(tmp_path / "tuned"), sample={"guidance": "2.5"})
     assert pipeline.load_pipeline(tuned).config.sample.guidance == 2.5
     # ... including the flow sampling shift; the bundle then samples with it by default (the run
     # trained with diffusion.shift=1 and samples with configs/quickstart.py's sample.shift=3).
-    shifted = pipeline.export(trained["dit"], str(tmp_path / "shifted"), sample={"shift": "1.5"})
+    shifted = export.export(trained["dit"], str(tmp_path / "shifted"), sample={"shift": "1.5"})
     c = pipeline.load_pipeline(shifted)
     assert c.config.sample.shift == 1.5 and c.config.diffusion.shift == 1.0
-    c15 = c(["six moving to the right"], seed=0, num_steps=2)
+    c15 = c(prompt, seed=0, settings=_two_steps(c))
     assert not np.array_equal(a, c15)
-    np.testing.assert_array_equal(
-        c15, c(["six moving to the right"], seed=0, num_steps=2, shift=1.5)
-    )
-    np.testing.assert_array_equal(a, c(["six moving to the right"], seed=0, num_steps=2, shift=3))
+    np.testing.assert_array_equal(c15, c(prompt, seed=0, settings=_two_steps(c, shift=1.5)))
+    np.testing.assert_array_equal(a, c(prompt, seed=0, settings=_two_steps(c, shift=3)))
     with pytest.raises(
         ConfigError, match=r"config\.sample\.guidanse'.*Did you mean: config\.sample\.guidance"
     ):
-        pipeline.export(trained["dit"], str(tmp_path / "bad"), sample={"guidanse": 3})
+        export.export(trained["dit"], str(tmp_path / "bad"), sample={"guidanse": 3})
+    with pytest.raises(UserError, match="--num_steps must be >= 1"):
+        export.export(trained["dit"], str(tmp_path / "bad"), sample={"num_steps": 0})
 
 
 def test_decoder_fine_tune_replaces_the_vae_of_a_bundle(trained, tmp_path):
@@ -177,7 +186,7 @@ def test_decoder_fine_tune_replaces_the_vae_of_a_bundle(trained, tmp_path):
     old, new = checkpoint.load_params(trained["vae"]), pipeline.load_pipeline(out["bundle"])
     assert pipeline._trees_equal(new.vae_params["encoder"], old["encoder"])
     assert not pipeline._trees_equal(new.vae_params["decoder"], old["decoder"])
-    video = new(["six moving to the right"], seed=0, num_steps=2)
+    video = new(["six moving to the right"], seed=0, settings=_two_steps(new))
     c = trained["config"].data
     assert video.shape == (1, c.num_frames, c.height, c.width, 3)
     with pytest.raises(UserError, match="its encoder weights differ"):
@@ -214,7 +223,9 @@ def test_a_new_run_starts_from_an_exported_model(trained, tmp_path):
     assert set(grown.params) - set(before.params) == {"block_1"}
     prompt = ["six moving to the right"]
     np.testing.assert_allclose(
-        grown(prompt, seed=0, num_steps=2), before(prompt, seed=0, num_steps=2), atol=1
+        grown(prompt, seed=0, settings=_two_steps(grown)),
+        before(prompt, seed=0, settings=_two_steps(before)),
+        atol=1,
     )
 
     out = export.export_with_logs(grown_dir, bundle)  # over the bundle its weights came from

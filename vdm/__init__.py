@@ -42,14 +42,12 @@ _quiet_libtpu_without_tpu()
 import jax  # noqa: E402
 
 # Random bits depend only on the key and the array's global shape, never on how it is sharded, so
-# the same seed gives the same video on 1 device or a pod (DESIGN.md: RNG).
+# the same seed gives the same video on 1 device or a pod.
 jax.config.update("jax_threefry_partitionable", True)
 
 __version__ = "0.1.0"
 
+# After the jax setting above: everything vdm computes sees it.
+from vdm.inference.pipeline import load_pipeline  # noqa: E402
 
-def load_pipeline(path=None, **kwargs):
-    """Loads a text-to-video pipeline from a checkpoint directory (default: the bundled model)."""
-    from vdm.inference.pipeline import load_pipeline as _load
-
-    return _load(path, **kwargs)
+__all__ = ["TPU_PLACEHOLDER_ENV", "__version__", "load_pipeline"]

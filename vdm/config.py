@@ -17,7 +17,9 @@ from collections.abc import Iterable
 
 import ml_collections
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
+from vdm.diffusion.schedules import DiffusionSpec, sampling_spec
 from vdm.errors import ConfigError
 from vdm.parallel.pmap import MODES as PARALLEL_MODES
 
@@ -220,8 +222,6 @@ def validate(config: ConfigDict) -> None:
             if fs in (4, 8) and size % fs:
                 problems.append(f"data.{name}={size} is not divisible by vae.spatial_factor={fs}")
     if "diffusion" in config:
-        from vdm.diffusion.schedules import DiffusionSpec, sampling_spec
-
         try:
             spec = DiffusionSpec.from_config(config.diffusion)
         except ValueError as e:
@@ -235,6 +235,62 @@ def validate(config: ConfigDict) -> None:
         problems.append("train.batch_size must be positive")
     if problems:
         raise ConfigError("Invalid config: " + "; ".join(problems) + ".")
+
+
+# -- upgrades of saved configs ---------------------------------------------------------------------
+# A config saved with a checkpoint or a bundle is read back by newer code. `config.version` (absent
+# = 0) says which schema it follows; `upgrade` brings it to CONFIG_VERSION, one step per version.
+CONFIG_VERSION = 1
+
+# Version 1: fields added to configs/base.py after models were saved, at their base.py defaults.
+# A missing field would break `--config` overrides of it (e.g. `export --sample shift=3`) and the
+# code that reads it. A placeholder is a typed "unset" (a JSON null loses its type on reading).
+_V1_FIELDS = {
+    "sample.shift": lambda: placeholder(float),
+    "train.init_from": lambda: "",
+    "train.init_new_params": lambda: False,
+    "train.init_skip": lambda: "",
+    "optim.freeze": lambda: "",
+    "optim.ema_warmup": lambda: True,
+    "vae.train_frames": lambda: 0,
+    "vae.stats_num_examples": lambda: 256,
+}
+
+
+def _to_v1(config: ConfigDict) -> None:
+    for key, default in _V1_FIELDS.items():
+        section, leaf = key.split(".")
+        if section in config and config[section].get(leaf) is None:
+            with config[section].unlocked(), config[section].ignore_type():
+                config[section][leaf] = default()
+
+
+_UPGRADES = (_to_v1,)  # _UPGRADES[v] upgrades a version-v config to version v + 1
+
+
+def upgrade(config: ConfigDict) -> ConfigDict:
+    """Upgrades a saved config (from a checkpoint or a bundle) to the current schema, in place.
+
+    A config without `version` is version 0. Each upgrade step adds what its version introduced,
+    so an old model takes the same overrides and runs the same code as a new one.
+
+    Returns:
+      `config`, with `version` = CONFIG_VERSION when it records one.
+
+    Raises:
+      ConfigError: a config newer than this code.
+    """
+    version = int(config.get("version", 0) or 0)
+    if version > CONFIG_VERSION:
+        raise ConfigError(
+            f"The saved config has version {version}; this code reads versions <= "
+            f"{CONFIG_VERSION}. Update vdm."
+        )
+    for step in _UPGRADES[version:]:
+        step(config)
+    if "version" in config:
+        config.version = CONFIG_VERSION
+    return config
 
 
 def to_dict(config: ConfigDict) -> dict:

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import linalg
 
 from vdm.data import moving_digits as md
+
+if TYPE_CHECKING:  # annotations only: scoring needs neither jax nor a model
+    from vdm.inference.pipeline import Pipeline
+    from vdm.inference.settings import SamplingSettings
 
 CROP = 8  # classifier input: the digit box downsampled to sklearn's native 8x8
 
@@ -209,14 +214,10 @@ def test_examples(data_config, num: int) -> dict[str, np.ndarray]:
 
 
 def evaluate_pipeline(
-    pipe,
+    pipe: Pipeline,
     num_videos: int,
     *,
-    sampler: str | None = None,
-    num_steps: int | None = None,
-    guidance: float | None = None,
-    shift: float | None = None,
-    eta: float | None = None,
+    settings: SamplingSettings | None = None,
     seed: int = 0,
     captions: str = "caption",
 ) -> tuple[dict[str, float], np.ndarray, list[str]]:
@@ -225,7 +226,7 @@ def evaluate_pipeline(
     Args:
       pipe: a `vdm.inference.pipeline.Pipeline` on a moving-digits config.
       num_videos: how many test prompts (one video each).
-      sampler, num_steps, guidance, shift, eta: sampling settings (default: the model's config).
+      settings: sampling settings (default: the model's, `pipe.settings`).
       seed: sampling seed.
       captions: "caption" (training templates) or "caption_heldout" (paraphrases never trained on).
 
@@ -234,16 +235,7 @@ def evaluate_pipeline(
     """
     ex = test_examples(pipe.config.data, num_videos)
     prompts = [str(c) for c in ex[captions]]
-    videos = pipe(
-        prompts,
-        seed=seed,
-        sampler=sampler,
-        num_steps=num_steps,
-        guidance=guidance,
-        shift=shift,
-        eta=eta,
-        progress=True,
-    )
+    videos = pipe(prompts, seed=seed, settings=settings, progress=True)
     clf = classifier_for(pipe.config.data)
     metrics = score_videos(videos, ex["digit"], ex["direction"], clf, reference=ex["video"])
     return metrics, videos, prompts

@@ -11,7 +11,14 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from vdm.data import cache
+from vdm.diffusion.samplers import STOCHASTIC
 from vdm.errors import UserError
+from vdm.eval import digits, metrics
+from vdm.inference import pipeline
+from vdm.inference.settings import SamplingSettings
+from vdm.io import video
+from vdm.models import autoencoder as ae
 
 
 def vae_reconstruction(
@@ -19,8 +26,6 @@ def vae_reconstruction(
 ) -> tuple[dict[str, float], np.ndarray]:
     """PSNR / SSIM of the pipeline's VAE (posterior mean) on uint8 videos, and the uint8
     reconstructions (what the denoiser's best possible latents would decode to)."""
-    from vdm.eval import metrics
-    from vdm.models import autoencoder as ae
 
     @jax.jit
     def recon(x):
@@ -29,12 +34,12 @@ def vae_reconstruction(
 
     psnr, ssim, out = [], [], []
     for i in range(0, len(videos), batch_size):
-        x = videos[i : i + batch_size].astype(np.float32) / 127.5 - 1.0
+        x = ae.from_uint8(videos[i : i + batch_size])
         y = np.clip(np.asarray(recon(x)), -1.0, 1.0)
         a, b = (x + 1) * 127.5, (y + 1) * 127.5
         psnr.append(np.asarray(metrics.psnr(a, b, data_range=255.0)))
         ssim.append(np.asarray(metrics.ssim(a, b, data_range=255.0)))
-        out.append(np.round(b).astype(np.uint8))
+        out.append(ae.to_uint8(y))
     scores = {
         "vae_psnr": float(np.concatenate(psnr).mean()),
         "vae_ssim": float(np.concatenate(ssim).mean()),
@@ -60,112 +65,105 @@ def run(
     One row per captions x sampler x eta x steps; `etas` (default: the model's `sample.eta`)
     apply to the samplers that take one ("ddim", "dpmpp2m"), "euler" gets a single row.
     """
-    from vdm.eval import digits as evaluation
-    from vdm.inference import pipeline
-    from vdm.io import video as video_io
-
-    pipe = pipeline.load_pipeline(checkpoint)
+    pipe = _load(checkpoint, random_weights, seed)
     cfg = pipe.config
-    from vdm.data import cache
-
-    if cache.underlying_source(cfg.data.source) != "moving_digits":
-        raise UserError(
-            f"eval.py scores moving-digits models; this checkpoint was trained on "
-            f"'{cfg.data.source}'."
-        )
-    if random_weights:
-        pipe.params = jax.tree.map(
-            lambda p: np.asarray(jax.random.normal(jax.random.key(seed), p.shape, p.dtype)) * 0.02,
-            pipe.params,
-        )
+    base = pipe.settings.override(guidance=guidance, shift=shift)
+    grid = _grid(
+        base,
+        list(samplers or cfg.eval.samplers),
+        [base.eta] if etas is None else [float(e) for e in etas],
+        list(num_steps or cfg.eval.num_steps),
+    )
     num_videos = num_videos or cfg.eval.num_videos
-    samplers = list(samplers or cfg.eval.samplers)
-    num_steps = list(num_steps or cfg.eval.num_steps)
-    etas = [float(cfg.sample.eta)] if etas is None else [float(e) for e in etas]
-    if any(e < 0 for e in etas):
-        raise UserError(f"eta must be >= 0 (0 = the deterministic ODE solver), got {etas}.")
     os.makedirs(output_dir, exist_ok=True)
-
-    ex = evaluation.test_examples(cfg.data, num_videos)
-    clf = evaluation.classifier_for(cfg.data)
-    half = len(ex["video"]) // 2
-    vae_scores, recon = vae_reconstruction(pipe, ex["video"])
+    ceilings = _ceilings(pipe, num_videos)
     results = {
         "checkpoint": checkpoint or pipeline.DEFAULT_MODEL,
-        "num_videos": len(ex["video"]),
+        "num_videos": ceilings.pop("num_videos"),
         "seed": seed,
         "random_weights": random_weights,
-        "guidance": float(cfg.sample.guidance if guidance is None else guidance),
-        "shift": _sampling_shift(pipe, shift),
-        # The ceiling: real test videos scored against their own labels (FD between two halves).
-        "real": evaluation.score_videos(
-            ex["video"][:half],
-            ex["digit"][:half],
-            ex["direction"][:half],
-            clf,
-            reference=ex["video"][half:],
-        ),
-        # The ceiling of any latent model on this VAE: real test videos encoded and decoded.
-        "real_through_vae": evaluation.score_videos(
-            recon[:half],
-            ex["digit"][:half],
-            ex["direction"][:half],
-            clf,
-            reference=ex["video"][half:],
-        ),
-        **vae_scores,
+        "guidance": base.guidance,
+        "shift": pipe.sampling_spec(base.shift).shift,
+        **ceilings,
         "settings": [],
     }
     for captions in ("caption", "caption_heldout"):
-        for sampler, eta, steps in _grid(samplers, etas, num_steps):
-            t0 = time.perf_counter()
-            m, videos, prompts = evaluation.evaluate_pipeline(
-                pipe,
-                num_videos,
-                sampler=sampler,
-                num_steps=steps,
-                guidance=guidance,
-                shift=shift,
-                eta=eta,
-                seed=seed,
-                captions=captions,
-            )
-            row = {
-                "captions": captions,
-                "sampler": sampler,
-                "eta": eta,
-                "num_steps": steps,
-                **m,
-                "seconds": time.perf_counter() - t0,
-            }
+        for eta, settings in grid:
+            row = _evaluate_row(pipe, num_videos, settings, eta, seed, captions, output_dir)
             results["settings"].append(row)
             print(json.dumps(row), flush=True)
-            tag = "" if eta is None else f"_eta{eta:g}"
-            name = f"{captions}_{sampler}{tag}_{steps}.png"
-            video_io.contact_sheet(
-                videos[:8], captions=prompts[:8], path=os.path.join(output_dir, name)
-            )
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(format_table(results))
     return results
 
 
-def _grid(samplers, etas, num_steps):
-    """(sampler, eta or None, steps) rows; eta None for samplers it does not apply to."""
-    from vdm.diffusion.samplers import STOCHASTIC
+def _load(checkpoint: str | None, random_weights: bool, seed: int) -> pipeline.Pipeline:
+    """The pipeline to score (its denoiser re-initialised randomly with `random_weights`)."""
+    pipe = pipeline.load_pipeline(checkpoint)
+    source = pipe.config.data.source
+    if cache.underlying_source(source) != "moving_digits":
+        raise UserError(
+            f"eval.py scores moving-digits models; this checkpoint was trained on '{source}'."
+        )
+    if random_weights:
+        pipe.params = jax.tree.map(
+            lambda p: np.asarray(jax.random.normal(jax.random.key(seed), p.shape, p.dtype)) * 0.02,
+            pipe.params,
+        )
+    return pipe
 
-    for sampler in samplers:
-        for eta in etas if sampler in STOCHASTIC else [None]:
-            for steps in num_steps:
-                yield sampler, eta, steps
+
+def _ceilings(pipe: pipeline.Pipeline, num_videos: int) -> dict:
+    """The test set's size, the scores of real test videos (the ceiling; FD between two halves)
+    and of real test videos encoded and decoded (the ceiling of any latent model on this VAE),
+    and the VAE's reconstruction PSNR / SSIM."""
+    ex = digits.test_examples(pipe.config.data, num_videos)
+    clf = digits.classifier_for(pipe.config.data)
+    half = len(ex["video"]) // 2
+    vae_scores, recon = vae_reconstruction(pipe, ex["video"])
+
+    def score(videos):
+        labels = ex["digit"][:half], ex["direction"][:half]
+        return digits.score_videos(videos[:half], *labels, clf, reference=ex["video"][half:])
+
+    return {
+        "num_videos": len(ex["video"]),
+        "real": score(ex["video"]),
+        "real_through_vae": score(recon),
+        **vae_scores,
+    }
 
 
-def _sampling_shift(pipe, shift: float | None) -> float:
-    try:
-        return pipe.sampling_spec(shift).shift
-    except ValueError as e:
-        raise UserError(str(e)) from None
+def _evaluate_row(pipe, num_videos, settings, eta, seed, captions, output_dir) -> dict:
+    """Scores one setting on one caption set and writes its contact sheet."""
+    t0 = time.perf_counter()
+    m, videos, prompts = digits.evaluate_pipeline(
+        pipe, num_videos, settings=settings, seed=seed, captions=captions
+    )
+    row = {
+        "captions": captions,
+        "sampler": settings.sampler,
+        "eta": eta,
+        "num_steps": settings.num_steps,
+        **m,
+        "seconds": time.perf_counter() - t0,
+    }
+    tag = "" if eta is None else f"_eta{eta:g}"
+    name = f"{captions}_{settings.sampler}{tag}_{settings.num_steps}.png"
+    video.contact_sheet(videos[:8], captions=prompts[:8], path=os.path.join(output_dir, name))
+    return row
+
+
+def _grid(base: SamplingSettings, samplers, etas, num_steps) -> list:
+    """[(eta or None, settings)] rows, all checked before any work; eta is None (the model's
+    is used) for samplers it does not apply to."""
+    return [
+        (eta, base.override(sampler=sampler, eta=eta, num_steps=steps))
+        for sampler in samplers
+        for eta in (etas if sampler in STOCHASTIC else [None])
+        for steps in num_steps
+    ]
 
 
 def format_table(results: dict) -> str:

@@ -12,7 +12,6 @@ prompt, settings), never on what else is in the batch or how many devices run it
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -21,15 +20,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
 
-from vdm import rng
+from vdm import config as config_lib
+from vdm import encoders, rng
 from vdm.diffusion import samplers, schedules
 from vdm.errors import UserError
+from vdm.inference.settings import SamplingSettings
+from vdm.io import bundle, checkpoint
 from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
 from vdm.models.text import encoder as te
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default_model")
+DEFAULT_MODEL = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "default_model"
+)
 
 # Fixed prompts for in-training previews: every digit and direction, numerals and words.
 PREVIEW_PROMPTS = (
@@ -70,21 +75,6 @@ class Pipeline:
         self._shift = jnp.asarray(self.latent_stats["shift"], jnp.float32)
         self._scale = jnp.asarray(self.latent_stats["scale"], jnp.float32)
         self._generate = jax.jit(self.generate, static_argnames=("sampler", "num_steps", "spec"))
-
-    # -- construction ----------------------------------------------------------------------------
-    @classmethod
-    def from_parts(cls, config, task, params, frozen) -> Pipeline:
-        """A pipeline over a training task's modules and the given (EMA) params."""
-        return cls(
-            config=config,
-            text=task.text,
-            vae=task.vae,
-            # A step on a latent cache has no VAE among its frozen inputs: use the host copy.
-            vae_params=frozen.get("vae", task.vae_params),
-            latent_stats=task.latent_stats,
-            model=task.model,
-            params=params,
-        )
 
     # -- sampling --------------------------------------------------------------------------------
     def generate(
@@ -134,12 +124,24 @@ class Pipeline:
         video = ae.decode(self.vae, vae_params, z, chunk=self.config.vae.decode_chunk)
         return ae.to_uint8(video)
 
+    @property
+    def settings(self) -> SamplingSettings:
+        """The model's default sampling settings (`config.sample`)."""
+        return SamplingSettings.from_config(self.config.sample)
+
     def sampling_spec(self, shift: float | None = None) -> schedules.DiffusionSpec:
         """The DiffusionSpec the sampler uses: `config.diffusion` with the sampling time shift
-        `shift`, else `config.sample.shift`, else the training one."""
+        `shift`, else `config.sample.shift`, else the training one.
+
+        Raises:
+          UserError: a shift this model cannot sample with (e.g. not > 0, or not a flow model).
+        """
         if shift is None:
             shift = self.config.sample.get("shift")
-        return schedules.sampling_spec(self.config.diffusion, shift)
+        try:
+            return schedules.sampling_spec(self.config.diffusion, shift)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     def encode_prompts(self, prompts: Sequence[str]):
         """Prompts -> (hidden [B, L, D], mask [B, L]); warns when a prompt is truncated."""
@@ -152,12 +154,7 @@ class Pipeline:
         *,
         seed: int = 0,
         num_samples: int = 1,
-        num_steps: int | None = None,
-        sampler: str | None = None,
-        guidance: float | None = None,
-        negative_prompt: str | None = None,
-        eta: float | None = None,
-        shift: float | None = None,
+        settings: SamplingSettings | None = None,
         batch_size: int = 8,
         progress: bool = False,
     ) -> np.ndarray:
@@ -167,8 +164,8 @@ class Pipeline:
           prompts: captions; the empty string is the unconditional prompt.
           seed: base seed; sample i of prompt p uses fold_in(fold_in(key(seed), p), i).
           num_samples: videos per prompt.
-          num_steps, sampler, guidance, negative_prompt, eta, shift: default to `config.sample`
-            (shift: the flow sampling time shift; unset there = the training `diffusion.shift`).
+          settings: sampler, steps, guidance, eta, negative prompt, shift (default:
+            `self.settings`, the model's `config.sample`).
           batch_size: videos per compiled call (does not change the result).
           progress: show a tqdm bar over batches.
 
@@ -179,86 +176,54 @@ class Pipeline:
             prompts = [prompts]
         if not prompts:
             raise UserError("No prompt given: pass at least one prompt.")
-        s = self.config.sample
-        sampler = sampler or s.sampler
-        num_steps = int(num_steps or s.num_steps)
-        guidance = float(s.guidance if guidance is None else guidance)
-        eta = float(s.eta if eta is None else eta)
-        negative = s.negative_prompt if negative_prompt is None else negative_prompt
-        if sampler not in samplers.SAMPLERS:
-            raise UserError(
-                f"Unknown sampler '{sampler}'; choose one of {sorted(samplers.SAMPLERS)}."
-            )
-        try:
-            spec = self.sampling_spec(shift)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-
+        settings = self.settings if settings is None else settings
+        spec = self.sampling_spec(settings.shift)
         ctx, mask = self.encode_prompts(prompts)
         eta_key = rng.stream(jax.random.key(seed), "sampler")  # used only when eta > 0
-        null_ctx, null_mask = self.encode_prompts([negative])
+        null = self.encode_prompts([settings.negative_prompt])
         pairs = [(p, i) for p in range(len(prompts)) for i in range(num_samples)]
-        out = []
         batches = range(0, len(pairs), batch_size)
         if progress:
             from tqdm import tqdm
 
-            batches = tqdm(batches, desc=f"sampling ({sampler}, {num_steps} steps)", unit="batch")
+            desc = f"sampling ({settings.sampler}, {settings.num_steps} steps)"
+            batches = tqdm(batches, desc=desc, unit="batch")
+        out = []
         for start in batches:
             chunk = pairs[start : start + batch_size]
-            n = len(chunk)
             # Always pad to `batch_size`: every call reuses one compiled program, and a video's
             # bits cannot depend on how many others were requested with it (XLA may pick other
             # kernels for other batch shapes). Padding rows repeat the last pair and are dropped.
-            padded = chunk + [chunk[-1]] * (batch_size - n)
-            p_idx = np.array([p for p, _ in padded], np.int32)
-            i_idx = np.array([i for _, i in padded], np.int32)
-            noise = samplers.initial_noise(seed, p_idx, i_idx, self.latent_shape)
-            keys = jax.vmap(lambda p, i: jax.random.fold_in(jax.random.fold_in(eta_key, p), i))(
-                p_idx, i_idx
-            )
-            b = len(padded)
-            video = self._generate(
-                self.params,
-                self.vae_params,
-                ctx[p_idx],
-                mask[p_idx],
-                jnp.broadcast_to(null_ctx, (b, *null_ctx.shape[1:])),
-                jnp.broadcast_to(null_mask, (b, *null_mask.shape[1:])),
-                noise,
-                jnp.float32(guidance),
-                jnp.float32(eta),
-                keys,
-                sampler=sampler,
-                num_steps=num_steps,
-                spec=spec,
-            )
-            out.append(np.asarray(video)[:n])
+            padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+            video = self._sample_batch(padded, seed, eta_key, (ctx, mask), null, settings, spec)
+            out.append(np.asarray(video)[: len(chunk)])
         return np.concatenate(out, axis=0)
+
+    def _sample_batch(self, pairs, seed, eta_key, cond, null, settings, spec):
+        """Videos for the (prompt index, sample index) `pairs`: one compiled call."""
+        (ctx, mask), (null_ctx, null_mask) = cond, null
+        p_idx = np.array([p for p, _ in pairs], np.int32)
+        i_idx = np.array([i for _, i in pairs], np.int32)
+        noise = samplers.initial_noise(seed, p_idx, i_idx, self.latent_shape)
+        b = len(pairs)
+        return self._generate(
+            self.params,
+            self.vae_params,
+            ctx[p_idx],
+            mask[p_idx],
+            jnp.broadcast_to(null_ctx, (b, *null_ctx.shape[1:])),
+            jnp.broadcast_to(null_mask, (b, *null_mask.shape[1:])),
+            noise,
+            jnp.float32(settings.guidance),
+            jnp.float32(settings.eta),
+            rng.example_keys(eta_key, p_idx, i_idx),
+            sampler=settings.sampler,
+            num_steps=settings.num_steps,
+            spec=spec,
+        )
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def save_tree(path: str, tree) -> None:
-    """Saves a param pytree as an orbax checkpoint dir (used for exported bundles)."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(path), tree, force=True)
-
-
-def restore_tree(path: str):
-    """Restores a param pytree saved by `save_tree` onto the default device."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.abspath(path))
-
-
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 def load_pipeline(
     path: str | None = None, *, item: str = "ema", vae: str | None = None
 ) -> Pipeline:
@@ -273,10 +238,6 @@ def load_pipeline(
     Raises:
       UserError: the path does not exist or holds no model; `vae` encodes differently.
     """
-    from ml_collections import ConfigDict
-
-    from vdm.io import checkpoint
-
     path = path or DEFAULT_MODEL
     if not os.path.exists(path):
         hint = (
@@ -287,36 +248,17 @@ def load_pipeline(
             else " Pass a denoiser workdir, a checkpoint step dir or an exported model dir."
         )
         raise UserError(f"Checkpoint '{path}' does not exist.{hint}")
-    if os.path.exists(os.path.join(path, "model.json")):  # an exported bundle (see `export`)
-        meta = _read_json(os.path.join(path, "model.json"))
-        config = ConfigDict(meta["config"])
-        params = restore_tree(os.path.join(path, "denoiser"))
-        vae_params = restore_tree(os.path.join(path, "vae"))
-        stats = meta["latent_stats"]
+    if bundle.is_bundle(path):
+        b = bundle.read(path)
+        config, text_encoder = ConfigDict(b.config), b.text_encoder
+        params, vae_params, stats = b.params, b.vae_params, b.latent_stats
     else:
-        try:
-            config = ConfigDict(checkpoint.load_config(path))
-            meta = checkpoint.load_metadata(path)
-            params = checkpoint.load_params(path, item=item)
-        except FileNotFoundError as e:
-            raise UserError(f"No vdm checkpoint found at '{path}': {e}") from None
-        if config.stage != "denoiser":
-            raise UserError(
-                f"'{path}' is a checkpoint of stage '{config.stage}', not a denoiser; sample.py "
-                "needs a denoiser checkpoint (its VAE is found through the checkpoint metadata)."
-            )
-        vae_path = meta.get("vae_checkpoint", "")
+        config, meta, params, vae_params = _load_checkpoint(path, item)
+        text_encoder = meta.get("text_encoder", config.text_encoder.name)
         stats = meta["latent_stats"]
-        if vae_path:
-            vae_params = checkpoint.load_params(vae_path, item="ema")
-        else:
-            logging.warning("Denoiser checkpoint has no VAE reference: using a random VAE.")
-            from vdm.encoders import load_vae
-
-            _, vae_params, _ = load_vae(config)
-    _add_new_fields(config)
+    config_lib.upgrade(config)
     text = te.load_text_encoder(
-        meta.get("text_encoder", config.text_encoder.name),
+        text_encoder,
         max_length=config.text_encoder.max_length,
         dtype=jnp.dtype(config.text_encoder.dtype),
     )
@@ -332,13 +274,26 @@ def load_pipeline(
     return swap_vae(pipe, vae) if vae else pipe
 
 
-def _add_new_fields(config) -> None:
-    """Fields added to configs/base.py after a model was saved, at their defaults, so an older
-    checkpoint or bundle takes the same overrides as a new one (e.g. `export --sample shift=3`)."""
-    from ml_collections.config_dict import placeholder
-
-    if config.sample.get("shift") is None:  # missing, or unset (JSON null loses its type)
-        config.sample.shift = placeholder(float)
+def _load_checkpoint(path: str, item: str):
+    """(config, metadata, denoiser params, VAE params) of a denoiser training checkpoint."""
+    try:
+        config = checkpoint.load_config(path)
+        meta = checkpoint.load_metadata(path)
+        params = checkpoint.load_params(path, item=item)
+    except FileNotFoundError as e:
+        raise UserError(f"No vdm checkpoint found at '{path}': {e}") from None
+    if config.stage != "denoiser":
+        raise UserError(
+            f"'{path}' is a checkpoint of stage '{config.stage}', not a denoiser; sample.py "
+            "needs a denoiser checkpoint (its VAE is found through the checkpoint metadata)."
+        )
+    vae_path = meta.get("vae_checkpoint", "")
+    if vae_path:
+        vae_params = checkpoint.load_params(vae_path, item="ema")
+    else:
+        logging.warning("Denoiser checkpoint has no VAE reference: using a random VAE.")
+        _, vae_params, _ = encoders.load_vae(config)
+    return config, meta, params, vae_params
 
 
 def _trees_equal(a, b) -> bool:
@@ -358,8 +313,6 @@ def swap_vae(pipe: Pipeline, vae_path: str) -> Pipeline:
     Raises:
       UserError: no VAE checkpoint at `vae_path`, or one that encodes differently (named).
     """
-    from vdm.io import checkpoint
-
     try:
         vae_config = checkpoint.load_config(vae_path)
         stats = checkpoint.load_metadata(vae_path).get("latent_stats")
@@ -387,58 +340,3 @@ def swap_vae(pipe: Pipeline, vae_path: str) -> Pipeline:
     config = pipe.config.copy_and_resolve_references()
     config.vae.checkpoint = os.path.abspath(vae_path)
     return dataclasses.replace(pipe, config=config, vae_params=params)
-
-
-def vae_source(denoiser_path: str) -> str:
-    """The VAE checkpoint a denoiser checkpoint (or an exported model dir) decodes with ("" when
-    it has none)."""
-    if os.path.exists(os.path.join(denoiser_path, "model.json")):
-        meta = _read_json(os.path.join(denoiser_path, "model.json"))
-        return meta.get("vae_source") or os.path.join(denoiser_path, "vae")
-    from vdm.io import checkpoint
-
-    return checkpoint.load_metadata(denoiser_path).get("vae_checkpoint", "")
-
-
-def export(
-    denoiser_path: str,
-    out_dir: str,
-    *,
-    item: str = "ema",
-    vae: str | None = None,
-    sample: dict[str, Any] | None = None,
-) -> str:
-    """Writes a compact, self-contained model dir (EMA denoiser + EMA VAE + config + stats).
-
-    The text encoder is referenced by name (e.g. "minilm"), not copied. `vae` replaces the
-    denoiser's VAE with a decoder fine-tune of it (see `swap_vae`). `sample` sets sampling
-    defaults the bundle records instead of the training config's (`config.sample`, e.g. a
-    guidance scale chosen after training), each set like `--config.sample.KEY=VALUE`.
-    """
-
-    pipe = load_pipeline(denoiser_path, item=item, vae=vae)
-    from vdm import config as config_lib
-
-    for key, value in (sample or {}).items():  # typed and checked like a --config override
-        text = value if isinstance(value, str) else repr(value)
-        config_lib.apply_override(pipe.config, f"sample.{key}", text)
-    os.makedirs(out_dir, exist_ok=True)
-    save_tree(os.path.join(out_dir, "denoiser"), pipe.params)
-    save_tree(os.path.join(out_dir, "vae"), pipe.vae_params)
-    from vdm.data import cache
-
-    config = pipe.config.to_dict()
-    # A bundle must not point at the trainer's local latent cache: record what it was built from.
-    config["data"]["source"] = cache.underlying_source(pipe.config.data.source)
-    meta = {
-        "config": config,
-        "latent_stats": pipe.latent_stats,
-        "text_encoder": pipe.config.text_encoder.name,
-        "source": os.path.abspath(denoiser_path),
-    }
-    source_of_vae = vae or vae_source(denoiser_path)
-    if source_of_vae:
-        meta["vae_source"] = os.path.abspath(source_of_vae)
-    with open(os.path.join(out_dir, "model.json"), "w") as f:
-        json.dump(meta, f, indent=1, default=list)
-    return out_dir

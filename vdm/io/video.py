@@ -340,6 +340,26 @@ def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> str:
     return text + "..."
 
 
+def _sheet_rows(videos, captions, max_frames, scale) -> list[np.ndarray]:
+    """The frames of each contact-sheet row, picked and upscaled; checks the arguments."""
+    videos = [_check_frames(v, "contact_sheet") for v in videos]
+    if not videos:
+        raise ValueError("contact_sheet: got no videos.")
+    if captions is not None and len(captions) != len(videos):
+        raise ValueError(
+            f"contact_sheet: {len(videos)} videos but {len(captions)} captions; give one per video."
+        )
+    if scale < 1:
+        raise ValueError(f"contact_sheet: scale must be >= 1, got {scale}.")
+    rows = []
+    for v in videos:
+        frames = v[_pick_frames(len(v), max_frames)]
+        if scale > 1:
+            frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+        rows.append(frames)
+    return rows
+
+
 def contact_sheet(
     videos: Sequence[np.ndarray] | np.ndarray,
     captions: Sequence[str] | None = None,
@@ -364,21 +384,7 @@ def contact_sheet(
     Returns:
       The sheet, uint8 `[H_sheet, W_sheet, 3]`.
     """
-    videos = [_check_frames(v, "contact_sheet") for v in videos]
-    if not videos:
-        raise ValueError("contact_sheet: got no videos.")
-    if captions is not None and len(captions) != len(videos):
-        raise ValueError(
-            f"contact_sheet: {len(videos)} videos but {len(captions)} captions; give one per video."
-        )
-    if scale < 1:
-        raise ValueError(f"contact_sheet: scale must be >= 1, got {scale}.")
-    rows = []
-    for v in videos:
-        frames = v[_pick_frames(len(v), max_frames)]
-        if scale > 1:
-            frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-        rows.append(frames)
+    rows = _sheet_rows(videos, captions, max_frames, scale)
     font = ImageFont.load_default()
     text_h = 0
     if captions is not None:

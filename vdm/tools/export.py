@@ -3,8 +3,8 @@
   python -m vdm.tools.export --checkpoint workdirs/quickstart --output vdm/assets/default_model \
       [--vae workdirs/vae_quickstart_decoder] [--sample guidance=3 ...]
 
-Writes `vdm.inference.pipeline.export`'s bundle (EMA weights of the denoiser and the VAE, the
-config, the latent statistics; the text encoder referenced by name) plus the training logs of both
+Writes a bundle (`vdm.io.bundle`: EMA weights of the denoiser and the VAE, the config, the
+latent statistics; the text encoder referenced by name) plus the training logs of both
 stages (`train_log.jsonl`, `vae_train_log.jsonl`: each workdir's metrics.jsonl;
 `init_train_log.jsonl` /
 `vae_init_train_log.jsonl` when a stage was started from another run's weights, e.g. a denoiser
@@ -22,6 +22,18 @@ import re
 import shutil
 import sys
 import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging as absl_logging
+
+from vdm import cli
+from vdm import config as config_lib
+from vdm.data import cache
+from vdm.inference import pipeline
+from vdm.inference.settings import SamplingSettings
+from vdm.io import bundle, checkpoint
 
 
 def _workdir_of(path: str) -> str:
@@ -63,14 +75,12 @@ def _logs_of(path: str, part: str, hops: int = 0, chain: tuple[str, ...] = ()) -
     exported from a run already in the chain (a model re-exported over the bundle it grew from,
     so the bundle now holds this chain's own later runs), its logs are aligned by that run.
     """
-    from vdm.io import checkpoint as ckpt
-
     if hops > _MAX_HOPS:
         raise ValueError(f"train.init_from chain longer than {_MAX_HOPS} runs at '{path}'.")
-    bundle = ckpt.bundle_part(path)
-    if bundle is not None:  # an exported model carries its chain of logs beside its weights
-        model_dir, src_part = bundle
-        source = ckpt.bundle_meta(model_dir).get(f"{_PART_PREFIX[src_part]}source")
+    part_of = bundle.part_of(path)
+    if part_of is not None:  # an exported model carries its chain of logs beside its weights
+        model_dir, src_part = part_of
+        source = bundle.source(model_dir, src_part)
         first = 0
         if source and _run_id(source) in chain:
             first = hops - chain.index(_run_id(source))
@@ -82,31 +92,72 @@ def _logs_of(path: str, part: str, hops: int = 0, chain: tuple[str, ...] = ()) -
             out[_log_name(part, hops + k - first)] = log
         return out
     out = {_log_name(part, hops): os.path.join(_workdir_of(path), "metrics.jsonl")}
-    init_from = ckpt.load_config(path).train.get("init_from", "")
+    init_from = checkpoint.load_config(path).train.init_from
     if init_from:
         out.update(_logs_of(init_from, part, hops + 1, (*chain, _run_id(path))))
     return out
 
 
-_WEIGHT_DIRS = ("denoiser", "vae")
-
-
 def _same_weights(a: str, b: str) -> bool:
     """Whether two orbax param dirs hold the same tree (paths, dtypes, values)."""
-    import jax
-    import numpy as np
-
-    from vdm.inference import pipeline
-
     if not (os.path.isdir(a) and os.path.isdir(b)):
         return False
     try:
-        ta, tb = pipeline.restore_tree(a), pipeline.restore_tree(b)
+        ta, tb = bundle.restore_tree(a), bundle.restore_tree(b)
     except Exception:  # an unreadable old dir is simply replaced
         return False
     la, lb = jax.tree_util.tree_leaves_with_path(ta), jax.tree_util.tree_leaves_with_path(tb)
     return [(k, x.dtype) for k, x in la] == [(k, y.dtype) for k, y in lb] and all(
         np.array_equal(x, y) for (_, x), (_, y) in zip(la, lb, strict=True)
+    )
+
+
+def vae_source(denoiser_path: str) -> str:
+    """The VAE checkpoint a denoiser checkpoint (or an exported model dir) decodes with ("" when
+    it has none)."""
+    if bundle.is_bundle(denoiser_path):
+        return bundle.vae_source(denoiser_path)
+    return checkpoint.load_metadata(denoiser_path).get("vae_checkpoint", "")
+
+
+def export(
+    denoiser_path: str,
+    out_dir: str,
+    *,
+    item: str = "ema",
+    vae: str | None = None,
+    sample: dict[str, Any] | None = None,
+) -> str:
+    """Writes a compact, self-contained model dir (EMA denoiser + EMA VAE + config + stats).
+
+    The text encoder is referenced by name (e.g. "minilm"), not copied. `vae` replaces the
+    denoiser's VAE with a decoder fine-tune of it (see `pipeline.swap_vae`). `sample` sets
+    sampling defaults the bundle records instead of the training config's (`config.sample`, e.g.
+    a guidance scale chosen after training), each set like `--config.sample.KEY=VALUE` and then
+    checked as `SamplingSettings`.
+
+    Raises:
+      ConfigError: an unknown sampling key or a value of the wrong type; UserError: a value out
+        of range.
+    """
+    pipe = pipeline.load_pipeline(denoiser_path, item=item, vae=vae)
+    for key, value in (sample or {}).items():  # typed and checked like a --config override
+        text = value if isinstance(value, str) else repr(value)
+        config_lib.apply_override(pipe.config, f"sample.{key}", text)
+    SamplingSettings.from_config(pipe.config.sample)  # raises for a value out of range
+    pipe.sampling_spec()  # ... and for a shift this model cannot sample with
+    config = pipe.config.to_dict()
+    # A bundle must not point at the trainer's local latent cache: record what it was built from.
+    config["data"]["source"] = cache.underlying_source(pipe.config.data.source)
+    return bundle.write(
+        out_dir,
+        config=config,
+        latent_stats=pipe.latent_stats,
+        text_encoder=pipe.config.text_encoder.name,
+        params=pipe.params,
+        vae_params=pipe.vae_params,
+        source=denoiser_path,
+        vae_source=vae or vae_source(denoiser_path),
     )
 
 
@@ -125,22 +176,20 @@ def export_with_logs(
       output: the bundle directory (created; existing weights and logs in it are replaced, other
         files such as a README are kept).
       vae: a decoder fine-tune of the denoiser's VAE to bundle instead (`pipeline.swap_vae`).
-      sample: sampling defaults to record instead of the run's `config.sample` (`pipeline.export`).
+      sample: sampling defaults to record instead of the run's `config.sample` (`export`).
 
     Returns:
       {"bundle": output, "train_log": path, "vae_train_log": path} and, for a run started from
       another checkpoint (`train.init_from`), "init_train_log" / "vae_init_train_log" (and
       "init_init_train_log", ... along a longer chain).
     """
-    from vdm.inference import pipeline
-
     output = os.path.abspath(output)
-    vae_run = vae or pipeline.vae_source(checkpoint)
+    vae_run = vae or vae_source(checkpoint)
     logs = {**_logs_of(checkpoint, "denoiser"), **_logs_of(vae_run, "vae")}
     os.makedirs(os.path.dirname(output), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(output))
     try:
-        pipeline.export(checkpoint, staging, vae=vae, sample=sample)
+        export(checkpoint, staging, vae=vae, sample=sample)
         for name, source in logs.items():
             shutil.copyfile(source, os.path.join(staging, f"{name}.jsonl"))
         os.makedirs(output, exist_ok=True)
@@ -148,7 +197,7 @@ def export_with_logs(
         stale = {n for n in os.listdir(output) if _LOG_NAME.match(n)} - produced
         for name in produced | stale:
             target = os.path.join(output, name)
-            if name in _WEIGHT_DIRS and _same_weights(target, os.path.join(staging, name)):
+            if name in bundle.PARTS and _same_weights(target, os.path.join(staging, name)):
                 continue  # orbax names its files anew on every save: keep the committed ones
             if os.path.isdir(target):
                 shutil.rmtree(target)
@@ -187,10 +236,6 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         parser.error(f"--sample takes KEY=VALUE, got {bad}")
     sample = dict(kv.split("=", 1) for kv in args.sample)
-
-    from absl import logging as absl_logging
-
-    from vdm import cli
 
     absl_logging.set_verbosity(absl_logging.WARNING)
     with cli.clear_errors():

@@ -1,0 +1,176 @@
+"""The exported-model format ("bundle"): the only code that knows its layout. Read and write.
+
+    MODEL/model.json     {"config": the denoiser run's config, "latent_stats": {"shift", "scale"},
+                          "text_encoder": name (referenced, not copied), "source": the denoiser
+                          run, "vae_source": the VAE run (when known)}
+    MODEL/denoiser/      EMA weights of the denoiser (an orbax StandardCheckpointer dir)
+    MODEL/vae/           EMA weights of the VAE (the same)
+
+Written by `python -m vdm.tools.export` (which adds the training logs beside it), read by
+`vdm.load_pipeline(MODEL)`. Each weight dir is also "a bundle part": `vdm.io.checkpoint` loads it
+like a training checkpoint (`--config.vae.checkpoint=MODEL/vae`, `train.init_from=MODEL/denoiser`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+MODEL_JSON = "model.json"
+PARTS = ("denoiser", "vae")
+# The model.json key of each part's training run ("source": the denoiser's, "vae_source").
+_SOURCE_KEY = {"denoiser": "source", "vae": "vae_source"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """An exported model read back: its config (a plain dict, as stored), model.json's other
+    entries (`meta`), and the two weight trees."""
+
+    config: dict
+    meta: dict
+    params: PyTree
+    vae_params: PyTree
+
+    @property
+    def latent_stats(self) -> dict:
+        return self.meta["latent_stats"]
+
+    @property
+    def text_encoder(self) -> str:
+        return self.meta.get("text_encoder", self.config["text_encoder"]["name"])
+
+
+def _abs(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def is_bundle(path: str) -> bool:
+    """Whether `path` is an exported model dir (it has a model.json)."""
+    return os.path.isfile(os.path.join(_abs(path), MODEL_JSON))
+
+
+def part_of(path: str) -> tuple[str, str] | None:
+    """`(model_dir, part)` when `path` is the `denoiser/` or `vae/` weights of an exported model
+    dir, else None."""
+    path = _abs(path)
+    parent, part = os.path.split(os.path.normpath(path))
+    if part in PARTS and os.path.isdir(path) and is_bundle(parent):
+        return parent, part
+    return None
+
+
+def read_meta(model_dir: str) -> dict:
+    """An exported model dir's model.json: config, latent statistics, text encoder, sources."""
+    with open(os.path.join(_abs(model_dir), MODEL_JSON)) as f:
+        return json.load(f)
+
+
+def source(model_dir: str, part: str) -> str | None:
+    """The training run `part`'s weights were exported from (None when not recorded)."""
+    return read_meta(model_dir).get(_SOURCE_KEY[part])
+
+
+def vae_source(model_dir: str) -> str:
+    """The VAE checkpoint an exported model decodes with: the run its VAE came from, else its own
+    `vae/` part."""
+    return source(model_dir, "vae") or os.path.join(model_dir, "vae")
+
+
+def save_tree(path: str, tree: PyTree) -> None:
+    """Saves a param pytree as an orbax checkpoint dir (a bundle part)."""
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(_abs(path), tree, force=True)
+
+
+def restore_tree(path: str, make_target: Callable[[PyTree], PyTree] | None = None) -> PyTree:
+    """Restores a param pytree saved by `save_tree`: onto the default device, or into the
+    abstract target `make_target(the stored tree's metadata)` builds."""
+    with ocp.StandardCheckpointer() as ckptr:
+        if make_target is None:
+            return ckptr.restore(_abs(path))
+        return ckptr.restore(_abs(path), make_target(ckptr.metadata(_abs(path)).item_metadata))
+
+
+def read(path: str) -> Bundle:
+    """Reads the exported model dir `path` (weights onto the default device)."""
+    meta = read_meta(path)
+    config = meta.pop("config")
+    return Bundle(
+        config=config,
+        meta=meta,
+        params=restore_tree(os.path.join(path, "denoiser")),
+        vae_params=restore_tree(os.path.join(path, "vae")),
+    )
+
+
+def part_item(model_dir: str, part: str, item: str) -> dict:
+    """The "config" / "metadata" of an exported model's `part`, as a training checkpoint has them.
+
+    The bundle's config is its denoiser run's; its `vae` section describes the VAE, but the rest
+    (stage, optimizer, data) is not how the VAE was trained, so the VAE part has no config.
+
+    Raises:
+      FileNotFoundError: the part has no such item (named).
+    """
+    meta = read_meta(model_dir)
+    if item == "config" and part == "denoiser":
+        return meta["config"]
+    if item == "metadata":
+        out = {"latent_stats": meta["latent_stats"]}
+        if part == "denoiser":
+            out["text_encoder"] = meta.get("text_encoder", meta["config"]["text_encoder"]["name"])
+            out["vae_checkpoint"] = os.path.join(model_dir, "vae")
+        return out
+    raise FileNotFoundError(
+        f"'{os.path.join(model_dir, part)}' is an exported model's {part} weights: it has no "
+        f"'{item}' of its own (its training config is the denoiser's, in "
+        f"{os.path.join(model_dir, MODEL_JSON)})."
+    )
+
+
+def write(
+    out_dir: str,
+    *,
+    config: dict,
+    latent_stats: dict,
+    text_encoder: str,
+    params: PyTree,
+    vae_params: PyTree,
+    source: str,
+    vae_source: str | None = None,
+) -> str:
+    """Writes an exported model dir: both weight trees and model.json.
+
+    Args:
+      out_dir: the directory (created; files of the same names are replaced).
+      config: the denoiser's config as a plain dict (what `read` gives back).
+      latent_stats: the VAE's latent {"shift", "scale"}.
+      text_encoder: the text encoder's name (the bundle references it, does not copy it).
+      params, vae_params: the denoiser's and the VAE's (EMA) weights.
+      source, vae_source: the training runs the weights come from (recorded as absolute paths).
+
+    Returns:
+      `out_dir`.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    save_tree(os.path.join(out_dir, "denoiser"), params)
+    save_tree(os.path.join(out_dir, "vae"), vae_params)
+    meta = {
+        "config": config,
+        "latent_stats": latent_stats,
+        "text_encoder": text_encoder,
+        _SOURCE_KEY["denoiser"]: os.path.abspath(source),
+    }
+    if vae_source:
+        meta[_SOURCE_KEY["vae"]] = os.path.abspath(vae_source)
+    with open(os.path.join(out_dir, MODEL_JSON), "w") as f:
+        json.dump(meta, f, indent=1, default=list)
+    return out_dir

@@ -1,0 +1,306 @@
+"""Training checkpoints: an orbax `CheckpointManager` over `workdir/checkpoints` with named items.
+
+Layout (`workdir/checkpoints/<step>/<item>/`), one directory per saved step:
+
+  params      trainable parameters (orbax StandardSave; sharded arrays, restorable on any mesh)
+  opt_state   {"step": int32, "opt_state": optax state}
+  ema         EMA of the parameters (what sampling uses); absent when optim.ema_decay == 0
+  data_iter   the data iterator's `get_state()`, one JSON file per process
+  config      the run's config (JSON)
+  metadata    `task.metadata(...)` (JSON): latent statistics, frozen VAE / text encoder references
+
+Orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it when complete, so a save
+killed half-way is never listed as a step. A step directory that exists but cannot be restored
+(truncated by hand, a bad disk) is moved aside to `<step>.corrupt` by `restore_latest`, which then
+falls back to the previous step. Reading one model's weights for inference or fine-tuning:
+`vdm.io.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from vdm.errors import ConfigError
+
+PyTree = Any
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+ARRAY_ITEMS = ("params", "opt_state", "ema")
+JSON_ITEMS = ("config", "metadata")
+DATA_ITEM = "data_iter"
+ALL_ITEMS = ARRAY_ITEMS + (DATA_ITEM,) + JSON_ITEMS
+
+
+# ----------------------------------------------------------------------------- data iterator item
+
+
+@dataclasses.dataclass
+class DataIterSave(ocp.args.CheckpointArgs):
+    """The data iterator's state: grain's `get_state()` bytes (JSON inside) or a JSON-able dict."""
+
+    state: Any
+
+
+@dataclasses.dataclass
+class DataIterRestore(ocp.args.CheckpointArgs):
+    """Restores what `DataIterSave` wrote for this process."""
+
+
+class DataIterHandler(ocp.CheckpointHandler):
+    """Per-process JSON files `process_<i>-of-<n>.json` (each host has its own shard's position).
+
+    grain's `DataLoaderIterator.get_state()` returns JSON-encoded bytes; a custom iterator may
+    return a dict. Both round-trip to the same type. Unlike grain's own orbax handler this takes
+    a *snapshot* of the state (taken when the save starts), not the live iterator, so a batch
+    drawn while an async save is in flight cannot leak into the checkpoint.
+    """
+
+    def _file(self, directory: epath.Path) -> epath.Path:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory: epath.Path, args: DataIterSave):
+        state = args.state
+        if isinstance(state, bytes):
+            payload = {"encoding": "bytes", "state": state.decode("utf-8")}
+        else:
+            payload = {"encoding": "json", "state": state}
+        self._file(directory).write_text(json.dumps(payload))
+
+    def restore(self, directory: epath.Path, args: DataIterRestore | None = None):
+        path = self._file(directory)
+        if not path.exists():
+            found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+            raise FileNotFoundError(
+                f"No data-iterator state for process {jax.process_index()} of "
+                f"{jax.process_count()} at {path} (found {found}); the checkpoint was written "
+                "by a run with a different number of processes."
+            )
+        payload = json.loads(path.read_text())
+        if payload["encoding"] == "bytes":
+            return payload["state"].encode("utf-8")
+        return payload["state"]
+
+
+ocp.args.register_with_handler(DataIterHandler, for_save=True)(DataIterSave)
+ocp.args.register_with_handler(DataIterHandler, for_restore=True)(DataIterRestore)
+
+
+def registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Which handler reads/writes each named item (so a fresh manager can read any item)."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for name in ARRAY_ITEMS:
+        registry.add(name, ocp.args.StandardSave)
+        registry.add(name, ocp.args.StandardRestore)
+    for name in JSON_ITEMS:
+        registry.add(name, ocp.args.JsonSave)
+        registry.add(name, ocp.args.JsonRestore)
+    registry.add(DATA_ITEM, DataIterSave, DataIterHandler())
+    registry.add(DATA_ITEM, DataIterRestore, DataIterHandler())
+    return registry
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types from numpy / jax scalars and arrays, tuples and ConfigDicts."""
+
+    def default(o):
+        if isinstance(o, (np.generic, np.ndarray, jax.Array)):
+            return np.asarray(o).tolist()
+        if isinstance(o, ml_collections.ConfigDict):
+            return o.to_dict()
+        if isinstance(o, (set, frozenset)):
+            return sorted(o)
+        raise TypeError(f"{type(o).__name__} is not JSON-serialisable: {o!r}")
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """Where a training run in `workdir` keeps its step directories."""
+    return os.path.join(workdir, CHECKPOINT_SUBDIR)
+
+
+class CheckpointManager:
+    """orbax `CheckpointManager` over `workdir/checkpoints` with vdm's named items.
+
+    All processes must call `save` / `restore` (orbax coordinates who writes what).
+
+    Args:
+      directory: the checkpoints directory (see `checkpoint_dir(workdir)`).
+      max_to_keep: keep the newest this many steps; <= 0 keeps all.
+      async_save: write arrays in a background thread after a short blocking device->host copy.
+      create: create `directory` if missing (False for read-only use).
+    """
+
+    def __init__(
+        self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, create: bool = True
+    ):
+        self.directory = os.path.abspath(directory)
+        policy = None
+        if max_to_keep and max_to_keep > 0:
+            policy = ocp.checkpoint_managers.LatestN(n=max_to_keep)
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save,
+            preservation_policy=policy,
+            create=create,
+            # Partial `<step>.orbax-checkpoint-tmp` dirs of a killed save are ignored either way;
+            # cleaning them on start keeps the directory tidy.
+            cleanup_tmp_directories=create,
+        )
+        self._mngr = ocp.CheckpointManager(
+            self.directory, options=options, handler_registry=registry()
+        )
+
+    @classmethod
+    def for_workdir(cls, workdir: str, checkpoint_config) -> CheckpointManager:
+        """The manager of a training run, from `config.checkpoint`."""
+        return cls(
+            checkpoint_dir(workdir),
+            max_to_keep=checkpoint_config.max_to_keep,
+            async_save=checkpoint_config.async_save,
+        )
+
+    def all_steps(self) -> list[int]:
+        """Completed steps on disk, ascending (re-read from the directory)."""
+        self._mngr.reload()
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def save(
+        self,
+        step: int,
+        *,
+        arrays: Mapping[str, PyTree],
+        json_items: Mapping[str, Any] | None = None,
+        data_state: Any = None,
+    ) -> None:
+        """Starts saving `step` (returns after the blocking device->host copy when async).
+
+        Args:
+          step: the step number (the directory name).
+          arrays: pytrees of jax/numpy arrays by item name (subset of ARRAY_ITEMS).
+          json_items: JSON-able values by item name (subset of JSON_ITEMS).
+          data_state: the data iterator's `get_state()` (bytes or dict); None to skip.
+        """
+        items = {}
+        for name, tree in arrays.items():
+            if name not in ARRAY_ITEMS:
+                raise ValueError(f"Unknown array item '{name}'; valid: {ARRAY_ITEMS}.")
+            items[name] = ocp.args.StandardSave(tree)
+        for name, value in (json_items or {}).items():
+            if name not in JSON_ITEMS:
+                raise ValueError(f"Unknown JSON item '{name}'; valid: {JSON_ITEMS}.")
+            items[name] = ocp.args.JsonSave(to_jsonable(value))
+        if data_state is not None:
+            items[DATA_ITEM] = DataIterSave(data_state)
+        self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(
+        self,
+        step: int,
+        *,
+        arrays: Mapping[str, PyTree],
+        json_items: Sequence[str] = (),
+        data: bool = False,
+    ) -> dict[str, Any]:
+        """Restores `step` into abstract targets.
+
+        Args:
+          step: which step.
+          arrays: item name -> pytree of `jax.ShapeDtypeStruct` with `.sharding` (the layout to
+            restore into; any mesh, not necessarily the one it was saved from).
+          json_items: JSON items to read.
+          data: also read this process's data-iterator state.
+
+        Returns:
+          item name -> restored value.
+        """
+        items = {name: ocp.args.StandardRestore(t) for name, t in arrays.items()}
+        items.update({name: ocp.args.JsonRestore() for name in json_items})
+        if data:
+            items[DATA_ITEM] = DataIterRestore()
+        restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        return {name: restored[name] for name in items}
+
+    def restore_latest(
+        self, *, arrays: Mapping[str, PyTree], json_items: Sequence[str] = (), data: bool = False
+    ) -> tuple[int | None, dict[str, Any] | None]:
+        """Restores the newest step that restores cleanly; `(None, None)` if there is none.
+
+        When the newest step fails to restore, older ones are tried; once one works, the newer
+        unreadable ones are moved aside to `<step>.corrupt` (so the run can write those steps
+        again). If no step restores (e.g. the config changed the parameter shapes), nothing is
+        moved and a ValueError names the directory and the newest step's error.
+        """
+        steps = self.all_steps()
+        first_error, failed = None, []
+        for step in reversed(steps):
+            try:
+                restored = self.restore(step, arrays=arrays, json_items=json_items, data=data)
+            except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous.
+                first_error = first_error or e
+                failed.append(step)
+                log.warning(
+                    "Checkpoint step %d in %s cannot be restored (%s: %s); trying an older one.",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    e,
+                )
+                continue
+            for bad in failed:
+                self._move_aside(bad)
+            return step, restored
+        if first_error is not None:
+            raise ConfigError(
+                f"Cannot resume from {self.directory}: none of its steps {steps} restores into "
+                f"the state of this config (newest step: {type(first_error).__name__}: "
+                f"{first_error}). Use a fresh workdir, or the config the checkpoint was trained "
+                f"with (saved in each step's 'config' item)."
+            ) from first_error
+        return None, None
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            dst = f"{src}.corrupt"
+            n = 1
+            while os.path.exists(dst):
+                dst, n = f"{src}.corrupt{n}", n + 1
+            os.rename(src, dst)
+            log.warning("Moved unreadable checkpoint %s to %s; using an older step.", src, dst)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"vdm_move_aside_{step}")
+        self._mngr.reload()
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager's threads."""
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
