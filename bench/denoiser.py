@@ -1,8 +1,10 @@
 """Benchmark: the quickstart denoiser's train step, MFU, sampler scan overhead and scaling.
 
-  python bench/denoiser.py                          # --quick (default sizes), all sections
+  python bench/denoiser.py                          # --quick (default sizes), the default sections
   python bench/denoiser.py --only peak,train        # a subset of sections
   python bench/denoiser.py --repeats 10 --matmul 4096
+  python bench/denoiser.py --only variant --variant S --batch 32 --latent 5,8,8,8 \
+      [--attention full] [--depth 6] [--remat block]   # any named size, any shape
 
 The model is `Denoiser.from_config(configs/quickstart.py model, 8)` on random inputs: latents
 5x8x8x8 (a 17x32x32 video), patch 1x2x2, context 24x384 (MiniLM). No VAE or text encoder is
@@ -20,6 +22,11 @@ VAE encode and text encoder included). Sections (`--only`):
   devices  the same train step on 1 device vs a mesh data=8 of fake CPU devices
            (XLA_FLAGS=--xla_force_host_platform_device_count=8), each in a fresh subprocess. The
            fake devices share the same cores, so this measures sharding overhead, not speedup.
+  variant  (not run by default) one jitted forward + backward (MSE to the input, no optimizer) of
+           `vdm.models.denoiser.variant_model(--variant)` with --latent t,h,w,c, --context L,D,
+           --attention, --patch, --remat and --depth / --width / --heads overrides, at --batch:
+           the model's summary, compile time, best / median wall and best CPU time, analytic
+           GFLOP/s (3 x forward FLOPs) and MFU against `peak` when measured.
 
 Every timing is best and median of `--repeats` runs after a compile + warm-up call. Prints one
 JSON line per measurement and a markdown table at the end. On a shared machine wall-clock numbers
@@ -39,7 +46,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SECTIONS = ("peak", "train", "sampler", "frames", "devices")
+DEFAULT_SECTIONS = ("peak", "train", "sampler", "frames", "devices")
+SECTIONS = (*DEFAULT_SECTIONS, "variant")
 CONTEXT = (24, 384)  # L, D of MiniLM hidden states at text_encoder.max_length = 24.
 LATENT_C = 8  # quickstart VAE latent channels.
 
@@ -47,7 +55,7 @@ LATENT_C = 8  # quickstart VAE latent channels.
 def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the default sizes (kept for CI)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help=f"comma list of {SECTIONS}")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     p.add_argument("--matmul", type=int, default=2048, help="N of the peak N x N x N matmul")
     p.add_argument("--batch", type=int, default=32, help="train-step batch (train, devices)")
@@ -56,6 +64,16 @@ def _parse(argv=None):
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--frames_batch", type=int, default=8, help="train-step batch in 'frames'")
     p.add_argument("--fake_devices", type=int, default=8)
+    v = p.add_argument_group("variant", "the 'variant' section's model and inputs")
+    v.add_argument("--variant", default="S", help="a key of vdm.models.denoiser.VARIANTS")
+    v.add_argument("--latent", default="5,8,8,8", help="t,h,w,c of one example's latents")
+    v.add_argument("--context", default="32,384", help="L,D of the text context")
+    v.add_argument("--attention", default="factorized", help="factorized | full | spatial_only")
+    v.add_argument("--patch", default="1,2,2", help="t,h,w of a patch")
+    v.add_argument("--depth", type=int, default=None)
+    v.add_argument("--width", type=int, default=None)
+    v.add_argument("--heads", type=int, default=None)
+    v.add_argument("--remat", default="none", help="none | block | dots")
     p.add_argument("--peak_gflops", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--child_devices", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -75,18 +93,23 @@ def _load() -> str:
     return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
-def _time(fn, repeats: int) -> dict:
-    """Calls `fn()` (which must block) once to warm up, then `repeats` times: best/median ms."""
+def _time(fn, repeats: int, cpu: bool = False) -> dict:
+    """Calls `fn()` (which must block) once to warm up, then `repeats` times: best/median ms
+    (and with `cpu` the best process CPU time, which counts every core's work)."""
     fn()
-    wall = []
+    wall, cpu_s = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         wall.append(time.perf_counter() - t0)
-    return {
+        cpu_s.append(time.process_time() - c0)
+    out = {
         "best_ms": round(min(wall) * 1e3, 2),
         "median_ms": round(statistics.median(wall) * 1e3, 2),
     }
+    if cpu:
+        out["cpu_best_ms"] = round(min(cpu_s) * 1e3, 2)
+    return out
 
 
 def _xla_flops(compiled) -> float | None:
@@ -317,6 +340,51 @@ def bench_frames(args, peak) -> list[dict]:
     return records
 
 
+def bench_variant(args, peak) -> dict:
+    """One jitted forward + backward of a named variant on random inputs (see the docstring)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vdm.models import denoiser as dn
+    from vdm.models.layers import count_params
+
+    (t, h, w, c), (ln, d) = (tuple(map(int, s.split(","))) for s in (args.latent, args.context))
+    over = {k: v for k, v in dict(depth=args.depth, width=args.width, num_heads=args.heads).items()
+            if v is not None}  # fmt: skip
+    model = dn.variant_model(
+        args.variant, c, attention=args.attention, remat=args.remat,
+        patch_size=tuple(map(int, args.patch.split(","))), **over,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    b = args.batch
+    x = jnp.asarray(rng.normal(size=(b, t, h, w, c)), jnp.float32)
+    tt = jnp.asarray(rng.uniform(size=(b,)), jnp.float32)
+    ctx = jnp.asarray(rng.normal(size=(b, ln, d)), jnp.float32)
+    mask = jnp.ones((b, ln), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(0), x, tt, ctx, mask)["params"]
+    print(model.summary(params, latent_shape=(t, h, w, c), context_shape=(ln, d)), flush=True)
+
+    def loss(p):
+        return jnp.mean((model.apply({"params": p}, x, tt, ctx, mask) - x) ** 2)
+
+    t0 = time.perf_counter()
+    step = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+    compile_s = time.perf_counter() - t0
+    timing = _time(lambda: jax.block_until_ready(step(params)), args.repeats, cpu=True)
+    flops = 3 * b * model.flops_per_example((t, h, w, c), ln, d)
+    best_s = timing["best_ms"] / 1e3
+    rec = {"what": "variant_fwd_bwd", "variant": args.variant, "batch": b,
+           "latent": "x".join(map(str, (t, h, w, c))), "attention": model.attention,
+           "remat": model.remat, "params": count_params(params),
+           "compile_s": round(compile_s, 1), **timing,
+           "analytic_gflop_per_step": round(flops / 1e9, 3),
+           "achieved_gflops": round(flops / best_s / 1e9, 2)}  # fmt: skip
+    if peak:
+        rec["mfu_pct"] = round(100 * flops / best_s / 1e9 / peak, 1)
+    return _emit({**rec, "load": _load()})
+
+
 def _child(args) -> None:
     """Runs in a subprocess: the train step on `--child_devices` devices (mesh data=k)."""
     import jax
@@ -354,7 +422,7 @@ def bench_devices(args, peak) -> list[dict]:
     return records
 
 
-def _table(peak_rec, train_rec, sampler_recs, frames_recs, device_recs) -> str:
+def _table(peak_rec, train_rec, sampler_recs, frames_recs, device_recs, variant_rec) -> str:
     lines = ["| measurement | best | median | notes |", "|---|---|---|---|"]
     if peak_rec:
         lines.append(
@@ -395,6 +463,14 @@ def _table(peak_rec, train_rec, sampler_recs, frames_recs, device_recs) -> str:
             )
     for r in device_recs:
         lines.append(train_row(f"train b{r['batch']} on {r['devices']} device(s)", r))
+    if variant_rec:
+        r = variant_rec
+        mfu = f", MFU {r['mfu_pct']}%" if "mfu_pct" in r else ""
+        lines.append(
+            f"| variant {r['variant']} fwd+bwd b{r['batch']} {r['latent']} {r['attention']} | "
+            f"{r['best_ms']} ms | {r['median_ms']} ms | cpu {r['cpu_best_ms']} ms best, analytic "
+            f"{r['analytic_gflop_per_step']} GFLOP, {r['achieved_gflops']} GFLOP/s{mfu} |"
+        )
     return "\n".join(lines)
 
 
@@ -412,8 +488,9 @@ def main(argv=None):
     sampler_recs = bench_sampler(args) if "sampler" in args.only else []
     frames_recs = bench_frames(args, peak) if "frames" in args.only else []
     device_recs = bench_devices(args, peak) if "devices" in args.only else []
+    variant_rec = bench_variant(args, peak) if "variant" in args.only else None
     print()
-    print(_table(peak_rec, train_rec, sampler_recs, frames_recs, device_recs))
+    print(_table(peak_rec, train_rec, sampler_recs, frames_recs, device_recs, variant_rec))
     print(f"\nload average at end: {_load()}")
 
 

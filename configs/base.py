@@ -31,7 +31,8 @@ def _data() -> ConfigDict:
     #                            captions.jsonl / captions.csv (format: see vdm/data/folder.py)
     #   "tfds:name[/config]"     any tfds data set prepared in array_record format, by name (video
     #                            + caption features named by video_key / caption_key)
-    #   "cache:/path"            precomputed VAE latents + text embeddings (see vdm.data.cache)
+    #   "cache:/path"            precomputed VAE latents + text embeddings (built by
+    #                            `python -m vdm.tools.cache`; format: vdm.data.cache)
     d.source = "moving_digits"
     d.data_dir = ""  # tfds data_dir; "" = tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR).
     d.train_split = "train"
@@ -129,11 +130,11 @@ def _model() -> ConfigDict:
     m.attention = "factorized"
     # "rope3d": 3-D rotary q/k (head dim split over t, h, w); "sincos": factorized absolute sin-cos
     # added to tokens. Both extend to frame counts and sizes not seen in training. RoPE is purely
-    # relative: a token cannot tell where the frame edges are. The 2M-param quickstart model did
-    # not learn motion with it (digits bouncing off walls) and did with "sincos" (quickstart.py).
+    # relative: a token cannot tell where the frame edges are, so motion relative to the frame
+    # (digits bouncing off walls) needs "sincos" (docs/experiments.md, "Positions").
     m.pos_encoding = "rope3d"
     # RMSNorm on queries and keys per head: stabler attention logits for big / bfloat16 models
-    # (on in variants B, L, XL); off here because it costs ~10% of a CPU step.
+    # (on in variants B, L, XL); off here because it slows a CPU step (docs/experiments.md).
     m.qk_norm = False
     m.pooled_text = True  # add an MLP of the masked-mean caption embedding to the time embedding.
     m.dropout = 0.0  # residual-branch dropout.
@@ -141,8 +142,8 @@ def _model() -> ConfigDict:
     m.param_dtype = "float32"
     m.remat = "none"  # "none" | "block" (recompute each block) | "dots" (keep matmul outputs)
     # nn.scan over the blocks (params "blocks/block/..." with a leading depth axis): compile time
-    # and compiler memory independent of depth (needed to AOT-compile the 10B config on a 24 GiB
-    # host). Same math; its checkpoints are not interchangeable with unrolled ones.
+    # and compiler memory independent of depth (what lets a deep model compile on a small host,
+    # docs/aot.md). Same math; its checkpoints are not interchangeable with unrolled ones.
     m.scan_layers = False
     return m
 

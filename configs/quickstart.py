@@ -21,10 +21,8 @@ def get_config():
     c.model.width = 128
     c.model.num_heads = 4
     c.model.patch_size = (1, 2, 2)
-    # Absolute sin-cos positions, not 3-D RoPE: with RoPE only (relative positions, no frame
-    # edges) this model learned digits but no motion (in-training direction accuracy 0.15 at step
-    # 2000 and 0.23 at 5000, the digits sat still); the same run with "sincos" reached 0.825 at
-    # step 2000. The walls the digits bounce off are at absolute positions.
+    # Absolute sin-cos positions, not 3-D RoPE: the walls the digits bounce off are at absolute
+    # positions, which relative RoPE cannot see (docs/experiments.md, "Positions").
     c.model.pos_encoding = "sincos"
     c.diffusion.objective = "flow"
     c.diffusion.cfg_dropout = 0.1
@@ -35,10 +33,8 @@ def get_config():
     c.optim.warmup_steps = 300
     c.optim.ema_decay = 0.999
     c.checkpoint.every_steps = 500
-    # The bundled model's sampling defaults, chosen on test prompts 500-699 (disjoint from
-    # eval.py's; vdm/assets/default_model/README.md): stochastic DDIM (eta 1), guidance 3, time
-    # shift 3. They were recorded at export (`export --sample`); the in-training evaluations in
-    # its logs sampled with dpmpp2m (eta 0) at guidance 4 and shift 1.
+    # The bundled model's sampling defaults: stochastic DDIM (eta 1), guidance 3, time shift 3
+    # (how they were chosen: docs/experiments.md, "Sampling defaults of the bundled model").
     c.sample.sampler = "ddim"
     c.sample.eta = 1.0
     c.sample.num_steps = 20

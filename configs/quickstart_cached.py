@@ -1,7 +1,7 @@
 """The quickstart denoiser trained from precomputed VAE latents and MiniLM embeddings.
 
-  python -m vdm.data.cache --config configs/quickstart.py --output cache/quickstart --split train
-  python -m vdm.data.cache --config configs/quickstart.py --output cache/quickstart --split test
+  python -m vdm.tools.cache --config configs/quickstart.py --output cache/quickstart --split train
+  python -m vdm.tools.cache --config configs/quickstart.py --output cache/quickstart --split test
   python train.py --config configs/quickstart_cached.py --workdir workdirs/quickstart
 
 The step then runs the denoiser alone (the VAE encoder and the text encoder cost as much again on

@@ -17,14 +17,12 @@ def get_config():
     c.vae.spatial_factor = 4
     c.vae.latent_channels = 8
     # Random 9-frame windows: half the cost of 17, but latent frames 3-4 of a 17-frame clip then
-    # see a causal history never trained on (frames 9-16 at 23-28 dB vs 30-31 dB for 0-8).
+    # see a causal history never trained on (docs/experiments.md, "VAE training windows").
     # configs/vae_quickstart_decoder.py fixes that with a decoder fine-tune on whole clips;
     # a VAE trained from scratch should use train_frames = 0 (or the clip length) instead.
     c.vae.train_frames = 9
-    # The bundled VAE: held-out PSNR 21.6 / 25.5 / 27.4 / 27.9 dB at steps 500 / 1000 / 2000 / 2500
-    # (vdm/assets/default_model/README.md has its exact run and final figures).
     c.train.num_steps = 3000
-    c.train.batch_size = 4  # ~86 GFLOP per step at 16; 4 keeps a step ~1.3 s on 2 idle cores
+    c.train.batch_size = 4  # small enough for a 2-core CPU step (docs/experiments.md)
     c.train.eval_every_steps = 1000
     c.train.log_every_steps = 50
     c.optim.learning_rate = 1e-3

@@ -5,8 +5,8 @@
 
 Why: configs/vae_quickstart.py trains on random 9-frame windows (3 latent frames). The causal
 convolutions' temporal receptive field is longer than that, so latent frames 3 and 4 of a 17-frame
-clip see a history the VAE never trained on: frames 9-16 reconstructed at 23-28 dB against 30-31
-dB for frames 0-8 (and ~30 dB for the same frames encoded as a 9-frame clip of their own).
+clip see a history the VAE never trained on, and decode worse (the figures: docs/experiments.md,
+"VAE training windows").
 
 How: start from the trained VAE (`train.init_from`) and train on whole 17-frame clips with the
 encoder frozen (`optim.freeze`), as Stable Diffusion fine-tuned its VAE decoder: the encoder, and

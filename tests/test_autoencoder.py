@@ -19,6 +19,7 @@ from vdm.config import load_config
 from vdm.errors import ConfigError
 from vdm.eval import metrics
 from vdm.models import autoencoder as ae
+from vdm.models import latent_stats
 from vdm.parallel import unbox
 from vdm.tasks import autoencoder as ae_task
 
@@ -220,20 +221,20 @@ def test_latent_stats_normalize_to_unit_variance():
     rng = np.random.default_rng(0)
     shift, scale = np.array([3.0, -1.0, 0.5]), np.array([2.0, 0.1, 7.0])
     z = rng.standard_normal((16, 3, 4, 4, 3)) * scale + shift
-    stats = ae.compute_latent_stats([z[:5], z[5:]])  # accumulated over batches...
-    whole = ae.compute_latent_stats(z)  # ...equals one pass.
+    stats = latent_stats.compute_latent_stats([z[:5], z[5:]])  # accumulated over batches...
+    whole = latent_stats.compute_latent_stats(z)  # ...equals one pass.
     np.testing.assert_allclose(stats["shift"], whole["shift"], rtol=1e-10)
     np.testing.assert_allclose(stats["scale"], whole["scale"], rtol=1e-10)
     assert stats["count"] == 16 * 3 * 4 * 4
     json.dumps(stats)  # stored in checkpoint metadata.
-    n = np.asarray(ae.normalize_latents(jnp.asarray(z, jnp.float32), stats))
+    n = np.asarray(latent_stats.normalize_latents(jnp.asarray(z, jnp.float32), stats))
     np.testing.assert_allclose(n.reshape(-1, 3).mean(0), 0.0, atol=1e-5)
     np.testing.assert_allclose(n.reshape(-1, 3).std(0), 1.0, atol=1e-5)
-    back = ae.denormalize_latents(jnp.asarray(n), stats)
+    back = latent_stats.denormalize_latents(jnp.asarray(n), stats)
     np.testing.assert_allclose(back, z, rtol=1e-5, atol=1e-5)
     assert np.all(np.abs(np.asarray(stats["shift"]) - shift) < 0.2 * scale)
     with pytest.raises(ValueError, match="latents have 4 channels"):
-        ae.normalize_latents(jnp.zeros((1, 1, 1, 1, 4)), stats)
+        latent_stats.normalize_latents(jnp.zeros((1, 1, 1, 1, 4)), stats)
 
 
 # ---- the training task --------------------------------------------------------------------------

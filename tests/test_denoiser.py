@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import base
 from vdm.models import denoiser as dn
-from vdm.models import layers
+from vdm.models import layers, patches
 from vdm.models.layers import count_params
 
 C, D_TXT, L_TXT = 8, 12, 5  # latent channels, text width, text length
@@ -103,11 +103,11 @@ def test_output_shapes_and_unseen_frame_counts(attention, pos_encoding):
 def test_patchify_round_trip():
     x = np.random.default_rng(0).normal(size=(2, 4, 6, 8, 3))  # numpy: no compiles
     for p in [(1, 1, 1), (1, 2, 2), (2, 3, 4)]:
-        tokens = dn.patchify(x, p)
+        tokens = patches.patchify(x, p)
         assert tokens.shape == (2, 4 // p[0], 6 // p[1], 8 // p[2], 3 * p[0] * p[1] * p[2])
-        np.testing.assert_array_equal(dn.unpatchify(tokens, p, 3), x)
+        np.testing.assert_array_equal(patches.unpatchify(tokens, p, 3), x)
     # A token holds one contiguous (pt, ph, pw) block of the latent, channels last.
-    np.testing.assert_array_equal(dn.patchify(x, (2, 3, 4))[0, 1, 1, 1, :3], x[0, 2, 3, 4])
+    np.testing.assert_array_equal(patches.patchify(x, (2, 3, 4))[0, 1, 1, 1, :3], x[0, 2, 3, 4])
 
 
 def test_patch_not_dividing_latent_raises_clear_error():
@@ -115,7 +115,7 @@ def test_patch_not_dividing_latent_raises_clear_error():
     with pytest.raises(ValueError, match=r"not divisible by model\.patch_size=\(2, 2, 2\).*t=5"):
         model.init(jax.random.key(0), *_inputs((1, 5, 4, 4)))
     with pytest.raises(ValueError, match=r"w=7 % 2 = 1"):
-        dn.token_grid((5, 8, 7), (1, 2, 2))
+        patches.token_grid((5, 8, 7), (1, 2, 2))
 
 
 def test_invalid_config_raises_clear_error():

@@ -25,6 +25,7 @@ import pytest
 from transformers import BertConfig, GPT2Config
 
 from vdm.models.text import encoder as te
+from vdm.models.text import hub
 from vdm.models.text import t5 as t5_lib
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "minilm_reference.npz")
@@ -62,7 +63,7 @@ def _torch_bert(dtype="float32"):
     torch = pytest.importorskip("torch")
     from transformers import BertModel
 
-    model = BertModel.from_pretrained(te.resolve_model_dir("minilm")[0]).eval()
+    model = BertModel.from_pretrained(hub.resolve_model_dir("minilm")[0]).eval()
     return torch, (model.double() if dtype == "float64" else model)
 
 
@@ -184,7 +185,7 @@ def test_tiny_hf_model_parity(kind, tmp_path):
     if kind == "t5-v1.0":
         assert (model_dir / "model.safetensors.index.json").exists()
     tok_dir.mkdir(exist_ok=True)
-    minilm_dir = te.resolve_model_dir("minilm")[1]
+    minilm_dir = hub.resolve_model_dir("minilm")[1]
     for name in TOKENIZER_FILES:
         shutil.copy(os.path.join(minilm_dir, name), tok_dir / name)
 
@@ -328,7 +329,7 @@ def test_torch_free_install_gets_no_pytorch_notice(quiet):
     import subprocess
 
     code = _HIDE_TORCH + (
-        "from vdm.models import text_encoder as te; te.import_transformers()"
+        "from vdm.models.text import encoder as te; te.import_transformers()"
         if quiet
         else "import transformers"
     )

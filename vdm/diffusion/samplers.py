@@ -273,6 +273,22 @@ def _as_key(key):
     return jax.random.wrap_key_data(key)
 
 
+def _noise_key(sampler: str, eta, key, batch: int):
+    """The checked eta-noise key of `sample`: None when the sampler draws no noise."""
+    key = _as_key(key)
+    stochastic = sampler in STOCHASTIC and (_is_traced(eta) or np.any(np.asarray(eta) != 0))
+    if stochastic and key is None:
+        raise ValueError(
+            f"{sampler} with eta > 0 (or a traced eta) needs `key` for its per-step noise; pass "
+            "key=... (one key or per-example keys), or eta=0.0."
+        )
+    if not stochastic:
+        return None  # no noise drawn: keeps the program free of unused inputs.
+    if key.shape not in ((), (batch,)):
+        raise ValueError(f"key must be one key or [B={batch}] keys, got {key.shape}.")
+    return key
+
+
 def sample(
     model_fn: Callable[[jax.Array, jax.Array, PyTree], jax.Array],
     noise: jax.Array,
@@ -319,17 +335,7 @@ def sample(
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
     spec = DiffusionSpec.from_config(diffusion_config)
-    key = _as_key(key)
-    stochastic = sampler in STOCHASTIC and (_is_traced(eta) or np.any(np.asarray(eta) != 0))
-    if stochastic and key is None:
-        raise ValueError(
-            f"{sampler} with eta > 0 (or a traced eta) needs `key` for its per-step noise; pass "
-            "key=... (one key or per-example keys), or eta=0.0."
-        )
-    if not stochastic:
-        key = None  # no noise drawn: keeps the program free of unused inputs.
-    if key is not None and key.shape not in ((), (noise.shape[0],)):
-        raise ValueError(f"key must be one key or [B={noise.shape[0]}] keys, got {key.shape}.")
+    key = _noise_key(sampler, eta, key, noise.shape[0])
     guidance = jnp.asarray(guidance, jnp.float32)
     eta = jnp.asarray(eta, jnp.float32)
     kwargs = dict(sampler=sampler, num_steps=int(num_steps), spec=spec)

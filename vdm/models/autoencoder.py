@@ -28,18 +28,17 @@ their resolution.
 
 Streaming. `decode(..., chunk=n)` decodes latent frame 0 (with `first=True`, which creates the conv
 caches), then `lax.scan`s over chunks of n latent frames carrying the caches and writing into a
-preallocated output, so activation memory is that of one chunk whatever the video length, and the
-result equals decoding all frames at once (up to float rounding). `encode(..., chunk=n)` does the
-same for the encoder with chunks of n*ft frames.
+preallocated output (`vdm.models.conv.stream`), so activation memory is that of one chunk whatever
+the video length, and the result equals decoding all frames at once (up to float rounding).
+`encode(..., chunk=n)` does the same for the encoder with chunks of n*ft frames.
 
-Latent statistics. The denoiser sees `(z - shift) / scale` with per-channel `shift`, `scale` from
-`compute_latent_stats` over encoded training data; the autoencoder stage stores them in its
-checkpoint metadata (`vdm.tasks.autoencoder.AutoencoderTask.metadata`).
+The residual and upsampling blocks live in vdm.models.conv; the latent statistics that normalize
+latents for the denoiser in vdm.models.latent_stats.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -47,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm.models.conv import CausalConv3d, FrameGroupNorm, constrain
+from vdm.models.conv import CausalConv3d, FrameGroupNorm, ResBlock, Upsample, stream
 
 Dtype = Any
 PyTree = Any
@@ -212,49 +211,6 @@ def depth_to_space(x: jnp.ndarray, p: int) -> jnp.ndarray:
     B, T, h, w, pc = x.shape
     x = x.reshape(B, T, h, w, p, p, pc // (p * p)).transpose(0, 1, 2, 4, 3, 5, 6)
     return x.reshape(B, T, h * p, w * p, pc // (p * p))
-
-
-class ResBlock(nn.Module):
-    """norm -> SiLU -> causal conv -> norm -> SiLU -> causal conv, plus a (1x1x1 projected) skip."""
-
-    features: int
-    norm_groups: int = 32
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, first: bool = True) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(FrameGroupNorm(self.norm_groups, **kw, name="norm1")(x))
-        h = CausalConv3d(self.features, **kw, name="conv1")(h, first)
-        h = nn.silu(FrameGroupNorm(self.norm_groups, **kw, name="norm2")(h))
-        h = CausalConv3d(self.features, **kw, name="conv2")(h, first)
-        if x.shape[-1] != self.features:
-            x = CausalConv3d(self.features, (1, 1, 1), **kw, name="skip")(x, first)
-        return constrain(x + h)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 in space and/or time, then a causal conv. In time every frame is
-    repeated twice and, at the start of a video, the very first copy dropped (1 + m -> 1 + 2m)."""
-
-    features: int
-    spatial: bool = True
-    temporal: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, first: bool = True) -> jnp.ndarray:
-        if self.temporal:
-            x = jnp.repeat(x, 2, axis=1)
-            if first:  # Latent frame 0 stands for video frame 0 alone.
-                x = x[:, 1:]
-        if self.spatial:
-            x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-        return CausalConv3d(
-            self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
-        )(x, first)
 
 
 class Encoder(nn.Module):
@@ -426,42 +382,6 @@ def kl_divergence(mean: jnp.ndarray, logvar: jnp.ndarray) -> jnp.ndarray:
     return kl.reshape(kl.shape[0], -1).sum(axis=-1)
 
 
-def _apply_streaming(module, params, x, method, t_in, t_out, out_shape):
-    """Runs `method` on frame 0 (first=True, which creates the conv caches), then lax.scans over
-    chunks of `t_in` input frames (each giving `t_out` output frames) carrying the caches, writing
-    every result into one preallocated output so no per-chunk results are stacked and copied."""
-    n_frames = x.shape[1]
-    head, variables = module.apply(
-        {"params": params}, x[:, :1], first=True, method=method, mutable=["cache"]
-    )
-    out = jnp.zeros(out_shape, jnp.float32)
-    out = jax.lax.dynamic_update_slice_in_dim(out, head.astype(jnp.float32), 0, axis=1)
-    cache = variables["cache"]
-
-    def run(cache, xc):
-        y, upd = module.apply(
-            {"params": params, "cache": cache}, xc, first=False, method=method, mutable=["cache"]
-        )
-        return y.astype(jnp.float32), upd["cache"]
-
-    n_full = (n_frames - 1) // t_in
-    if n_full:
-
-        def body(carry, i):
-            cache, out = carry
-            xc = jax.lax.dynamic_slice_in_dim(x, 1 + i * t_in, t_in, axis=1)
-            y, cache = run(cache, xc)
-            out = jax.lax.dynamic_update_slice_in_dim(out, y, head.shape[1] + i * t_out, axis=1)
-            return (cache, out), None
-
-        (cache, out), _ = jax.lax.scan(body, (cache, out), jnp.arange(n_full))
-    rest = (n_frames - 1) - n_full * t_in
-    if rest:  # A shorter last chunk: its own trace, still continuing from the carried caches.
-        y, _ = run(cache, x[:, n_frames - rest :])
-        out = jax.lax.dynamic_update_slice_in_dim(out, y, out_shape[1] - y.shape[1], axis=1)
-    return out
-
-
 def encode(
     module: VideoAutoencoder,
     params: PyTree,
@@ -493,7 +413,7 @@ def encode(
             raise ValueError(
                 f"encode chunk must be a positive number of latent frames; got {chunk}."
             )
-        moments = _apply_streaming(
+        moments = stream(
             module,
             params,
             video,
@@ -519,7 +439,7 @@ def decode(
     Args:
       module: the VideoAutoencoder.
       params: its parameters.
-      latents: [B, t, h, w, c] (not normalized; see `denormalize_latents`).
+      latents: [B, t, h, w, c] (not normalized; see `latent_stats.denormalize_latents`).
       chunk: latent frames per streaming step; 0 or None decodes all frames in one call.
 
     Returns:
@@ -534,61 +454,6 @@ def decode(
     B, t, h, w, _ = latents.shape
     ft, fs = module.temporal_factor, module.spatial_factor
     out_shape = (B, 1 + (t - 1) * ft, h * fs, w * fs, 3)
-    return _apply_streaming(
+    return stream(
         module, params, latents, VideoAutoencoder.decode_latents, chunk, chunk * ft, out_shape
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Latent statistics.
-
-
-def compute_latent_stats(latents: jnp.ndarray | np.ndarray | Iterable) -> dict[str, Any]:
-    """Per-channel mean and std of latents, to make the denoiser's inputs unit-variance.
-
-    Args:
-      latents: an array [..., c] or an iterable of such arrays (e.g. one per batch); statistics
-        are accumulated in float64 over every axis but the last.
-
-    Returns:
-      JSON-able {"shift": [c floats], "scale": [c floats], "count": int}; scale >= 1e-6.
-    """
-    if isinstance(latents, np.ndarray | jax.Array):
-        latents = [latents]
-    total = total_sq = None
-    count = 0
-    for z in latents:
-        z = np.asarray(z, np.float64).reshape(-1, np.shape(z)[-1])
-        s, sq = z.sum(0), np.square(z).sum(0)
-        total = s if total is None else total + s
-        total_sq = sq if total_sq is None else total_sq + sq
-        count += z.shape[0]
-    if not count:
-        raise ValueError("compute_latent_stats got no latents.")
-    mean = total / count
-    var = np.maximum(total_sq / count - np.square(mean), 0.0)
-    scale = np.maximum(np.sqrt(var), 1e-6)
-    return {"shift": mean.tolist(), "scale": scale.tolist(), "count": int(count)}
-
-
-def _stats_arrays(stats: Mapping[str, Any], channels: int):
-    shift = jnp.asarray(stats["shift"], jnp.float32)
-    scale = jnp.asarray(stats["scale"], jnp.float32)
-    if shift.shape != (channels,) or scale.shape != (channels,):
-        raise ValueError(
-            f"Latent stats have shift {shift.shape} / scale {scale.shape}; the latents have "
-            f"{channels} channels. Were they computed for another VAE?"
-        )
-    return shift, scale
-
-
-def normalize_latents(z: jnp.ndarray, stats: Mapping[str, Any]) -> jnp.ndarray:
-    """(z - shift) / scale per channel: VAE latents -> the denoiser's ~N(0, 1) inputs."""
-    shift, scale = _stats_arrays(stats, z.shape[-1])
-    return ((z - shift) / scale).astype(z.dtype)
-
-
-def denormalize_latents(z: jnp.ndarray, stats: Mapping[str, Any]) -> jnp.ndarray:
-    """z * scale + shift per channel: the denoiser's outputs -> latents for `decode`."""
-    shift, scale = _stats_arrays(stats, z.shape[-1])
-    return (z * scale + shift).astype(z.dtype)

@@ -1,4 +1,7 @@
-"""Causal 3D convolution and per-frame normalization: the building blocks of the video VAE.
+"""The causal building blocks of the video VAE and the streaming that their caches allow.
+
+Layers: `CausalConv3d`, `FrameGroupNorm`, and the `ResBlock` / `Upsample` built from them.
+`stream` runs a module over a long video chunk by chunk (see "Streaming" below).
 
 Causality here means: output frame t depends only on input frames <= t. A convolution with a
 temporal kernel of size `kt` gets `kt - 1` frames of padding in *front* only (never behind); the
@@ -18,6 +21,10 @@ window starts `st` frames after the last one, i.e. `kt - st` frames before the e
 input, provided every non-first chunk has a multiple of `st` frames (the autoencoder guarantees it).
 Normalization is per frame (statistics over height, width and channel groups, never over time),
 because statistics over time would let later frames change earlier outputs.
+
+`stream(module, params, x, method, t_in, t_out, out_shape)` is that chunked call: frame 0 alone
+with `first=True` (creating the caches), then a `lax.scan` over chunks of `t_in` frames carrying
+them, so activation memory is that of one chunk whatever the video length.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -104,3 +112,96 @@ class FrameGroupNorm(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_in",)),
             name="norm",
         )(x)
+
+
+class ResBlock(nn.Module):
+    """norm -> SiLU -> causal conv -> norm -> SiLU -> causal conv, plus a (1x1x1 projected) skip."""
+
+    features: int
+    norm_groups: int = 32
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, first: bool = True) -> jnp.ndarray:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.silu(FrameGroupNorm(self.norm_groups, **kw, name="norm1")(x))
+        h = CausalConv3d(self.features, **kw, name="conv1")(h, first)
+        h = nn.silu(FrameGroupNorm(self.norm_groups, **kw, name="norm2")(h))
+        h = CausalConv3d(self.features, **kw, name="conv2")(h, first)
+        if x.shape[-1] != self.features:
+            x = CausalConv3d(self.features, (1, 1, 1), **kw, name="skip")(x, first)
+        return constrain(x + h)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 in space and/or time, then a causal conv. In time every frame is
+    repeated twice and, at the start of a video, the very first copy dropped (1 + m -> 1 + 2m)."""
+
+    features: int
+    spatial: bool = True
+    temporal: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, first: bool = True) -> jnp.ndarray:
+        if self.temporal:
+            x = jnp.repeat(x, 2, axis=1)
+            if first:  # Latent frame 0 stands for video frame 0 alone.
+                x = x[:, 1:]
+        if self.spatial:
+            x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+        return CausalConv3d(
+            self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
+        )(x, first)
+
+
+def stream(module, params, x, method, t_in: int, t_out: int, out_shape) -> jnp.ndarray:
+    """`module.apply(..., method=method)` over the frames (axis 1) of `x`, chunk by chunk.
+
+    Runs `method` on frame 0 (first=True, which creates the conv caches), then lax.scans over
+    chunks of `t_in` input frames (each giving `t_out` output frames) carrying the caches, writing
+    every result into one preallocated output so no per-chunk results are stacked and copied.
+
+    Args:
+      module, params: a flax module built from these layers and its "params".
+      x: the input [B, T, ...]; T - 1 need not be a multiple of `t_in` (a shorter last chunk is
+        traced on its own).
+      method: the module method to run; it takes `(x, first)`.
+      t_in, t_out: input and output frames per chunk.
+      out_shape: the whole output's shape (float32).
+
+    Returns:
+      The output, float32 `out_shape`, equal to one call on all frames up to float rounding.
+    """
+    n_frames = x.shape[1]
+    head, variables = module.apply(
+        {"params": params}, x[:, :1], first=True, method=method, mutable=["cache"]
+    )
+    out = jnp.zeros(out_shape, jnp.float32)
+    out = jax.lax.dynamic_update_slice_in_dim(out, head.astype(jnp.float32), 0, axis=1)
+    cache = variables["cache"]
+
+    def run(cache, xc):
+        y, upd = module.apply(
+            {"params": params, "cache": cache}, xc, first=False, method=method, mutable=["cache"]
+        )
+        return y.astype(jnp.float32), upd["cache"]
+
+    n_full = (n_frames - 1) // t_in
+    if n_full:
+
+        def body(carry, i):
+            cache, out = carry
+            xc = jax.lax.dynamic_slice_in_dim(x, 1 + i * t_in, t_in, axis=1)
+            y, cache = run(cache, xc)
+            out = jax.lax.dynamic_update_slice_in_dim(out, y, head.shape[1] + i * t_out, axis=1)
+            return (cache, out), None
+
+        (cache, out), _ = jax.lax.scan(body, (cache, out), jnp.arange(n_full))
+    rest = (n_frames - 1) - n_full * t_in
+    if rest:  # A shorter last chunk: its own trace, still continuing from the carried caches.
+        y, _ = run(cache, x[:, n_frames - rest :])
+        out = jax.lax.dynamic_update_slice_in_dim(out, y, out_shape[1] - y.shape[1], axis=1)
+    return out

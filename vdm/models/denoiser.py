@@ -47,7 +47,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdm.models import denoiser_accounting as accounting
 from vdm.models import layers as L
+from vdm.models.patches import patchify, token_grid, unpatchify
 
 Dtype = Any
 
@@ -63,10 +65,9 @@ REMAT_MODES = ("none", "block", "dots")
 # mu 0.10M, S 2.14M, B 124M, L 463M, XL 663M ("full" / "spatial_only": 15-24% fewer).
 VARIANTS: dict[str, dict[str, Any]] = {
     "mu": dict(depth=2, width=32, num_heads=2, mlp_ratio=4.0, qk_norm=True),  # tests only.
-    # The 2-core CPU quickstart: 5x8x8x8 latents, patch 1x2x2 -> 80 tokens, 2.1M params,
-    # 0.21 GFLOP/example forward; fwd+bwd at batch 32 ~0.3 s (depth 6: ~0.47 s). No qk-norm: it
-    # costs ~10% of a CPU step (XLA materialises the broadcast scales) and a float32 model this
-    # small is stable without it.
+    # The 2-core CPU quickstart (5x8x8x8 latents at patch 1x2x2: 80 tokens). No qk-norm: on CPU
+    # XLA materialises its broadcast scales (timings: docs/experiments.md), and a float32 model
+    # this small is stable without it.
     "S": dict(depth=4, width=128, num_heads=4, mlp_ratio=4.0, qk_norm=False),
     "B": dict(depth=7, width=768, num_heads=12, mlp_ratio=4.0, qk_norm=True),
     "L": dict(depth=15, width=1024, num_heads=16, mlp_ratio=4.0, qk_norm=True),
@@ -92,47 +93,6 @@ def apply_variant(model_config, name: str):
     for key, value in VARIANTS[name].items():
         model_config[key] = value
     return model_config
-
-
-def token_grid(latent_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
-    """The token grid `(t', h', w')` of latents `(t, h, w[, c])` patchified by `patch_size`.
-
-    Raises:
-      ValueError: a latent axis is not divisible by its patch size (the message says which).
-    """
-    t, h, w = (int(s) for s in latent_shape[:3])
-    bad = [
-        f"{axis}={size} % {p} = {size % p}"
-        for axis, size, p in zip("thw", (t, h, w), patch_size, strict=True)
-        if size % p
-    ]
-    if bad:
-        raise ValueError(
-            f"Latent shape (t, h, w) = {(t, h, w)} is not divisible by model.patch_size="
-            f"{tuple(patch_size)} ({'; '.join(bad)}). Use a patch size that divides the latent "
-            "grid (e.g. --config.model.patch_size='(1, 2, 2)' or (1, 1, 1)), or change "
-            "data.num_frames / data.height / data.width so the VAE latents are divisible."
-        )
-    return t // patch_size[0], h // patch_size[1], w // patch_size[2]
-
-
-def patchify(x: jax.Array, patch_size: Sequence[int]) -> jax.Array:
-    """`[B, t, h, w, c]` -> `[B, t', h', w', pt*ph*pw*c]` (non-overlapping 3-D patches)."""
-    b, t, h, w, c = x.shape
-    pt, ph, pw = patch_size
-    gt, gh, gw = token_grid((t, h, w), patch_size)
-    x = x.reshape(b, gt, pt, gh, ph, gw, pw, c)
-    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
-    return x.reshape(b, gt, gh, gw, pt * ph * pw * c)
-
-
-def unpatchify(x: jax.Array, patch_size: Sequence[int], channels: int) -> jax.Array:
-    """Inverse of `patchify`: `[B, t', h', w', pt*ph*pw*c]` -> `[B, t, h, w, c]`."""
-    b, gt, gh, gw, _ = x.shape
-    pt, ph, pw = patch_size
-    x = x.reshape(b, gt, gh, gw, pt, ph, pw, channels)
-    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
-    return x.reshape(b, gt * pt, gh * ph, gw * pw, channels)
 
 
 def model_fn(model: Denoiser, params: Any) -> Callable:
@@ -368,11 +328,18 @@ class Denoiser(nn.Module):
         self.check()
         t = jnp.asarray(t)
         self._check_inputs(x, t, context, context_mask)
-        b = x.shape[0]
-        grid = token_grid(x.shape[1:4], self.patch_size)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         mask = context_mask.astype(bool)
+        h, rope = self._tokens(x)
+        c_act, ctx = self._conditioning(t, context, mask, x.shape[0])
+        h = self._blocks(h, c_act, ctx, mask, rope, deterministic)
+        return self._output(h, c_act)
 
+    # The parts of `__call__`, in order. They run inside it (its compact scope), so the
+    # submodules they create are the Denoiser's own, named as written.
+    def _tokens(self, x: jax.Array):
+        """Patch tokens `[B, t', h', w', D]` (with sin-cos positions) and the RoPE tables."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        grid = token_grid(x.shape[1:4], self.patch_size)
         h = L.dense(self.width, (None, "embed"), name="patch_embed", **kw)(
             patchify(x.astype(self.dtype), self.patch_size)
         )
@@ -384,8 +351,12 @@ class Denoiser(nn.Module):
             if self.pos_encoding == "rope3d"
             else None
         )
+        return h, rope
 
-        # Conditioning vector c [B, D]: time (and pooled caption); SiLU(c) feeds every adaLN.
+    def _conditioning(self, t, context, mask, b: int):
+        """(SiLU(c) [B, D] feeding every adaLN, the embedded context [B, L, D])."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # Conditioning vector c [B, D]: time (and pooled caption).
         t_feat = L.timestep_embedding(jnp.broadcast_to(t, (b,)) * self.time_scale, self.freq_dim)
         c = L.EmbedMLP(self.width, "silu", init_std=0.02, name="time_embed", **kw)(t_feat)
         ctx = L.EmbedMLP(self.width, "gelu", name="text_embed", **kw)(context.astype(self.dtype))
@@ -397,8 +368,10 @@ class Denoiser(nn.Module):
             c = c + L.EmbedMLP(self.width, "silu", name="pooled_embed", **kw)(
                 pooled.astype(self.dtype)
             )
-        c_act = nn.silu(c)
+        return nn.silu(c), ctx
 
+    def _blocks(self, h, c_act, ctx, mask, rope, deterministic: bool):
+        """The `depth` DiTBlocks: unrolled ("block_i") or one nn.scan ("blocks/block")."""
         block_kw = dict(
             width=self.width,
             num_heads=self.num_heads,
@@ -406,7 +379,8 @@ class Denoiser(nn.Module):
             attention=self.attention,
             qk_norm=self.qk_norm,
             dropout=self.dropout,
-            **kw,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )
         if self.scan_layers:
             stack = nn.scan(
@@ -420,13 +394,15 @@ class Denoiser(nn.Module):
             h, _ = stack(**block_kw, remat=self.remat, deterministic=deterministic, name="blocks")(
                 h, c_act, ctx, mask, rope
             )
-        else:
-            block_cls = _block_class(self.remat)
-            for i in range(self.depth):
-                h = block_cls(**block_kw, name=f"block_{i}")(
-                    h, c_act, ctx, mask, rope, deterministic
-                )
+            return h
+        block_cls = _block_class(self.remat)
+        for i in range(self.depth):
+            h = block_cls(**block_kw, name=f"block_{i}")(h, c_act, ctx, mask, rope, deterministic)
+        return h
 
+    def _output(self, h, c_act):
+        """Final adaLN + zero-initialised linear, unpatchified to `[B, t, h, w, c]` float32."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shift, scale = L.AdaLNModulation(2, self.width, name="final_mod", **kw)(c_act)
         h = L.layer_norm("final_norm", affine=False, param_dtype=self.param_dtype)(h)
         h = L.modulate(h, shift, scale).astype(self.dtype)
@@ -434,120 +410,25 @@ class Denoiser(nn.Module):
         out = unpatchify(out, self.patch_size, self.latent_channels)
         return L.constrain(out.astype(jnp.float32), L.ACT_5D[:-1] + (None,))
 
-    # -- accounting ------------------------------------------------------------------------------
+    # -- accounting (analytic; vdm.models.denoiser_accounting) ---------------------------------
     def param_groups(self, context_dim: int) -> dict[str, int]:
-        """Analytic parameter count per top-level group (must equal `count_params` of `init`).
-
-        Args:
-          context_dim: width of the text encoder's hidden states (384 for MiniLM).
-
-        Returns:
-          `{"patch_embed": n, "time_embed": n, ..., "block": n per block, "final": n}`.
-        """
-        w, m, p, d = self.width, self.mlp_hidden, self.patch_dim, context_dim
-        attn = 4 * (w * w + w) + (2 * self.head_dim if self.qk_norm else 0)
-        mod3 = w * 3 * w + 3 * w
-        block = (attn + mod3) + (w * m + m + m * w + w + mod3) + (attn + 2 * w)
-        if self.attention == "factorized":
-            block += attn + mod3
-        groups = {
-            "patch_embed": p * w + w,
-            "time_embed": self.freq_dim * w + w + w * w + w,
-            "text_embed": d * w + w + w * w + w,
-        }
-        if self.pooled_text:
-            groups["pooled_embed"] = d * w + w + w * w + w
-        groups["block"] = block
-        groups["final"] = w * 2 * w + 2 * w + w * p + p
-        return groups
+        """Analytic parameter count per top-level group (equals `count_params` of `init`)."""
+        return accounting.param_groups(self, context_dim)
 
     def num_params(self, context_dim: int) -> int:
-        """Analytic total parameter count (see `param_groups`)."""
-        g = self.param_groups(context_dim)
-        return sum(g.values()) + (self.depth - 1) * g["block"]
+        """Analytic total parameter count for a text context of width `context_dim`."""
+        return accounting.num_params(self, context_dim)
 
     def flops_per_example(
         self, latent_shape: Sequence[int], context_len: int, context_dim: int
     ) -> int:
-        """Forward-pass matmul FLOPs (2 per multiply-add) for one example.
+        """Forward-pass matmul FLOPs of one example (a train step costs about 3x this)."""
+        return accounting.flops_per_example(self, latent_shape, context_len, context_dim)
 
-        Counts every Dense and the attention scores / weighted sums; ignores elementwise ops,
-        norms and softmax (a few % at these widths). A training step costs about 3x this
-        (forward + backward), more with remat.
-
-        Args:
-          latent_shape: `(t, h, w[, c])` of one example's latents.
-          context_len: L, text tokens per caption.
-          context_dim: width of the text encoder's hidden states.
-
-        Returns:
-          FLOPs as an int.
-        """
-        gt, gh, gw = token_grid(latent_shape, self.patch_size)
-        n, s, ln = gt * gh * gw, gh * gw, context_len
-        w, m, p = self.width, self.mlp_hidden, self.patch_dim
-        proj = 2 * n * 4 * w * w  # q, k, v, out of one self-attention over n tokens
-        self_ctx = n if self.attention == "full" else s  # keys each query sees
-        block = proj + 4 * n * self_ctx * w
-        if self.attention == "factorized":
-            block += proj + 4 * n * gt * w
-        block += 2 * n * 2 * w * w + 2 * ln * 2 * w * w + 4 * n * ln * w  # cross-attention
-        block += 2 * n * 2 * w * m  # MLP
-        block += 2 * w * 3 * w * (3 if self.attention == "factorized" else 2)  # adaLN
-        total = 2 * n * p * w  # patch embed
-        total += 2 * (self.freq_dim * w + w * w)  # time MLP
-        total += 2 * ln * (context_dim * w + w * w)  # caption MLP
-        if self.pooled_text:
-            total += 2 * (context_dim * w + w * w)
-        total += self.depth * block
-        total += 2 * w * 2 * w + 2 * n * w * p  # final adaLN + linear
-        return int(total)
-
-    def summary(
-        self,
-        params: Any = None,
-        *,
-        latent_shape: Sequence[int] | None = None,
-        context_shape: tuple[int, int] = (32, 384),
-    ) -> str:
-        """A few human-readable lines: architecture, parameter counts, tokens and FLOPs.
-
-        Args:
-          params: the model's params (counted exactly); None = the analytic count.
-          latent_shape: `(t, h, w[, c])` of one example, for token and FLOP counts.
-          context_shape: `(L, D_txt)` of the text context.
-
-        Returns:
-          A multi-line string (train.py prints it).
-        """
-        ln, d = context_shape
-        groups = self.param_groups(d)
-        total = L.count_params(params) if params is not None else self.num_params(d)
-        arch = (
-            f"Denoiser: {self.attention} attention, {self.pos_encoding}, depth {self.depth} x "
-            f"width {self.width} ({self.num_heads} heads x {self.head_dim}), mlp {self.mlp_hidden}"
-            f", patch {'x'.join(map(str, self.patch_size))}, qk_norm={self.qk_norm}, "
-            f"pooled_text={self.pooled_text}, remat={self.remat}, dtype="
-            f"{jnp.dtype(self.dtype).name}/{jnp.dtype(self.param_dtype).name}"
-        )
-        parts = [f"{k} {_human(v)}" for k, v in groups.items() if k != "block"]
-        parts.insert(3 + self.pooled_text, f"blocks {self.depth} x {_human(groups['block'])}")
-        lines = [arch, f"  params: {_human(total)} ({total:,}) = " + " + ".join(parts)]
-        if latent_shape is not None:
-            gt, gh, gw = token_grid(latent_shape, self.patch_size)
-            f = self.flops_per_example(latent_shape, ln, d)
-            lines.append(
-                f"  latents {'x'.join(map(str, latent_shape))} -> {gt}x{gh}x{gw} = {gt * gh * gw}"
-                f" tokens; forward {f / 1e9:.3f} GFLOP/example (train step ~{3 * f / 1e9:.2f})"
-            )
-        return "\n".join(lines)
-
-
-def _human(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
+    def summary(self, params: Any = None, **kwargs) -> str:
+        """Architecture, parameter counts, tokens and FLOPs in a few lines
+        (`denoiser_accounting.summary`: latent_shape=, context_shape=)."""
+        return accounting.summary(self, params, **kwargs)
 
 
 def variant_model(name: str, latent_channels: int = 8, **overrides) -> Denoiser:
@@ -561,68 +442,3 @@ def variant_model(name: str, latent_channels: int = 8, **overrides) -> Denoiser:
     model = Denoiser(latent_channels=latent_channels, **{**VARIANTS[name], **overrides})
     model.check()
     return model
-
-
-def _benchmark(argv: Sequence[str] | None = None) -> None:
-    """Times one jitted forward+backward of a variant on random inputs (best of N).
-
-    python -m vdm.models.denoiser --variant S --batch 32 --latent 5,8,8,8 [--attention full]
-    """
-    import argparse
-    import time
-
-    import numpy as np
-
-    ap = argparse.ArgumentParser(description=_benchmark.__doc__)
-    ap.add_argument("--variant", default="S", choices=list(VARIANTS))
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--latent", default="5,8,8,8", help="t,h,w,c of one example's latents")
-    ap.add_argument("--context", default="32,384", help="L,D of the text context")
-    ap.add_argument("--attention", default="factorized", choices=ATTENTION_MODES)
-    ap.add_argument("--patch", default="1,2,2")
-    ap.add_argument("--depth", type=int, default=None)
-    ap.add_argument("--width", type=int, default=None)
-    ap.add_argument("--heads", type=int, default=None)
-    ap.add_argument("--remat", default="none", choices=REMAT_MODES)
-    ap.add_argument("--repeats", type=int, default=10)
-    args = ap.parse_args(argv)
-    (t, h, w, c), (ln, d) = (tuple(map(int, s.split(","))) for s in (args.latent, args.context))
-    over = {k: v for k, v in dict(depth=args.depth, width=args.width, num_heads=args.heads).items()
-            if v is not None}  # fmt: skip
-    model = variant_model(
-        args.variant, c, attention=args.attention, remat=args.remat,
-        patch_size=tuple(map(int, args.patch.split(","))), **over,
-    )  # fmt: skip
-    rng = np.random.default_rng(0)
-    b = args.batch
-    x = jnp.asarray(rng.normal(size=(b, t, h, w, c)), jnp.float32)
-    tt = jnp.asarray(rng.uniform(size=(b,)), jnp.float32)
-    ctx = jnp.asarray(rng.normal(size=(b, ln, d)), jnp.float32)
-    mask = jnp.ones((b, ln), jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(0), x, tt, ctx, mask)["params"]
-    print(model.summary(params, latent_shape=(t, h, w, c), context_shape=(ln, d)))
-
-    def loss(p):
-        return jnp.mean((model.apply({"params": p}, x, tt, ctx, mask) - x) ** 2)
-
-    start = time.perf_counter()
-    step = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
-    print(f"  compile {time.perf_counter() - start:.1f} s")
-    jax.block_until_ready(step(params))
-    wall, cpu = [], []
-    for _ in range(args.repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(step(params))
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
-    flops = 3 * b * model.flops_per_example((t, h, w, c), ln, d)
-    best = min(wall)
-    print(
-        f"  fwd+bwd batch {b}: best {best * 1e3:.0f} ms, median {np.median(wall) * 1e3:.0f} ms "
-        f"(cpu time best {min(cpu) * 1e3:.0f} ms) over {args.repeats}; ~{flops / 1e9:.1f} GFLOP "
-        f"-> {flops / best / 1e9:.0f} GFLOP/s"
-    )
-
-
-if __name__ == "__main__":
-    _benchmark()

@@ -258,9 +258,9 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     """Rotates `x [B, t, h, w, H, K]` by `rope` tables from `rope_3d` (in float32).
 
     `(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)` written as `x * cos + swap(x) * sin` with a
-    reshape + flip for the half swap: slicing and concatenating halves costs ~15% of a CPU train
-    step (slices turn into zero pads in the backward pass); this form costs about as much as
-    adding sin-cos embeddings.
+    reshape + flip for the half swap: slicing and concatenating halves is much slower on CPU
+    (slices turn into zero pads in the backward pass; docs/experiments.md); this form costs about
+    as much as adding sin-cos embeddings.
     """
     cos, sin = rope
     shape = x.shape

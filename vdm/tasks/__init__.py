@@ -1,16 +1,15 @@
 """Training stages by name. Each stage module defines one `Task` subclass."""
 
-import importlib
-
+from vdm.tasks.autoencoder import AutoencoderTask
 from vdm.tasks.base import Task
+from vdm.tasks.denoiser import DenoiserTask
 
-_STAGES = {
-    "autoencoder": "vdm.tasks.autoencoder:AutoencoderTask",
-    "denoiser": "vdm.tasks.denoiser:DenoiserTask",
+_STAGES: dict[str, type[Task]] = {
+    "autoencoder": AutoencoderTask,
+    "denoiser": DenoiserTask,
 }
 
 
 def get_task(config) -> Task:
     """The Task for `config.stage`."""
-    module, cls = _STAGES[config.stage].split(":")
-    return getattr(importlib.import_module(module), cls)(config)
+    return _STAGES[config.stage](config)

@@ -11,11 +11,11 @@ Loss per example (then the batch mean):
   written per pixel value, so `kl_weight` means the same for every resolution.
 
 `vae.train_frames > 0` trains on a random window of that many frames of each batch (one window
-per step, the same for the batch), e.g. 9 of 17 at half the cost. Caveat, measured on the
-quickstart VAE: the causal convolutions' receptive field spans more latent frames than a short
-window holds, so frames beyond the window length (here 9-16) decode worse (23-28 dB against
-30-31 dB) — train on whole clips, or fine-tune the decoder on them afterwards
-(configs/vae_quickstart_decoder.py). Evaluation always uses whole clips.
+per step, the same for the batch), e.g. 9 of 17 at half the cost. The causal convolutions'
+receptive field can span more latent frames than a short window holds, so frames beyond the window
+length are never trained with their full history: train on whole clips, or fine-tune the decoder
+on them afterwards (configs/vae_quickstart_decoder.py; the measured effect is in
+docs/experiments.md). Evaluation always uses whole clips.
 
 Perceptual (LPIPS) and adversarial losses are not implemented: LPIPS needs downloaded weights
 and a GAN needs a second optimizer. Their config weights must stay 0.
@@ -39,9 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from vdm.data import loader as data_loader
 from vdm.errors import ConfigError
 from vdm.eval import metrics
+from vdm.io import video as video_io
 from vdm.models import autoencoder as ae
+from vdm.models import latent_stats as stats_lib
 from vdm.rng import stream
 from vdm.tasks.base import PyTree, Task
 
@@ -53,9 +56,7 @@ CHARBONNIER_EPS = 1e-3
 
 def _make_loader(config, split, **kwargs):
     """The data loader (a seam the tests replace with synthetic batches)."""
-    from vdm.data import loader as pipeline
-
-    return pipeline.make_loader(config, split, **kwargs)
+    return data_loader.make_loader(config, split, **kwargs)
 
 
 def reconstruction_loss(recon: jax.Array, video: jax.Array, kind: str) -> jax.Array:
@@ -215,7 +216,7 @@ class AutoencoderTask(Task):
           num_examples: videos to encode (default `config.vae.stats_num_examples`).
 
         Returns:
-          `compute_latent_stats` output ({"shift", "scale", "count"}).
+          `vdm.models.latent_stats.compute_latent_stats` output ({"shift", "scale", "count"}).
         """
         cfg = self.config
         n = int(num_examples or cfg.vae.get("stats_num_examples", 256))
@@ -237,7 +238,7 @@ class AutoencoderTask(Task):
             seen += len(latents[-1])
             if seen >= n:
                 break
-        return ae.compute_latent_stats(latents)
+        return stats_lib.compute_latent_stats(latents)
 
     def _reconstruct(self, params, video):
         z = ae.encode(self.module, params, video)
@@ -264,19 +265,5 @@ def write_comparison(originals: np.ndarray, recons: np.ndarray, path: str) -> np
     for i, (o, r) in enumerate(zip(originals, recons, strict=True)):
         rows += [o, r]
         captions += [f"#{i} original", f"#{i} reconstruction"]
-    try:
-        from vdm.io.video import contact_sheet
-    except ImportError:  # video_io is optional here; fall back to a plain grid.
-        return _grid_png(np.stack(rows), path)
     scale = 2 if originals.shape[2] <= 64 else 1
-    return contact_sheet(rows, captions, path, max_frames=None, scale=scale)
-
-
-def _grid_png(rows: np.ndarray, path: str) -> np.ndarray:
-    """[N, T, H, W, 3] uint8 -> a PNG with one row of frames per video."""
-    from PIL import Image
-
-    n, t, h, w, c = rows.shape
-    sheet = rows.transpose(0, 2, 1, 3, 4).reshape(n * h, t * w, c)
-    Image.fromarray(sheet).save(path)
-    return sheet
+    return video_io.contact_sheet(rows, captions, path, max_frames=None, scale=scale)

@@ -21,6 +21,9 @@ from vdm import rng
 from vdm.data import cache
 from vdm.diffusion import losses
 from vdm.encoders import FrozenEncoders
+from vdm.eval import digits
+from vdm.inference import pipeline
+from vdm.io import video as video_io
 from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
 from vdm.tasks.base import Task
@@ -37,7 +40,7 @@ class DenoiserTask(Task):
     """Latent flow matching / diffusion on frozen VAE latents and frozen text embeddings.
 
     Two kinds of batches: raw (`video` uint8 + captions, encoded inside the step) or cached
-    (`config.data.source = "cache:DIR"` built by `python -m vdm.data.cache`: posterior
+    (`config.data.source = "cache:DIR"` built by `python -m vdm.tools.cache`: posterior
     `latent_mean` / `latent_logvar` and text `context` / `context_mask`, so the step runs the
     denoiser alone). Both draw the same posterior sample `mean + exp(logvar / 2) * eps`.
     """
@@ -154,16 +157,21 @@ class DenoiserTask(Task):
     def evaluate(self, params, frozen, step, workdir):
         """Samples test prompts with the given (EMA) params, scores them with the project's
         metrics (moving digits only) and writes a contact sheet of previews."""
-        from vdm.eval import digits as evaluation
-        from vdm.inference import pipeline
-        from vdm.io import video as video_io
-
-        pipe = pipeline.Pipeline.from_parts(self.config, self, params, frozen)
+        pipe = pipeline.Pipeline(
+            config=self.config,
+            text=self.text,
+            vae=self.vae,
+            # A step on a latent cache has no VAE among its frozen inputs: use the host copy.
+            vae_params=frozen.get("vae", self.vae_params),
+            latent_stats=self.latent_stats,
+            model=self.model,
+            params=params,
+        )
         metrics = {}
         n = self.config.eval.during_training
         data_kind = cache.underlying_source(self.config.data.source).split(":", 1)[0]
         if n and data_kind == "moving_digits":
-            metrics, videos, prompts = evaluation.evaluate_pipeline(pipe, n, seed=self.config.seed)
+            metrics, videos, prompts = digits.evaluate_pipeline(pipe, n, seed=self.config.seed)
         else:
             prompts = list(pipeline.PREVIEW_PROMPTS)
             videos = pipe(prompts, seed=self.config.seed)

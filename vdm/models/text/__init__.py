@@ -9,4 +9,8 @@ the building blocks:
   bert.py    BERT encoders (all-MiniLM-L6-v2, the offline default)
   t5.py      T5 / mT5 (one shared relative position bias) and UMT5 (one per layer) encoders
   clip.py    the CLIP text transformer (causal mask, final layer norm)
+  weights.py reading safetensors (single or sharded) into numpy
+  hub.py     where a model's files are: aliases, local directories, hub ids
+  encoder.py `TextEncoder` (tokenizer + module + params) and `load_text_encoder`
+  architectures.py  known architectures without weights (abstract encoders for AOT)
 """

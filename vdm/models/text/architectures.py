@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from vdm.errors import ConfigError
 from vdm.models.text import encoder as te
+from vdm.models.text import hub
 
 # Architectures of text encoders known by hub id, so AOT needs neither the hub nor the weights.
 # Values are transformers config kwargs (model_type picks the family in `encoder.FAMILIES`).
@@ -63,13 +64,13 @@ def architecture(name: str):
         kwargs = dict(TEXT_ENCODER_ARCHITECTURES[name])
         cls = {"t5": T5Config, "umt5": UMT5Config}[kwargs.pop("model_type")]
         return cls(**kwargs)
-    if name in te.ALIASES or os.path.isdir(os.path.expanduser(name)):
-        model_dir, _ = te.resolve_model_dir(name)
+    if name in hub.ALIASES or os.path.isdir(os.path.expanduser(name)):
+        model_dir, _ = hub.resolve_model_dir(name)
         return AutoConfig.from_pretrained(model_dir)
     raise ConfigError(
         f"config.text_encoder.name={name!r}: an abstract build needs the encoder's architecture "
         f"without downloading it. Known hub ids: {sorted(TEXT_ENCODER_ARCHITECTURES)}; or an "
-        f"alias ({sorted(te.ALIASES)}), or a local directory with config.json (add other hub ids "
+        f"alias ({sorted(hub.ALIASES)}), or a local directory with config.json (add other hub ids "
         "to vdm.models.text.architectures.TEXT_ENCODER_ARCHITECTURES)."
     )
 

@@ -21,32 +21,6 @@ from vdm.models.text import weights as W
 Dtype = Any
 
 
-class BertLayer(nn.Module):
-    """One post-LN transformer block."""
-
-    num_heads: int
-    mlp_dim: int
-    activation: str = "gelu"
-    layer_norm_eps: float = 1e-12
-    init_std: float = 0.02
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = layers.Attention(
-            self.num_heads,
-            x.shape[-1] // self.num_heads,
-            init_std=self.init_std,
-            name="attention",
-            **kw,
-        )(x, bias)
-        x = layers.layer_norm(self.layer_norm_eps, name="attention_norm", **kw)(x + h)
-        h = layers.Mlp(self.mlp_dim, self.activation, init_std=self.init_std, name="mlp", **kw)(x)
-        return layers.layer_norm(self.layer_norm_eps, name="mlp_norm", **kw)(x + h)
-
-
 class BertEncoder(nn.Module):
     """Token ids + mask -> last hidden state `[B, L, hidden_size]`."""
 
@@ -72,16 +46,8 @@ class BertEncoder(nn.Module):
                 f"BERT position_embedding_type={pos_type!r} is not supported (only 'absolute')."
             )
         return cls(
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            num_layers=hf_config.num_hidden_layers,
-            num_heads=hf_config.num_attention_heads,
-            mlp_dim=hf_config.intermediate_size,
-            max_positions=hf_config.max_position_embeddings,
+            **layers.encoder_fields(hf_config),
             type_vocab_size=hf_config.type_vocab_size,
-            activation=hf_config.hidden_act,
-            layer_norm_eps=hf_config.layer_norm_eps,
-            init_std=hf_config.initializer_range,
             dtype=dtype,
             param_dtype=param_dtype,
         )
@@ -103,16 +69,9 @@ class BertEncoder(nn.Module):
         )(jnp.zeros_like(positions))
         x = layers.layer_norm(self.layer_norm_eps, name="embeddings_norm", **kw)(x)
         bias = layers.padding_bias(mask)
+        args = (self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, std)
         for i in range(self.num_layers):
-            x = BertLayer(
-                self.num_heads,
-                self.mlp_dim,
-                self.activation,
-                self.layer_norm_eps,
-                std,
-                name=f"layer_{i}",
-                **kw,
-            )(x, bias)
+            x = layers.EncoderLayer(*args, pre_norm=False, name=f"layer_{i}", **kw)(x, bias)
         return x
 
 

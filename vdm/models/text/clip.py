@@ -20,34 +20,6 @@ from vdm.models.text import weights as W
 Dtype = Any
 
 
-class CLIPLayer(nn.Module):
-    """One pre-LN block: `x + attn(LN(x))`, then `x + mlp(LN(x))`."""
-
-    num_heads: int
-    mlp_dim: int
-    activation: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    init_std: float = 0.02
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = layers.layer_norm(self.layer_norm_eps, name="attention_norm", **kw)(x)
-        x = x + layers.Attention(
-            self.num_heads,
-            x.shape[-1] // self.num_heads,
-            init_std=self.init_std,
-            name="attention",
-            **kw,
-        )(h, bias)
-        h = layers.layer_norm(self.layer_norm_eps, name="mlp_norm", **kw)(x)
-        return x + layers.Mlp(
-            self.mlp_dim, self.activation, init_std=self.init_std, name="mlp", **kw
-        )(h)
-
-
 class CLIPTextEncoder(nn.Module):
     """Token ids + mask -> final-LayerNorm hidden states `[B, L, hidden_size]`."""
 
@@ -67,19 +39,7 @@ class CLIPTextEncoder(nn.Module):
     def from_hf(cls, hf_config, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
         """The module of a `CLIPTextConfig`, or of a full `CLIPConfig`'s `text_config`."""
         c = getattr(hf_config, "text_config", None) or hf_config
-        return cls(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            num_layers=c.num_hidden_layers,
-            num_heads=c.num_attention_heads,
-            mlp_dim=c.intermediate_size,
-            max_positions=c.max_position_embeddings,
-            activation=c.hidden_act,
-            layer_norm_eps=c.layer_norm_eps,
-            init_std=c.initializer_range,
-            dtype=dtype,
-            param_dtype=param_dtype,
-        )
+        return cls(**layers.encoder_fields(c), dtype=dtype, param_dtype=param_dtype)
 
     @nn.compact
     def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -94,16 +54,9 @@ class CLIPTextEncoder(nn.Module):
         )(jnp.arange(length)[None])
         causal = jnp.tril(jnp.ones((length, length), bool))
         bias = layers.attention_bias(causal[None, None] & mask[:, None, None, :].astype(bool))
+        args = (self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps, std)
         for i in range(self.num_layers):
-            x = CLIPLayer(
-                self.num_heads,
-                self.mlp_dim,
-                self.activation,
-                self.layer_norm_eps,
-                std,
-                name=f"layer_{i}",
-                **kw,
-            )(x, bias)
+            x = layers.EncoderLayer(*args, pre_norm=True, name=f"layer_{i}", **kw)(x, bias)
         return layers.layer_norm(self.layer_norm_eps, name="final_norm", **kw)(x)
 
 

@@ -62,6 +62,22 @@ def partitioned(init: Callable, axes: tuple[str | None, ...]) -> Callable:
     return nn.with_logical_partitioning(init, axes)
 
 
+def encoder_fields(hf_config) -> dict[str, Any]:
+    """The fields BERT-like encoders (BERT, CLIP text) read from their transformers config."""
+    c = hf_config
+    return dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        mlp_dim=c.intermediate_size,
+        max_positions=c.max_position_embeddings,
+        activation=c.hidden_act,
+        layer_norm_eps=c.layer_norm_eps,
+        init_std=c.initializer_range,
+    )
+
+
 def attention_bias(allowed: jax.Array) -> jax.Array:
     """Additive float32 attention bias: 0 where `allowed` is true, MASK_VALUE elsewhere."""
     return jnp.where(allowed, 0.0, MASK_VALUE).astype(jnp.float32)
@@ -175,6 +191,39 @@ class RMSNorm(nn.Module):
         xf = x.astype(acc)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
         return (y * scale.astype(acc)).astype(self.dtype)
+
+
+class EncoderLayer(nn.Module):
+    """One transformer block of BERT (post-LN: `LN(x + attn(x))`, then `LN(x + mlp(x))`) or of
+    CLIP's text tower (`pre_norm`: `x + attn(LN(x))`, then `x + mlp(LN(x))`)."""
+
+    num_heads: int
+    mlp_dim: int
+    activation: str
+    layer_norm_eps: float
+    init_std: float = 0.02
+    pre_norm: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn_norm = layer_norm(self.layer_norm_eps, name="attention_norm", **kw)
+        attn = Attention(
+            self.num_heads,
+            x.shape[-1] // self.num_heads,
+            init_std=self.init_std,
+            name="attention",
+            **kw,
+        )
+        mlp_norm = layer_norm(self.layer_norm_eps, name="mlp_norm", **kw)
+        mlp = Mlp(self.mlp_dim, self.activation, init_std=self.init_std, name="mlp", **kw)
+        if self.pre_norm:
+            x = x + attn(attn_norm(x), bias)
+            return x + mlp(mlp_norm(x))
+        x = attn_norm(x + attn(x, bias))
+        return mlp_norm(x + mlp(x))
 
 
 def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
