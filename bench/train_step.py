@@ -64,7 +64,7 @@ def main():
 
     from vdm import parallel
     from vdm.config import load_config
-    from vdm.io import checkpoint as ckpt_lib
+    from vdm.io import manager
     from vdm.models.layers import count_params
     from vdm.rng import base_key
     from vdm.train import setup as train_setup
@@ -149,7 +149,7 @@ def main():
     nbytes = sum(np.dtype(x.dtype).itemsize * x.size for x in jax.tree.leaves(items))
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("blocking", "async"):
-            mngr = ckpt_lib.CheckpointManager(
+            mngr = manager.CheckpointManager(
                 os.path.join(tmp, mode), max_to_keep=2, async_save=mode == "async"
             )
             blocked, total = [], []

@@ -308,5 +308,13 @@ def test_denoiser_task_frozen_inputs(config, built, encoders, monkeypatch):
     # Training-time evaluation still decodes with the VAE (the host copy).
     from vdm.inference import pipeline as vdm_pipeline
 
-    pipe = vdm_pipeline.Pipeline.from_parts(task.config, task, None, frozen)
+    pipe = vdm_pipeline.Pipeline(
+        config=task.config,
+        text=task.text,
+        vae=task.vae,
+        vae_params=frozen.get("vae", task.vae_params),
+        latent_stats=task.latent_stats,
+        model=task.model,
+        params=None,
+    )
     assert pipe.vae_params is task.vae_params

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from tests.toy_task import ToyTask, toy_config
 from vdm import parallel
 from vdm.io import checkpoint, manager
-from vdm.train import loop as train_lib
+from vdm.train import state as train_state
 
 
 def _abstract(tree, sharding):
@@ -34,7 +34,7 @@ def _save_steps(directory, steps, *, max_to_keep=0, value=1.0):
 def test_train_state_saved_on_one_mesh_restores_on_another(tmp_path):
     config = toy_config({"mesh.shape": {"data": 4, "fsdp": 2}})
     task = ToyTask(config)
-    state, _ = train_lib.create_train_state(task, config, parallel.make_mesh(config.mesh))
+    state, _ = train_state.create_train_state(task, config, parallel.make_mesh(config.mesh))
     with manager.CheckpointManager(str(tmp_path), async_save=True) as m:
         m.save(
             3,
@@ -45,7 +45,7 @@ def test_train_state_saved_on_one_mesh_restores_on_another(tmp_path):
         )
     # Restore onto a data=2 x tensor=4 mesh: the `mlp` dim is now split 4 ways.
     other = toy_config({"mesh.shape": {"data": 2, "fsdp": 1, "tensor": 4}})
-    abstract, _ = train_lib.state_shardings(task, other, parallel.make_mesh(other.mesh))
+    abstract, _ = train_state.state_shardings(task, other, parallel.make_mesh(other.mesh))
     with manager.CheckpointManager(str(tmp_path)) as m:
         restored = m.restore(
             3,

@@ -16,6 +16,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import base
+from vdm.errors import ConfigError
 from vdm.models import denoiser as dn
 from vdm.models import layers, patches
 from vdm.models.layers import count_params
@@ -223,35 +224,35 @@ def test_remat_variants_match():
 
 def _saved_run(path, model):
     """Random ("trained") params of `model`, saved as step 5 of a run at `path` (params + EMA)."""
-    from vdm.io import checkpoint as ckpt_lib
+    from vdm.io import manager
 
     trained = _random_params(model)
-    with ckpt_lib.CheckpointManager(str(path), async_save=False) as m:
+    with manager.CheckpointManager(str(path), async_save=False) as m:
         m.save(5, arrays={"params": trained, "ema": trained})
     return trained
 
 
 def _fresh_state(model):
     """(a fresh TrainState of `model`'s initial params, its abstract params) for init_from."""
-    from vdm.train import loop as train_lib
+    from vdm.train import state as train_state
 
     fresh = nn.unbox(model.init(jax.random.key(1), *_inputs((1, 3, 4, 4)))["params"])
-    state = train_lib.TrainState(step=0, params=fresh, opt_state=(), ema_params=fresh)
+    state = train_state.TrainState(step=0, params=fresh, opt_state=(), ema_params=fresh)
     return state, nn.unbox(_abstract(model))
 
 
 def test_a_model_grown_in_depth_from_a_checkpoint_starts_as_its_function(tmp_path):
     """`train.init_from` + `train.init_new_params`: a depth-1 model's weights start a depth-2 one;
     the added block keeps its fresh (adaLN-Zero) init, so the output is exactly the old model's."""
-    from vdm.io import checkpoint as ckpt_lib
-    from vdm.train import loop as train_lib
+    from vdm.io import manager
+    from vdm.train import state as train_state
 
     small, big = dn.variant_model("mu", C, depth=1), dn.variant_model("mu", C, depth=2)
     trained, (state, abstract) = _saved_run(tmp_path / "run", small), _fresh_state(big)
     fresh = state.params
-    with pytest.raises(train_lib.ConfigError, match=r"missing in the checkpoint: \['block_1/"):
-        train_lib.init_params_from(state, str(tmp_path / "run"), abstract)
-    grown = train_lib.init_params_from(state, str(tmp_path / "run"), abstract, keep_new=True)
+    with pytest.raises(ConfigError, match=r"missing in the checkpoint: \['block_1/"):
+        train_state.init_params_from(state, str(tmp_path / "run"), abstract)
+    grown = train_state.init_params_from(state, str(tmp_path / "run"), abstract, keep_new=True)
     for tree in (grown.params, grown.ema_params):
         assert _flat_shapes(tree) == _flat_shapes(fresh)
         jax.tree.map(np.testing.assert_array_equal, tree["block_0"], trained["block_0"])
@@ -261,11 +262,11 @@ def test_a_model_grown_in_depth_from_a_checkpoint_starts_as_its_function(tmp_pat
         _fwd(big, grown.params, x, t, ctx, mask), _fwd(small, trained, x, t, ctx, mask), atol=1e-6
     )
     # The other way round (the checkpoint has params this model lacks) stays an error.
-    with ckpt_lib.CheckpointManager(str(tmp_path / "big"), async_save=False) as m:
+    with manager.CheckpointManager(str(tmp_path / "big"), async_save=False) as m:
         m.save(5, arrays={"params": grown.params})
-    small_state = train_lib.TrainState(step=0, params=trained, opt_state=(), ema_params=None)
-    with pytest.raises(train_lib.ConfigError, match=r"not in this model: \['block_1/"):
-        train_lib.init_params_from(
+    small_state = train_state.TrainState(step=0, params=trained, opt_state=(), ema_params=None)
+    with pytest.raises(ConfigError, match=r"not in this model: \['block_1/"):
+        train_state.init_params_from(
             small_state, str(tmp_path / "big"), nn.unbox(_abstract(small)), keep_new=True
         )
 
@@ -274,17 +275,17 @@ def test_init_skip_retrains_the_layers_a_patch_size_change_reshapes(tmp_path):
     """`train.init_skip`: a patch-(1,2,2) checkpoint starts a patch-(1,1,1) model. Every block
     comes from the checkpoint; the skipped patch_embed / final_linear (other shapes there) keep
     their fresh initialisation. Without the skip the shape mismatch is named."""
-    from vdm.train import loop as train_lib
+    from vdm.train import state as train_state
 
     coarse = dn.variant_model("mu", C, depth=1, patch_size=(1, 2, 2))
     fine = dn.variant_model("mu", C, depth=1, patch_size=(1, 1, 1))
     trained, (state, abstract) = _saved_run(tmp_path / "run", coarse), _fresh_state(fine)
     fresh = state.params
-    with pytest.raises(train_lib.ConfigError, match=r"patch_embed/kernel: checkpoint \("):
-        train_lib.init_params_from(state, str(tmp_path / "run"), abstract)
-    with pytest.raises(train_lib.ConfigError, match="train.init_skip='\\(' is not a valid regex"):
-        train_lib.init_params_from(state, str(tmp_path / "run"), abstract, skip="(")
-    out = train_lib.init_params_from(
+    with pytest.raises(ConfigError, match=r"patch_embed/kernel: checkpoint \("):
+        train_state.init_params_from(state, str(tmp_path / "run"), abstract)
+    with pytest.raises(ConfigError, match="train.init_skip='\\(' is not a valid regex"):
+        train_state.init_params_from(state, str(tmp_path / "run"), abstract, skip="(")
+    out = train_state.init_params_from(
         state, str(tmp_path / "run"), abstract, skip="^(patch_embed|final_linear)/"
     )
     assert _flat_shapes(out.params) == _flat_shapes(fresh)
@@ -423,7 +424,7 @@ def test_logical_partitioning_and_sharded_apply(mu_params):
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
     # jax.set_mesh (not the deprecated `with mesh:`) is what activates flax's logical constraints.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        # Init under an active mesh applies the param constraints too (train_lib inits there).
+        # Init under an active mesh applies the param constraints too (vdm.train.state inits there).
         under_mesh = jax.eval_shape(MU.init, jax.random.key(1), *_inputs())
         params = jax.device_put(mu_params, shardings["params"])
         assert params["block_0"]["mlp"]["fc1"]["kernel"].sharding.spec == P("fsdp", "tensor")

@@ -267,7 +267,7 @@ def test_a_new_run_starts_from_an_exported_model(trained, tmp_path):
 
 
 def test_resume_continues_from_checkpoint(trained):
-    from vdm.io import checkpoint
+    from vdm.io import manager
     from vdm.train import loop as train_lib
 
     cfg = config_lib.load_config(
@@ -279,9 +279,7 @@ def test_resume_continues_from_checkpoint(trained):
     )
     state = train_lib.train_and_evaluate(cfg, trained["dit"])
     assert int(np.asarray(state.step).reshape(-1)[0]) == 4
-    assert (
-        checkpoint.CheckpointManager.for_workdir(trained["dit"], cfg.checkpoint).latest_step() == 4
-    )
+    assert manager.CheckpointManager.for_workdir(trained["dit"], cfg.checkpoint).latest_step() == 4
 
 
 def test_cli_errors_are_one_paragraph(tmp_path):

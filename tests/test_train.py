@@ -20,6 +20,7 @@ from tests.toy_task import ToyIterator, ToyTask, iterator_factory, toy_config
 from vdm import parallel
 from vdm.errors import ConfigError
 from vdm.io import checkpoint as ckpt_lib
+from vdm.io import manager
 from vdm.models.layers import count_params
 from vdm.parallel import pmap as pmap_layout
 from vdm.rng import base_key
@@ -149,7 +150,7 @@ def test_train_and_evaluate_logs_evaluates_and_checkpoints(tmp_path, capsys):
     assert [r["step"] for r in eval_rows] == [4, 8]
     assert eval_rows[-1]["eval/mse"] == pytest.approx(task.eval_calls[-1][1])
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{workdir}/tensorboard"))
-    assert sorted(os.listdir(ckpt_lib.checkpoint_dir(workdir))) == ["4", "8"]
+    assert sorted(os.listdir(manager.checkpoint_dir(workdir))) == ["4", "8"]
     ema = ckpt_lib.load_params(workdir)  # what sampling uses
     assert_trees_equal(ema, jax.device_get(state.ema_params))
     assert ckpt_lib.load_metadata(workdir)["toy"] is True
@@ -229,9 +230,9 @@ def test_evaluation_waits_for_the_checkpoint_of_its_step(tmp_path, monkeypatch):
     """An async save must not overlap evaluation (its first-use imports break orbax's writer
     threads, see vdm.train.hooks.Evaluator), so the loop waits for the save of the same step."""
     events = []
-    wait = ckpt_lib.CheckpointManager.wait
+    wait = manager.CheckpointManager.wait
     monkeypatch.setattr(
-        ckpt_lib.CheckpointManager, "wait", lambda self: (events.append("wait"), wait(self))[1]
+        manager.CheckpointManager, "wait", lambda self: (events.append("wait"), wait(self))[1]
     )
     config = toy_config({"train.eval_every_steps": 4, "checkpoint.every_steps": 4})
     task = ToyTask(config)
@@ -280,7 +281,7 @@ def test_sigkill_and_restart_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     # Killed with SIGKILL while fetching batch 10 (after checkpoints 4 and 8 were started).
     code, out = finish(toy_run(run_dir, "--set", "train.num_steps=12", "--kill_at", "10"))
     assert code == -signal.SIGKILL, out[-2000:]
-    left = os.listdir(ckpt_lib.checkpoint_dir(run_dir))
+    left = os.listdir(manager.checkpoint_dir(run_dir))
     assert "4" in left, left  # step 8 may be complete or still a *.orbax-checkpoint-tmp dir
     code, out = finish(toy_run(run_dir, "--set", "train.num_steps=12"))
     assert code == 0, out[-3000:]
@@ -302,7 +303,7 @@ def test_partial_and_corrupt_latest_checkpoints_fall_back(tmp_path):
         config, ref_dir, task=ToyTask(config), make_iterator=iterator_factory()
     )
     ref_params = ckpt_lib.load_params(ref_dir, "params")
-    ckpts = ckpt_lib.checkpoint_dir(ref_dir)
+    ckpts = manager.checkpoint_dir(ref_dir)
     # 1) A save killed mid-write leaves `<step>.orbax-checkpoint-tmp`: never listed as a step.
     shutil.copytree(f"{ckpts}/8", f"{ckpts}/12.orbax-checkpoint-tmp")
     shutil.rmtree(f"{ckpts}/12.orbax-checkpoint-tmp/params")
@@ -331,11 +332,11 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
         config, workdir, task=ToyTask(config), make_iterator=iterator_factory(term_at=5)
     )
     assert int(state.step) == 6 and state.ema_params is None
-    assert sorted(os.listdir(ckpt_lib.checkpoint_dir(workdir))) == ["6"]
+    assert sorted(os.listdir(manager.checkpoint_dir(workdir))) == ["6"]
     assert_trees_equal(ckpt_lib.load_params(workdir, "ema"), jax.device_get(state.params))
     assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
     state_file = os.path.join(
-        ckpt_lib.checkpoint_dir(workdir), "6", "data_iter", "process_0-of-1.json"
+        manager.checkpoint_dir(workdir), "6", "data_iter", "process_0-of-1.json"
     )
     with open(state_file) as f:
         assert json.loads(json.loads(f.read())["state"]) == {"next_index": 6}
@@ -354,7 +355,7 @@ def test_nan_loss_stops_with_a_clear_message_and_saves_nothing_after_it(tmp_path
         train_lib.train_and_evaluate(
             config, workdir, task=ToyTask(config), make_iterator=iterator_factory(nan_at=5)
         )
-    assert sorted(os.listdir(ckpt_lib.checkpoint_dir(workdir))) == ["2", "4"]
+    assert sorted(os.listdir(manager.checkpoint_dir(workdir))) == ["2", "4"]
     params = ckpt_lib.load_params(workdir, "params")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
 
@@ -395,8 +396,8 @@ def test_two_process_distributed_run_matches_one_process(tmp_path):
     for code, out in results:
         assert code == 0, out[-3000:]
     assert "4 devices, 2 processes" in results[0][1]
-    assert sorted(os.listdir(ckpt_lib.checkpoint_dir(workdir))) == ["2", "4"]
-    data_files = os.listdir(os.path.join(ckpt_lib.checkpoint_dir(workdir), "4", "data_iter"))
+    assert sorted(os.listdir(manager.checkpoint_dir(workdir))) == ["2", "4"]
+    data_files = os.listdir(os.path.join(manager.checkpoint_dir(workdir), "4", "data_iter"))
     assert sorted(f for f in data_files if f.endswith(".json")) == [
         "process_0-of-2.json",
         "process_1-of-2.json",

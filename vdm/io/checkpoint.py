@@ -24,33 +24,12 @@ import orbax.checkpoint as ocp
 
 from vdm import config as config_lib
 from vdm.io import bundle
-from vdm.io.bundle import part_of as bundle_part
 from vdm.io.manager import (
     ARRAY_ITEMS,
     CHECKPOINT_SUBDIR,
-    DATA_ITEM,
-    CheckpointManager,
     checkpoint_dir,
     registry,
-    to_jsonable,
 )
-
-# The training side (`CheckpointManager`...) lives in vdm.io.manager; these names stay importable
-# from here for the code that reads and writes checkpoints through one module.
-__all__ = [
-    "DATA_ITEM",
-    "bundle_part",
-    "CheckpointManager",
-    "abstract_from_metadata",
-    "checkpoint_dir",
-    "load_config",
-    "load_metadata",
-    "load_params",
-    "load_params_like",
-    "resolve",
-    "weights_dir",
-    "to_jsonable",
-]
 
 PyTree = Any
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vdm.io import checkpoint as ckpt_lib
+from vdm.io import manager
 from vdm.train import say
 from vdm.train.setup import TrainSetup
 from vdm.train.state import TrainState
@@ -166,7 +166,7 @@ def check_finite(step: int, m: Mapping[str, float], workdir: str, last_saved: in
     }
     if bad:
         where = (
-            f"the last good checkpoint is step {last_saved} in {ckpt_lib.checkpoint_dir(workdir)}"
+            f"the last good checkpoint is step {last_saved} in {manager.checkpoint_dir(workdir)}"
             if last_saved is not None
             else "no checkpoint was written in this run"
         )
@@ -232,7 +232,7 @@ class CheckpointSaver:
 
     def __init__(self, setup: TrainSetup, workdir: str):
         self.setup = setup
-        self.manager = ckpt_lib.CheckpointManager.for_workdir(workdir, setup.config.checkpoint)
+        self.manager = manager.CheckpointManager.for_workdir(workdir, setup.config.checkpoint)
         self.use_ema = setup.abstract_state.ema_params is not None
         config = setup.config
         self.config_json = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -267,7 +267,7 @@ class CheckpointSaver:
         )
         data_state = None
         try:
-            data_state = self.manager.restore(start, arrays={}, data=True)[ckpt_lib.DATA_ITEM]
+            data_state = self.manager.restore(start, arrays={}, data=True)[manager.DATA_ITEM]
         except Exception as e:  # noqa: BLE001 - e.g. no iterator state or another process count.
             log.warning("Step %d: no usable data-iterator state (%s); data restarts.", start, e)
         say(f"Resumed from step {start} ({self.manager.directory}).")

@@ -115,12 +115,7 @@ def write_manifest(path: str, manifest: dict) -> None:
 def _abs_checkpoint(path: str) -> str:
     """The step directory a VAE checkpoint path resolves to ("" for none), symlinks resolved
     (the same checkpoint reached through a symlinked workdir is the same checkpoint)."""
-    if not path:
-        return ""
-    if checkpoint.bundle_part(path) is not None:  # an exported model's vae/ weights
-        return os.path.realpath(path)
-    directory, step = checkpoint.resolve(path)
-    return os.path.realpath(os.path.join(directory, str(step)))
+    return os.path.realpath(checkpoint.weights_dir(path)) if path else ""
 
 
 def identity(config) -> dict:
