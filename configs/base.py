@@ -288,6 +288,9 @@ def _eval() -> ConfigDict:
 
 def get_config() -> ConfigDict:
     c = ConfigDict()
+    # The schema this config follows (= vdm.config.CONFIG_VERSION); saved configs record it, and
+    # vdm.config.upgrade brings an older one (from a checkpoint or a bundle) to the current schema.
+    c.version = 1
     c.seed = 0  # every random draw is fold_in(key(seed), stream, step, ...).
     c.stage = "denoiser"  # "autoencoder" | "denoiser"
     c.parallel = "jit"  # "jit" (mesh + NamedSharding) | "pmap" (data-parallel)

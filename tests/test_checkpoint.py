@@ -186,6 +186,7 @@ def test_saved_configs_are_upgraded_to_the_current_schema(tmp_path):
     from vdm.errors import ConfigError
 
     old = toy_config().to_dict()
+    assert old.pop("version") == config_lib.CONFIG_VERSION  # configs/base.py records the schema
     old.setdefault("sample", {"guidance": 3.0})
     old["sample"].pop("shift", None)
     old.setdefault("train", {}).pop("init_from", None)
@@ -193,6 +194,7 @@ def test_saved_configs_are_upgraded_to_the_current_schema(tmp_path):
         m.save(1, arrays={"params": {"w": np.ones(2, np.float32)}}, json_items={"config": old})
     loaded = checkpoint.load_config(str(tmp_path))
     assert loaded.sample.shift is None and loaded.train.init_from == ""
+    assert loaded.version == config_lib.CONFIG_VERSION
     config_lib.apply_override(loaded, "sample.shift", "1.5")  # typed: a float placeholder
     assert loaded.sample.shift == 1.5
     with pytest.raises(ConfigError, match="version 99"):

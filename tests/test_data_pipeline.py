@@ -171,8 +171,8 @@ def test_moving_digits_through_generic_tfds_path(config):
     c = base.get_config()
     c.data.update(dict(config.data))
     c.data.source = f"tfds:moving_digits/{name}"
+    direct = sources.get_source(config.data, "test")  # prepares the data set if needed
     generic = sources.get_source(c.data, "test")
-    direct = sources.get_source(config.data, "test")
     assert len(generic) == len(direct) == 32
     _assert_same(generic[3], direct[3])
 

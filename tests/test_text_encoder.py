@@ -97,9 +97,11 @@ def test_minilm_parity_with_torch_bert(minilm):
     print(f"minilm float32: max abs err {err.max():.3g} (tokens {err[mask == 1].max():.3g})")
     assert err.max() <= 1e-4
     np.testing.assert_array_equal(np.asarray(mask_out), mask)
-    # The committed reference really is torch's output (not ours), to the same tolerance.
+    # The committed reference really is torch's output (not ours). It was written in float32 on
+    # another CPU: float32 BERT on other kernels (AVX2 vs AVX-512) differs from it by up to ~3.3e-5,
+    # and torch in float64 by 2.6e-5, so the bound is float32 rounding, half our parity bound.
     ref = np.load(REFERENCE)
-    assert np.abs(_torch_hidden(torch, model, ref["ids"], ref["mask"]) - ref["hidden"]).max() < 1e-5
+    assert np.abs(_torch_hidden(torch, model, ref["ids"], ref["mask"]) - ref["hidden"]).max() < 5e-5
 
 
 def test_minilm_float64_is_exact():

@@ -288,7 +288,7 @@ def upgrade(config: ConfigDict) -> ConfigDict:
         )
     for step in _UPGRADES[version:]:
         step(config)
-    if "version" in config:
+    with config.unlocked():
         config.version = CONFIG_VERSION
     return config
 
