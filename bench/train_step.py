@@ -6,8 +6,8 @@
   python bench/train_step.py --fake_devices 8 --set mesh.shape="{'data': 4, 'fsdp': 2}"
   python bench/train_step.py --config configs/quickstart.py   # the real task of that config
 
-The step is the real `vdm.train.loop.make_train_step` (jit with shardings and donation, or pmap)
-fed with `task.dummy_batch` sharded over the mesh, so the input pipeline is not measured (see
+The step is the real one of `vdm.train.setup.build` (jit with shardings and donation, or pmap)
+fed with `task.dummy_batch` in the run's layout, so the input pipeline is not measured (see
 bench/data_pipeline.py). Throughput is timed over `--steps` steps after a compile + warm-up step.
 Checkpoint save of the full state (params, optimizer, EMA): "blocking" = orbax without async
 (the call returns when the files are on disk); "async" = the time `save()` blocks training (the
@@ -67,7 +67,7 @@ def main():
     from vdm.io import checkpoint as ckpt_lib
     from vdm.models.layers import count_params
     from vdm.rng import base_key
-    from vdm.train import loop as train_lib
+    from vdm.train import setup as train_setup
 
     overrides = dict(kv.split("=", 1) for kv in args.set)
     if args.config is None:
@@ -90,27 +90,13 @@ def main():
     mesh = parallel.make_mesh(config.mesh)
     batch_size = int(config.train.batch_size)
     parallel.check_batch_size(batch_size, mesh)
-    tx, schedule = train_lib.make_optimizer(config.optim, config.train.num_steps)
-    state, shardings = train_lib.create_train_state(task, config, mesh, tx)
-    frozen, frozen_shardings = train_lib.prepare_frozen(task, config, mesh)
-    step = train_lib.make_train_step(
-        task,
-        config,
-        mesh,
-        tx=tx,
-        schedule=schedule,
-        shardings=shardings,
-        frozen_shardings=frozen_shardings,
-    )
+    setup = train_setup.build(task, config, mesh)
+    state = train_setup.init_state(setup)
+    frozen = train_setup.place_frozen(setup)
+    step = setup.train_step
     num_params = count_params(state.params)
-    pmap = config.parallel == "pmap"
-    host_batch = task.dummy_batch(batch_size // jax.process_count())
-    if pmap:
-        local = parallel.local_devices(mesh)
-        state = parallel.to_pmap_replicated(state, local)
-        batch = parallel.pmap_batch(host_batch, len(local))
-    else:
-        batch = parallel.shard_batch(host_batch, mesh)
+    state = setup.layout.put_state(state)
+    batch = setup.layout.put_batch(task.dummy_batch(batch_size // jax.process_count()))
     key = base_key(config.seed)
     common = {
         "task": name,
@@ -148,12 +134,12 @@ def main():
         "videos_per_sec": round(args.steps * batch_size / seconds, 1),
         "ms_per_step": round(1000 * seconds / args.steps, 2),
     }
-    tokens = getattr(task, "tokens_per_example", None)
+    tokens = task.tokens_per_example
     if tokens:
         record["tokens_per_sec"] = round(args.steps * batch_size * tokens / seconds, 1)
     _emit(record)
 
-    canonical = parallel.from_pmap_replicated(state, mesh) if pmap else state
+    canonical = setup.layout.global_view(state)
     items = {
         "params": canonical.params,
         "opt_state": {"step": canonical.step, "opt_state": canonical.opt_state},

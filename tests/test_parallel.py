@@ -10,8 +10,10 @@ from jax.sharding import PartitionSpec as P
 
 from tests.toy_task import ToyTask, toy_config
 from vdm import parallel
+from vdm.parallel import pmap as pmap_layout
 from vdm.rng import base_key
-from vdm.train import loop as train_lib
+from vdm.train import setup as train_setup
+from vdm.train.state import create_train_state
 
 
 def test_mesh_shape_fills_and_rejects_bad_shapes():
@@ -54,7 +56,7 @@ def test_logical_rules_map_params_and_fall_back_on_indivisible_dims(caplog):
 def test_state_is_created_sharded_by_the_rules():
     config = toy_config({"mesh.shape": {"data": 4, "fsdp": 2}})
     mesh = parallel.make_mesh(config.mesh)
-    state, shardings = train_lib.create_train_state(ToyTask(config), config, mesh)
+    state, shardings = create_train_state(ToyTask(config), config, mesh)
     kernel = state.params["fc1"]["kernel"]
     assert kernel.sharding.spec == P("fsdp", "tensor")
     assert {s.data.shape for s in kernel.addressable_shards} == {(48, 32)}  # 96 rows over fsdp=2
@@ -82,13 +84,12 @@ def test_activation_constraints_reach_the_compiled_step():
     config = toy_config({"mesh.shape": {"data": 4, "fsdp": 2}})
     mesh = parallel.make_mesh(config.mesh)
     task = ToyTask(config)
-    state, shardings = train_lib.create_train_state(task, config, mesh)
-    frozen, frozen_shardings = train_lib.prepare_frozen(task, config, mesh)
+    setup = train_setup.build(task, config, mesh)
+    state = train_setup.init_state(setup)
+    frozen = train_setup.place_frozen(setup)
     # Frozen weights are a sharded argument of the step (boxed "embed" -> fsdp), not a constant.
     assert frozen["shift"].sharding.spec == P("fsdp")
-    step = train_lib.make_train_step(
-        task, config, mesh, shardings=shardings, frozen_shardings=frozen_shardings
-    )
+    step = setup.train_step
     batch = parallel.shard_batch(task.device_batch(task.dummy_batch(8)), mesh)
     text = step.lower(state, batch, base_key(0), frozen).as_text()
     # ("batch", "mlp") on the hidden activation -> data+fsdp on dim 0.
@@ -98,19 +99,19 @@ def test_activation_constraints_reach_the_compiled_step():
 def test_pmap_layout_round_trip():
     mesh = parallel.make_mesh({"data": -1})
     tree = {"w": jax.device_put(jnp.arange(6.0).reshape(2, 3), parallel.replicated(mesh))}
-    stacked = parallel.to_pmap_replicated(tree)
+    stacked = pmap_layout.to_replicated(tree)
     assert stacked["w"].shape == (8, 2, 3)
     assert {s.data.shape for s in stacked["w"].addressable_shards} == {(1, 2, 3)}
     summed = jax.pmap(lambda x: jax.lax.psum(x, "i"), axis_name="i")(stacked["w"])
     np.testing.assert_array_equal(np.asarray(summed[3]), 8 * np.arange(6.0).reshape(2, 3))
-    back = parallel.from_pmap_replicated(stacked, mesh)
+    back = pmap_layout.from_replicated(stacked, mesh)
     assert back["w"].shape == (2, 3) and back["w"].is_fully_replicated
     np.testing.assert_array_equal(np.asarray(back["w"]), np.asarray(tree["w"]))
-    host = parallel.to_pmap_replicated({"b": np.ones(3, np.float32)})  # host arrays too
+    host = pmap_layout.to_replicated({"b": np.ones(3, np.float32)})  # host arrays too
     assert host["b"].shape == (8, 3)
-    assert parallel.pmap_batch({"x": np.zeros((16, 2))}, 8)["x"].shape == (8, 2, 2)
+    assert pmap_layout.shard_batch({"x": np.zeros((16, 2))}, 8)["x"].shape == (8, 2, 2)
     with pytest.raises(ValueError, match="does not divide over 8 local devices"):
-        parallel.pmap_batch({"x": np.zeros((12, 2))}, 8)
+        pmap_layout.shard_batch({"x": np.zeros((12, 2))}, 8)
 
 
 def test_initialize_distributed_is_a_noop_for_one_process(monkeypatch):

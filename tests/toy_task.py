@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from vdm import rng  # noqa: E402
+from vdm import parallel, rng  # noqa: E402
 from vdm.tasks.base import Task  # noqa: E402
+from vdm.train import loop as train_lib  # noqa: E402
 
 T, H, W = 2, 4, 4
 DIM = T * H * W * 3  # 96 values per video.
@@ -247,9 +248,6 @@ def main(argv=None):
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
     args = parser.parse_args(argv)
-
-    from vdm import parallel
-    from vdm.train import loop as train_lib
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     overrides = dict(kv.split("=", 1) for kv in args.set)

@@ -19,6 +19,7 @@ import ml_collections
 from ml_collections import ConfigDict
 
 from vdm.errors import ConfigError
+from vdm.parallel.pmap import MODES as PARALLEL_MODES
 
 
 def flat_keys(config: ConfigDict, prefix: str = "") -> list[str]:
@@ -163,7 +164,7 @@ def _split(override: str) -> tuple[str, str]:
 
 _CHOICES = {
     "stage": ("autoencoder", "denoiser"),
-    "parallel": ("jit", "pmap"),
+    "parallel": PARALLEL_MODES,
     "model.attention": ("factorized", "full", "spatial_only"),
     "model.remat": ("none", "block", "dots"),
     "diffusion.objective": ("flow", "eps", "v"),

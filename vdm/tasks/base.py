@@ -1,8 +1,8 @@
 """The contract between a training stage and the shared training loop (`vdm.train.loop`).
 
 A `Task` says *what* is learned: how parameters are initialised, what the loss is, which frozen
-weights it needs, how host batches become device arrays, and how it is evaluated. `train_lib` does
-the rest the same way for every stage: mesh and shardings, optimizer, EMA, the jitted step,
+weights it needs, how host batches become device arrays, and how it is evaluated. `vdm.train`
+does the rest the same way for every stage: mesh and shardings, optimizer, EMA, the compiled step,
 checkpoints, logging, resume. Stages are registered by name in `vdm.tasks.get_task`.
 """
 
@@ -19,7 +19,14 @@ PyTree = Any
 
 
 class Task(abc.ABC):
-    """One training stage ("autoencoder" or "denoiser")."""
+    """One training stage ("autoencoder" or "denoiser").
+
+    Attributes:
+      tokens_per_example: how many tokens (or pixels) one training example is, for the loop's
+        tokens/s log; None (the default) leaves that figure out. A class attribute or a property.
+    """
+
+    tokens_per_example: int | None = None
 
     def __init__(self, config: ConfigDict):
         self.config = config
@@ -31,7 +38,8 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def init(self, key: jax.Array, batch: dict[str, jax.Array]) -> PyTree:
         """Trainable parameters. Leaves may be `nn.Partitioned` boxes carrying logical axis names
-        (from `nn.with_logical_partitioning`); train_lib maps them to mesh shardings."""
+        (from `nn.with_logical_partitioning`); the training setup maps them to mesh
+        shardings."""
 
     def frozen(self) -> PyTree:
         """Frozen weights the loss needs (VAE, text encoder, latent statistics); {} if none.
@@ -46,8 +54,9 @@ class Task(abc.ABC):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Scalar training loss (the mean of per-example losses) and scalar metrics.
 
-        Pure and jit-able. `key` is already folded with the step (and the device under pmap);
-        derive named streams from it with `vdm.rng.stream(key, "noise")`."""
+        Pure and jit-able. `key` is already folded with the step (and, in the data-parallel
+        layout, with the device: see `vdm.train.step.step_key`); derive named streams from it with
+        `vdm.rng.stream(key, "noise")`."""
 
     @abc.abstractmethod
     def device_batch(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:

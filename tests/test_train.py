@@ -21,8 +21,12 @@ from vdm import parallel
 from vdm.errors import ConfigError
 from vdm.io import checkpoint as ckpt_lib
 from vdm.models.layers import count_params
+from vdm.parallel import pmap as pmap_layout
 from vdm.rng import base_key
 from vdm.train import loop as train_lib
+from vdm.train import optim
+from vdm.train import setup as train_setup
+from vdm.train.step import step_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_MAIN = os.path.join(ROOT, "tests", "toy_task.py")
@@ -31,35 +35,19 @@ TOY_MAIN = os.path.join(ROOT, "tests", "toy_task.py")
 def run_steps(config, n, *, devices=None, task=None):
     """n train steps through the public pieces (no loop, no checkpoints): (losses, host state)."""
     task = task or ToyTask(config)
-    mesh = parallel.make_mesh(config.mesh, devices)
-    tx, schedule = train_lib.make_optimizer(config.optim, config.train.num_steps)
-    state, shardings = train_lib.create_train_state(task, config, mesh, tx)
-    frozen, frozen_shardings = train_lib.prepare_frozen(task, config, mesh)
-    step = train_lib.make_train_step(
-        task,
-        config,
-        mesh,
-        tx=tx,
-        schedule=schedule,
-        shardings=shardings,
-        frozen_shardings=frozen_shardings,
-    )
-    pmap = config.parallel == "pmap"
-    if pmap:
-        state = parallel.to_pmap_replicated(state, parallel.local_devices(mesh))
+    setup = train_setup.build(task, config, parallel.make_mesh(config.mesh, devices))
+    state = setup.layout.put_state(train_setup.init_state(setup))
+    frozen = train_setup.place_frozen(setup)
     it = ToyIterator(
         batch_size=config.train.batch_size, seed=config.seed, process_index=0, process_count=1
     )
     losses, metrics = [], None
     for _ in range(n):
-        batch = task.device_batch(next(it))
-        batch = parallel.pmap_batch(batch, mesh.size) if pmap else parallel.shard_batch(batch, mesh)
-        state, metrics = step(state, batch, base_key(config.seed), frozen)
-        losses.append(float(metrics["loss"][0] if pmap else metrics["loss"]))
-    if pmap:
-        state = parallel.from_pmap_replicated(state, mesh)
-        metrics = {k: v[0] for k, v in metrics.items()}
-    return np.array(losses), jax.device_get(state), jax.device_get(metrics)
+        batch = setup.layout.put_batch(task.device_batch(next(it)))
+        state, metrics = setup.train_step(state, batch, base_key(config.seed), frozen)
+        losses.append(setup.layout.fetch(metrics)["loss"])
+    state = setup.layout.global_view(state)
+    return np.array(losses), jax.device_get(state), setup.layout.fetch(metrics)
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
@@ -102,14 +90,14 @@ def test_pmap_path_equals_jit_path():
 
 def test_pmap_step_keys_differ_per_device_and_per_step():
     fold = jax.pmap(
-        lambda s: jax.random.key_data(train_lib.step_key(base_key(0), s, parallel.PMAP_AXIS)),
-        axis_name=parallel.PMAP_AXIS,
+        lambda s: jax.random.key_data(step_key(base_key(0), s, pmap_layout.AXIS)),
+        axis_name=pmap_layout.AXIS,
     )
     keys = np.asarray(fold(np.zeros(8, np.int32)))
     assert len({k.tobytes() for k in keys}) == 8  # never the same noise on every device
     later = np.asarray(fold(np.ones(8, np.int32)))
     assert not np.array_equal(keys, later)
-    jit_key = jax.random.key_data(train_lib.step_key(base_key(0), 3))
+    jit_key = jax.random.key_data(step_key(base_key(0), 3))
     assert np.array_equal(jit_key, jax.random.key_data(jax.random.fold_in(base_key(0), 3)))
 
 
@@ -127,7 +115,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_learning_rate_schedule_warmup_and_cosine():
     config = toy_config({"optim.warmup_steps": 4, "train.num_steps": 20})
-    schedule = train_lib.learning_rate_schedule(config.optim, 20)
+    schedule = optim.learning_rate_schedule(config.optim, 20)
     assert float(schedule(0)) == 0.0
     assert float(schedule(4)) == pytest.approx(1e-2)
     assert float(schedule(20)) == pytest.approx(1e-3)  # end_lr_factor 0.1
@@ -239,7 +227,7 @@ def test_init_from_and_freeze_errors_name_the_problem(tmp_path):
 
 def test_evaluation_waits_for_the_checkpoint_of_its_step(tmp_path, monkeypatch):
     """An async save must not overlap evaluation (its first-use imports break orbax's writer
-    threads, see train_lib), so the loop waits for the save of the same step first."""
+    threads, see vdm.train.hooks.Evaluator), so the loop waits for the save of the same step."""
     events = []
     wait = ckpt_lib.CheckpointManager.wait
     monkeypatch.setattr(

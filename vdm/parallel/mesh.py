@@ -1,18 +1,16 @@
-"""Device mesh, logical-axis shardings, host batch -> global arrays, pmap helpers, multi-host init.
+"""Device mesh, logical-axis shardings, host batch -> global arrays, multi-host init.
 
-Two ways to run the same train step (`config.parallel`):
-
-* "jit": one `jax.jit` over a `Mesh` with axes (`data`, `fsdp`, `tensor`). Parameters carry logical
-  axis names (`nn.with_logical_partitioning`); `config.mesh.logical_axis_rules` maps them to mesh
-  axes. The batch is split over (`data`, `fsdp`).
-* "pmap": plain data parallelism with `jax.pmap` over the local devices; the state is replicated
-  with a leading device axis and gradients are averaged with `lax.pmean`.
+The train step runs as one `jax.jit` over a `Mesh` with axes (`data`, `fsdp`, `tensor`).
+Parameters carry logical axis names (`nn.with_logical_partitioning`);
+`config.mesh.logical_axis_rules` maps them to mesh axes. The batch is split over (`data`, `fsdp`).
+(The data-parallel alternative selected by `config.parallel` has its own layout adapter next to
+this module; see `vdm.train.step`.)
 
 Sharding rule for awkward shapes: when an array dimension is not divisible by the product of the
 mesh axes its logical name maps to (e.g. 3 RGB channels over fsdp=2), that dimension falls back to
 replicated and a warning names the parameter. Training stays correct; only that dimension's memory
 is not split. Batches are different: a global batch that does not divide over (`data`, `fsdp`) is a
-user error and raises `vdm.config.ConfigError` (a ValueError).
+user error and raises `vdm.errors.ConfigError` (a ValueError).
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ from vdm.errors import ConfigError
 PyTree = Any
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # Batch dim is split over these; `tensor` holds replicas of it.
-PMAP_AXIS = "batch"  # axis_name of the pmap path (lax.pmean / lax.axis_index use it).
 
 log = logging.getLogger(__name__)
 
@@ -381,81 +378,3 @@ def with_sharding_rules(fn, mesh: Mesh, rules):
             return fn(*args, **kwargs)
 
     return wrapped
-
-
-# ----------------------------------------------------------------------------- pmap helpers
-
-
-def local_devices(mesh: Mesh) -> list[jax.Device]:
-    """This process's devices of `mesh`, in mesh order (the pmap devices of this process)."""
-    return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-
-
-def local_pmap_sharding(devices: Sequence[jax.Device] | None = None) -> NamedSharding:
-    """Sharding of a pmap argument: leading dim over this process's devices."""
-    devices = list(jax.local_devices() if devices is None else devices)
-    return NamedSharding(Mesh(np.array(devices, dtype=object), (PMAP_AXIS,)), P(PMAP_AXIS))
-
-
-def to_pmap_replicated(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
-    """Arrays -> pmap layout `[n_local, ...]`, one identical copy per local device.
-
-    `jax.device_put_replicated` is gone; this builds the stacked array from per-device buffers
-    (copies of each array's shard on that device when it is already replicated there, else a
-    host transfer), so no host ever materialises `n_local` copies.
-    """
-    devices = list(jax.local_devices() if devices is None else devices)
-    sharding = local_pmap_sharding(devices)
-
-    def rep(x):
-        buffers = []
-        by_device = {}
-        if isinstance(x, jax.Array) and x.is_fully_replicated:
-            by_device = {s.device: s.data for s in x.addressable_shards}
-        host = None
-        for d in devices:
-            if d in by_device:
-                buffers.append(jax.device_put(by_device[d][None], d))
-            else:
-                if host is None:
-                    host = np.asarray(jax.device_get(x))
-                buffers.append(jax.device_put(host[None], d))
-        shape = (len(devices),) + tuple(np.shape(x))
-        return jax.make_array_from_single_device_arrays(shape, sharding, buffers)
-
-    return jax.tree.map(rep, tree)
-
-
-def from_pmap_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
-    """pmap layout `[n_local, ...]` -> arrays replicated over all devices of `mesh`.
-
-    Replicas are identical (same update from pmean'd gradients), so each device keeps its own
-    copy; the result is an ordinary global array that orbax can save from every process.
-    """
-    sharding = replicated(mesh)
-
-    def unrep(x):
-        shards = {s.device: s.data for s in x.addressable_shards}
-        buffers = []
-        for d in local_devices(mesh):
-            if d in shards:
-                buffers.append(shards[d][0])
-            else:  # A mesh device outside this pmap (should not happen): copy from the first.
-                buffers.append(jax.device_put(x.addressable_shards[0].data[0], d))
-        return jax.make_array_from_single_device_arrays(x.shape[1:], sharding, buffers)
-
-    return jax.tree.map(unrep, tree)
-
-
-def pmap_batch(batch: Mapping[str, Any], num_local_devices: int) -> dict[str, np.ndarray]:
-    """Host-local batch `[B_local, ...]` -> `[n_local, B_local / n_local, ...]` for pmap."""
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        if v.shape[0] % num_local_devices:
-            raise ValueError(
-                f"Local batch of {v.shape[0]} (field '{k}') does not divide over "
-                f"{num_local_devices} local devices for parallel='pmap'."
-            )
-        out[k] = v.reshape((num_local_devices, v.shape[0] // num_local_devices) + v.shape[1:])
-    return out
