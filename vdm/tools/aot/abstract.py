@@ -23,38 +23,11 @@ from vdm import parallel, tasks
 from vdm.errors import ConfigError
 from vdm.tasks.denoiser import DenoiserTask
 from vdm.tools.aot.chips import Topology, make_topology_mesh
-from vdm.train import loop as train_lib
+from vdm.train import setup as train_setup
+from vdm.train.setup import TrainSetup
 
 PyTree = Any
 FROZEN_SHARDINGS = ("rules", "replicated")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSetup:
-    """The part of `vdm.train.setup.TrainSetup` AOT reads (until that module lands)."""
-
-    config: Any
-    task: Any
-    mesh: Any
-    abstract_state: Any
-    state_shardings: Any
-    frozen_shardings: PyTree
-    train_step: Any
-
-
-def train_setup(task, config, mesh, *, frozen_shardings=None) -> TrainSetup:
-    """The training setup chain (optimizer, abstract state and its shardings, the jitted step);
-    the stand-in for `vdm.train.setup.build` with the same signature."""
-    tx, _ = train_lib.make_optimizer(config.optim, config.train.num_steps)
-    abstract_state, state_shardings = train_lib.state_shardings(task, config, mesh, tx)
-    if frozen_shardings is None:
-        frozen_shardings = parallel.logical_to_sharding(
-            task.frozen(), mesh, config.mesh.logical_axis_rules
-        )
-    step = train_lib.make_train_step(
-        task, config, mesh, shardings=state_shardings, frozen_shardings=frozen_shardings
-    )
-    return TrainSetup(config, task, mesh, abstract_state, state_shardings, frozen_shardings, step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +35,7 @@ class Built:
     """Everything the program compilers share for one (config, topology)."""
 
     topology: Topology
-    train: TrainSetup  # task, mesh, abstract state, its shardings, the jitted train step
+    train: TrainSetup  # `vdm.train.setup.build`'s: abstract state, shardings, the jitted step
     frozen: PyTree  # the train step's frozen inputs (`task.frozen()`), sharded abstract
     encoders: PyTree  # {"vae", "text"} for the sampler / text encoder ({} for the VAE stage)
     encoder_shardings: PyTree
@@ -125,7 +98,7 @@ def build(config, topology: Topology, frozen_sharding: str = "rules") -> Built:
         return jax.tree.map(lambda _: parallel.replicated(mesh), parallel.unbox(tree))
 
     frozen = task.frozen()
-    setup = train_setup(
+    setup = train_setup.build(
         task, config, mesh, frozen_shardings=None if frozen_sharding == "rules" else place(frozen)
     )
     encoders = task.encoders.boxed(config.data) if isinstance(task, DenoiserTask) else {}

@@ -1,8 +1,8 @@
 """The programs AOT compiles (the same code training and sampling run, not copies), each turned
 into a ProgramReport.
 
-  train_step   the jitted step of `vdm.train` for the config's stage, with the train setup's
-               state shardings and the task's frozen inputs.
+  train_step   the jitted step of `vdm.train.setup.build(task, config, mesh)` for the config's
+               stage, on its abstract state, `abstract_batch` and the task's frozen inputs.
   sample       `vdm.inference.pipeline.Pipeline.generate`: the sampler's `lax.scan` over
                `sample.num_steps` guided denoiser calls + the streaming VAE decode, with the
                denoiser params sharded like training and the batch over (data, fsdp).
@@ -44,6 +44,7 @@ from vdm.tasks.denoiser import DenoiserTask
 from vdm.tools.aot.abstract import Built, build
 from vdm.tools.aot.advice import DoesNotFit, is_out_of_memory, oom_message
 from vdm.tools.aot.report import cost, program_report
+from vdm.train import setup as train_setup
 
 # For the FLOP-counting compiles only (`unrolled_cost`). When a dot's operand is sharded, XLA's
 # TPU SPMD partitioner may turn it into a "windowed einsum" (collective matmul): a while loop that
@@ -121,13 +122,9 @@ def unrolled_cost(b: Built, compile_fn) -> tuple[float, float | None, float]:
 
 def _train_step_program(b: Built):
     """The train step on abstract (state, batch, key, frozen): (compiled, seconds)."""
-    config, mesh, task = b.config, b.mesh, b.task
-    batch_size = int(config.train.batch_size)
-    parallel.check_batch_size(batch_size, mesh)
-    batch = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(mesh))
-        for k, v in task.dummy_batch(batch_size).items()
-    }
+    config, mesh = b.config, b.mesh
+    parallel.check_batch_size(int(config.train.batch_size), mesh)
+    batch = train_setup.abstract_batch(b.train)
     key = jax.eval_shape(lambda: base_key(config.seed))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(mesh))
     args = (b.train.abstract_state, batch, key, b.frozen)
