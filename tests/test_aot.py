@@ -1,6 +1,7 @@
-"""vdm.tools.aot: compile the tiny config's train step, sampler and text encoder for a TPU v5e
-2x2 slice on the CPU (libtpu's compiler, no TPU), and check shardings, the memory report and
-the errors.
+"""vdm.tools.aot (the package: chips, advice, report, table, abstract, programs, runner and the
+`python -m vdm.tools.aot` command): compile the tiny config's train step, sampler and text
+encoder for a TPU v5e 2x2 slice on the CPU (libtpu's compiler, no TPU), and check shardings, the
+memory report and the errors.
 
 Needs libtpu: `pip install -e ".[tpu-aot]"`. Without it these tests FAIL (not skip), so CI cannot
 silently stop checking that the sharding rules compile for TPU.
@@ -169,3 +170,19 @@ def test_installed_libtpu_is_quiet_on_a_cpu_host():
     assert out.stdout.strip() in ("cpu", "gpu", "cuda", "tpu")
     for noise in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "INVALID_ARGUMENT"):
         assert noise not in out.stderr, out.stderr
+
+
+def test_command_line_names_a_bad_topology():
+    """`python -m vdm.tools.aot` parses its flags and turns a ConfigError into a message."""
+    import subprocess
+    import sys
+
+    _require_libtpu()
+    out = subprocess.run(
+        [sys.executable, "-m", "vdm.tools.aot", "--config", "configs/base.py",
+         "--topology", "v9:2x2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "--topology='v9:2x2' is not GENERATION:SHAPE" in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr

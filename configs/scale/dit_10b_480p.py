@@ -15,7 +15,7 @@ chips, 32 videos per step x 2 accumulated = 64 per update as on v5p: 22.95 GiB p
 on v6e with the same three overrides.)
 
 Train (every host runs the same command; latents and T5 embeddings precomputed with
-`python -m vdm.data.cache`):
+`python -m vdm.tools.cache`):
 
   python train.py --config configs/scale/dit_10b_480p.py --workdir gs://BUCKET/dit_10b_480p \
       --auto_distributed --config.data.source=cache:/data/cache_480p \

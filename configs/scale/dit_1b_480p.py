@@ -14,7 +14,7 @@ mesh at batch 256 needs 15.91 GiB with scanned blocks (0.09 spare), the v5e over
 Train on v5e with the same four overrides.)
 
 Train (on the pod, every host runs the same command; latents and T5 embeddings precomputed once
-with `python -m vdm.data.cache`, see "Data" below):
+with `python -m vdm.tools.cache`, see "Data" below):
 
   python train.py --config configs/scale/dit_1b_480p.py --workdir gs://BUCKET/dit_1b_480p \
       --auto_distributed --config.data.source=cache:/data/cache_480p \
@@ -58,7 +58,7 @@ def get_config():
     c.stage = "denoiser"
     c.parallel = "jit"
 
-    c.data.source = "cache:/data/cache_480p"  # built by `python -m vdm.data.cache`.
+    c.data.source = "cache:/data/cache_480p"  # built by `python -m vdm.tools.cache`.
     c.data.num_frames = 81
     c.data.height = 480
     c.data.width = 832

@@ -1,0 +1,132 @@
+"""When a program does not fit: the error, the TPU compiler's out-of-memory message made
+readable, and which config knob to turn first."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from vdm.errors import UserError
+from vdm.tools.aot.chips import GiB, Topology
+
+# The TPU compiler's out-of-memory line: used, capacity, excess (e.g. "12.5G").
+OOM = re.compile(
+    r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm\. Exceeded hbm capacity by ([\d.]+[KMGT]?)"
+)
+
+
+class DoesNotFit(UserError):
+    """A program needs more HBM per device than the chip has."""
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    """Whether a compile error is the TPU compiler refusing a program over HBM."""
+    return "RESOURCE_EXHAUSTED" in str(error) or "Ran out of memory" in str(error)
+
+
+def parse_bytes(text: str) -> int:
+    """Bytes of a size such as "12.5G" (K, M, G, T are powers of 1024)."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(float(text))
+
+
+def oom_used_bytes(message: str) -> int:
+    """The bytes the compiler said a program needs, from its out-of-memory message (0 if none)."""
+    m = OOM.search(message)
+    return parse_bytes(m.group(1)) if m else 0
+
+
+def oom_message(config, program: str, topology: Topology, error: Exception) -> str:
+    """The compiler's out-of-memory error as: what did not fit where, by how much, what to do."""
+    text = str(error)
+    m = OOM.search(text)
+    head = (
+        f"{program} does not fit on {topology.name} ({topology.device_kind}, "
+        f"{topology.hbm_per_device / GiB:.1f} GiB HBM per device)"
+    )
+    if m:
+        head += f": the TPU compiler needs {m.group(1)}B of {m.group(2)}B, over by {m.group(3)}B"
+    if program == "train_step":
+        advice = (
+            "Raise mesh.fsdp (splits params, optimizer state and frozen weights), set "
+            "model.remat=block (recomputes activations) or lower train.batch_size."
+        )
+    else:
+        advice = "Lower --sample_batch or raise mesh.fsdp."
+    detail = "\n".join(ln for ln in text.splitlines()[:12] if ln.strip())
+    return f"{head}. {advice}\nCompiler report:\n{detail}"
+
+
+def knob_advice(config, program: str, arguments: float, temporaries: float, mesh_shape=None) -> str:
+    """Which config knob to turn first for a program that does not fit, and why.
+
+    `mesh_shape`: the resolved mesh ({"data": 8, ...}); default the config's (data may be -1).
+
+    The batch is split over data x fsdp only ("batch shards"); a tensor axis splits heads and MLP
+    widths but holds a replica of its shard's videos. So trading fsdp (or data) for tensor at the
+    same global batch doubles the videos per shard: the residual stream per device doubles and the
+    head / MLP activations stay the same (docs/aot.md, the 10B on v6e:8x8). A tensor axis shrinks
+    activations only with the batch per update kept by gradient accumulation
+    (train.batch_size / 2, optim.accumulate_steps x 2).
+    """
+    shape = dict(mesh_shape or config.mesh.shape)
+    fsdp = int(shape.get("fsdp", 1))
+    tips = []
+    if arguments >= temporaries:
+        tips.append(
+            f"parameters / optimizer state / frozen weights dominate ({arguments / GiB:.1f} GiB of "
+            f"arguments): raise mesh.fsdp (now {fsdp}) so they are split over more devices, e.g. "
+            f"--config.mesh.shape=\"{{'data': -1, 'fsdp': {max(2, 2 * int(fsdp))}}}\""
+        )
+    if temporaries > arguments or not tips:
+        tips.append(_activation_advice(config, program, temporaries, shape))
+    return "; ".join(tips) + "."
+
+
+def _activation_advice(config, program: str, temporaries: float, shape: dict) -> str:
+    """The knob for activations (temporaries) that do not fit."""
+    data, fsdp = int(shape.get("data", 1)), int(shape.get("fsdp", 1))
+    tensor = int(shape.get("tensor", 1))
+    # A tensor axis of twice the size, taken from data if there is one, else from fsdp.
+    new_fsdp = fsdp if data >= 2 else max(1, fsdp // 2)
+    mesh = f"{{'data': -1, 'fsdp': {new_fsdp}, 'tensor': {2 * tensor}}}"
+    act = f"activations dominate ({temporaries / GiB:.1f} GiB of temporaries)"
+    remat = config.model.get("remat", "none") if "model" in config else "none"
+    if program == "train_step" and remat != "block":
+        return (
+            f"{act}: recompute them in the backward pass with --config.model.remat=block "
+            f"(now {remat!r})"
+        )
+    if program == "train_step" and data > 0:
+        return _batch_advice(config, act, data * fsdp, mesh)
+    return (
+        f"{act}: lower --sample_batch (the default is one video per data x fsdp shard), or "
+        "shard them over a tensor axis (mesh.tensor splits heads and MLP widths; the "
+        "default --sample_batch halves with data x fsdp), e.g. "
+        f'--config.mesh.shape="{mesh}"'
+    )
+
+
+def _batch_advice(config, act: str, shards: int, mesh: str) -> str:
+    """For a train step with block remat: fewer videos per batch shard, same batch per update."""
+    batch = int(config.train.batch_size)
+    accumulate = int(config.optim.get("accumulate_steps", 1)) if "optim" in config else 1
+    per_shard = batch / shards
+    if per_shard > 1:
+        k = math.ceil(per_shard)
+        return (
+            f"{act} of {per_shard:g} videos per batch shard (train.batch_size={batch} "
+            f"over data x fsdp = {shards}): one per shard, with the batch per update "
+            f"kept by accumulation: --config.train.batch_size={shards} "
+            f"--config.optim.accumulate_steps={k * accumulate}"
+        )
+    return (
+        f"{act} of {per_shard:g} video(s) per batch shard (data x fsdp); a bigger "
+        "tensor axis at this batch would put more videos on each shard (it holds a "
+        "replica of its shard's batch), so share each video between devices and keep "
+        f'the batch per update by accumulation: --config.mesh.shape="{mesh}" '
+        f"--config.train.batch_size={max(1, batch // 2)} "
+        f"--config.optim.accumulate_steps={2 * accumulate}"
+    )
