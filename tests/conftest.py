@@ -12,6 +12,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # CPU backend; several pytest workers may load libtpu's compiler at once (it takes a lockfile).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# The CLIs the tests run keep no compiled programs in the user's cache directory (vdm.cli); the
+# cache itself is tested on its own (tests/test_config.py).
+os.environ.setdefault("VDM_COMPILATION_CACHE", "off")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

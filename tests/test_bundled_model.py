@@ -129,3 +129,21 @@ def test_sampling_settings_default_to_the_bundle_and_name_bad_flags(pipe):
     ):
         with pytest.raises(UserError, match=flag):
             s.override(**bad)
+
+
+def test_quickstart_trains_from_a_fresh_clone_with_the_bundled_vae(capsys):
+    """configs/quickstart.py needs no VAE run of its own: its VAE is the bundle's, and says so."""
+    import jax
+
+    from vdm import encoders
+    from vdm.config import load_config
+    from vdm.io import bundle
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(root, "configs", "quickstart.py"))
+    _, params, stats = encoders.load_vae(config)
+    assert "VAE: the bundled model's" in capsys.readouterr().out
+    shipped = bundle.read(ASSET)
+    assert stats == shipped.meta["latent_stats"]
+    same = jax.tree.map(np.array_equal, params, shipped.vae_params)
+    assert all(jax.tree.leaves(same))

@@ -69,3 +69,30 @@ def test_placeholder_fields_and_diffusion_validation():
     assert config_lib.load_config(BASE, ["sample.shift=3"]).sample.shift == 3.0
     with pytest.raises(config_lib.ConfigError, match=r"config\.sample: sample\.shift=-1\.0"):
         config_lib.load_config(BASE, ["sample.shift=-1.0"])
+
+
+def test_compilation_cache_location_and_switch(tmp_path, monkeypatch):
+    """The mains keep compiled programs in a user cache directory; an env var moves or disables
+    it, and a program compiled with the cache on lands there (checked in a fresh process)."""
+    import subprocess
+    import sys
+
+    from vdm import cli
+
+    for var in ("VDM_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cli.compilation_cache_dir() == str(tmp_path / "xdg" / "vdm" / "jax")
+    monkeypatch.setenv("VDM_COMPILATION_CACHE", "off")
+    assert cli.compilation_cache_dir() is None
+    script = (
+        "from vdm import cli; cli.enable_compilation_cache(); import jax, jax.numpy as jnp; "
+        "jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((32, 32))).block_until_ready()"
+    )
+    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    for setting in ("off", str(tmp_path / "cache")):
+        env["VDM_COMPILATION_CACHE"] = setting
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    assert not os.path.exists(tmp_path / "xdg")  # off: nothing written, not even the default
+    assert os.listdir(tmp_path / "cache")  # on: the compiled program is there

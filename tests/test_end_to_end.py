@@ -266,6 +266,31 @@ def test_a_new_run_starts_from_an_exported_model(trained, tmp_path):
         pipeline.load_pipeline(trained["dit"], vae=os.path.join(bundle, "vae"))
 
 
+def test_in_training_evaluation_scores_and_previews(trained, tmp_path):
+    """The denoiser task's evaluation (what the loop runs every eval_every_steps) samples test
+    prompts through the inference pipeline, scores them, and writes a preview contact sheet;
+    without digit labels (eval.during_training = 0) it writes the fixed preview prompts only."""
+    from vdm.io import checkpoint
+    from vdm.tasks.denoiser import DenoiserTask
+
+    cfg = config_lib.load_config(
+        QUICKSTART,
+        tiny(
+            str(trained["root"] / "data"),
+            **{"vae.checkpoint": trained["vae"], "eval.during_training": 4},
+        ),
+    )
+    task = DenoiserTask(cfg)
+    params = checkpoint.load_params(trained["dit"], item="ema")
+    metrics = task.evaluate(params, task.frozen(), 3, str(tmp_path))
+    assert {"eval/digit_acc", "eval/direction_acc", "eval/consistency"} <= set(metrics)
+    assert all(np.isfinite(v) for v in metrics.values())
+    assert os.path.getsize(tmp_path / "samples" / "step_0000003.png") > 0
+    cfg.eval.during_training = 0
+    assert DenoiserTask(cfg).evaluate(params, task.frozen(), 4, str(tmp_path)) == {}
+    assert os.path.getsize(tmp_path / "samples" / "step_0000004.png") > 0
+
+
 def test_resume_continues_from_checkpoint(trained):
     from vdm.io import manager
     from vdm.train import loop as train_lib

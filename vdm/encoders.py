@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +28,7 @@ import numpy as np
 
 from vdm import parallel
 from vdm.data import cache
-from vdm.io import checkpoint
+from vdm.io import bundle, checkpoint
 from vdm.models import autoencoder as ae
 from vdm.models.text import architectures
 from vdm.models.text import encoder as te
@@ -83,6 +84,13 @@ def load_vae(config) -> tuple[ae.VideoAutoencoder, PyTree, dict]:
     """
     module = ae.VideoAutoencoder.from_config(config.vae)
     path = config.vae.checkpoint
+    bundled = os.path.join(bundle.DEFAULT_MODEL, "vae")
+    if path and os.path.realpath(path) == os.path.realpath(bundled):
+        print(
+            f"VAE: the bundled model's ({bundled}). To train with your own, train one with "
+            "configs/vae_quickstart.py and pass --config.vae.checkpoint=WORKDIR.",
+            flush=True,
+        )
     if path:
         params = checkpoint.load_params(path, item="ema")
         stats = checkpoint.load_metadata(path).get("latent_stats")

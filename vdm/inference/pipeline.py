@@ -32,9 +32,7 @@ from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
 from vdm.models.text import encoder as te
 
-DEFAULT_MODEL = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "default_model"
-)
+DEFAULT_MODEL = bundle.DEFAULT_MODEL
 
 # Fixed prompts for in-training previews: every digit and direction, numerals and words.
 PREVIEW_PROMPTS = (

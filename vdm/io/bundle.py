@@ -25,6 +25,10 @@ PyTree = Any
 
 MODEL_JSON = "model.json"
 PARTS = ("denoiser", "vae")
+# The model that ships with the package (sample.py's default; its vae/ is the quickstart's VAE).
+DEFAULT_MODEL = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "default_model"
+)
 # The model.json key of each part's training run ("source": the denoiser's, "vae_source").
 _SOURCE_KEY = {"denoiser": "source", "vae": "vae_source"}
 
