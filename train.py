@@ -27,7 +27,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     from vdm import parallel
-    from vdm.train import loop as train_lib
+    from vdm.train import loop
 
     cli.quiet_library_logs()
     cli.enable_compilation_cache()
@@ -37,7 +37,7 @@ def main(argv):
         )
         config = _CONFIG.value
         config_lib.validate(config)
-        train_lib.train_and_evaluate(config, _WORKDIR.value)
+        loop.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

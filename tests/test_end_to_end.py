@@ -50,7 +50,7 @@ def tiny(data_dir, **extra):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from vdm.train import loop as train_lib
+    from vdm.train import loop
 
     root = tmp_path_factory.mktemp("e2e")
     data_dir = str(root / "data")
@@ -58,9 +58,9 @@ def trained(tmp_path_factory):
     vae_cfg = config_lib.load_config(
         VAE_QUICKSTART, tiny(data_dir, **{"vae.stats_num_examples": 8})
     )
-    train_lib.train_and_evaluate(vae_cfg, vae_dir)
+    loop.train_and_evaluate(vae_cfg, vae_dir)
     dit_cfg = config_lib.load_config(QUICKSTART, tiny(data_dir, **{"vae.checkpoint": vae_dir}))
-    train_lib.train_and_evaluate(dit_cfg, dit_dir)
+    loop.train_and_evaluate(dit_cfg, dit_dir)
     return {"root": root, "vae": vae_dir, "dit": dit_dir, "config": dit_cfg}
 
 
@@ -170,16 +170,14 @@ def test_decoder_fine_tune_replaces_the_vae_of_a_bundle(trained, tmp_path):
     from vdm.inference import pipeline
     from vdm.io import checkpoint
     from vdm.tools import export
-    from vdm.train import loop as train_lib
+    from vdm.train import loop
 
     data_dir = str(trained["root"] / "data")
     ft_dir, full_dir = str(tmp_path / "vae_decoder"), str(tmp_path / "vae_full")
     over = {"vae.stats_num_examples": 8, "train.init_from": trained["vae"]}
-    train_lib.train_and_evaluate(
-        config_lib.load_config(VAE_DECODER, tiny(data_dir, **over)), ft_dir
-    )
+    loop.train_and_evaluate(config_lib.load_config(VAE_DECODER, tiny(data_dir, **over)), ft_dir)
     full = tiny(data_dir, **over, **{"optim.freeze": ""})
-    train_lib.train_and_evaluate(config_lib.load_config(VAE_DECODER, full), full_dir)
+    loop.train_and_evaluate(config_lib.load_config(VAE_DECODER, full), full_dir)
 
     out = export.export_with_logs(trained["dit"], str(tmp_path / "bundle"), vae=ft_dir)
     assert os.path.exists(out["vae_init_train_log"])  # the original VAE's log rides along
@@ -203,7 +201,7 @@ def test_a_new_run_starts_from_an_exported_model(trained, tmp_path):
     from vdm.inference import pipeline
     from vdm.io import checkpoint
     from vdm.tools import export
-    from vdm.train import loop as train_lib
+    from vdm.train import loop
 
     bundle = str(tmp_path / "bundle")
     export.export_with_logs(trained["dit"], bundle)
@@ -218,7 +216,7 @@ def test_a_new_run_starts_from_an_exported_model(trained, tmp_path):
         "optim.warmup_steps": 0,
     }
     cfg = config_lib.load_config(QUICKSTART, tiny(str(trained["root"] / "data"), **over))
-    train_lib.train_and_evaluate(cfg, grown_dir)
+    loop.train_and_evaluate(cfg, grown_dir)
     grown = pipeline.load_pipeline(grown_dir)
     assert set(grown.params) - set(before.params) == {"block_1"}
     prompt = ["six moving to the right"]
@@ -293,7 +291,7 @@ def test_in_training_evaluation_scores_and_previews(trained, tmp_path):
 
 def test_resume_continues_from_checkpoint(trained):
     from vdm.io import manager
-    from vdm.train import loop as train_lib
+    from vdm.train import loop
 
     cfg = config_lib.load_config(
         QUICKSTART,
@@ -302,7 +300,7 @@ def test_resume_continues_from_checkpoint(trained):
             **{"vae.checkpoint": trained["vae"], "train.num_steps": 4},
         ),
     )
-    state = train_lib.train_and_evaluate(cfg, trained["dit"])
+    state = loop.train_and_evaluate(cfg, trained["dit"])
     assert int(np.asarray(state.step).reshape(-1)[0]) == 4
     assert manager.CheckpointManager.for_workdir(trained["dit"], cfg.checkpoint).latest_step() == 4
 

@@ -24,8 +24,7 @@ from vdm.io import manager
 from vdm.models.layers import count_params
 from vdm.parallel import pmap as pmap_layout
 from vdm.rng import base_key
-from vdm.train import loop as train_lib
-from vdm.train import optim
+from vdm.train import loop, optim
 from vdm.train import setup as train_setup
 from vdm.train.step import step_key
 
@@ -132,9 +131,7 @@ def test_train_and_evaluate_logs_evaluates_and_checkpoints(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     config = toy_config({"train.eval_every_steps": 4})
     task = ToyTask(config)
-    state = train_lib.train_and_evaluate(
-        config, workdir, task=task, make_iterator=iterator_factory()
-    )
+    state = loop.train_and_evaluate(config, workdir, task=task, make_iterator=iterator_factory())
     out = capsys.readouterr().out
     assert "6,276 trainable parameters, 96 frozen; mesh data=8 fsdp=1 tensor=1" in out
     assert int(state.step) == 8
@@ -161,7 +158,7 @@ def test_init_from_and_freeze_fine_tune_part_of_a_trained_model(tmp_path, capsys
     """`train.init_from` starts from another run's EMA weights; `optim.freeze` holds the matching
     parameters bit-identical (params and EMA) with no optimizer moments, the rest trains."""
     base_dir, tune_dir = str(tmp_path / "base"), str(tmp_path / "tune")
-    train_lib.train_and_evaluate(
+    loop.train_and_evaluate(
         toy_config(), base_dir, task=ToyTask(toy_config()), make_iterator=iterator_factory()
     )
     base = ckpt_lib.load_params(base_dir)
@@ -169,7 +166,7 @@ def test_init_from_and_freeze_fine_tune_part_of_a_trained_model(tmp_path, capsys
         {"train.init_from": base_dir, "optim.freeze": "^fc1/", "train.eval_every_steps": 0}
     )
     state = jax.device_get(
-        train_lib.train_and_evaluate(
+        loop.train_and_evaluate(
             config, tune_dir, task=ToyTask(config), make_iterator=iterator_factory()
         )
     )
@@ -189,7 +186,7 @@ def test_init_from_and_freeze_fine_tune_part_of_a_trained_model(tmp_path, capsys
     config = toy_config(
         {"train.init_from": base_dir, "optim.freeze": "^fc1/", "train.num_steps": 10}
     )
-    train_lib.train_and_evaluate(
+    loop.train_and_evaluate(
         config, tune_dir, task=ToyTask(config), make_iterator=iterator_factory()
     )
     assert "train.init_from is ignored" in capsys.readouterr().out
@@ -198,12 +195,12 @@ def test_init_from_and_freeze_fine_tune_part_of_a_trained_model(tmp_path, capsys
 def test_init_from_and_freeze_errors_name_the_problem(tmp_path):
     base_dir = str(tmp_path / "base")
     config = toy_config({"train.num_steps": 2})
-    train_lib.train_and_evaluate(
+    loop.train_and_evaluate(
         config, base_dir, task=ToyTask(config), make_iterator=iterator_factory()
     )
     other = toy_config({"train.init_from": base_dir})
     with pytest.raises(ConfigError, match=r"fc1/kernel: checkpoint \(96, 32\) vs model \(96, 16\)"):
-        train_lib.train_and_evaluate(
+        loop.train_and_evaluate(
             other,
             str(tmp_path / "a"),
             task=ToyTask(other, hidden=16),
@@ -211,7 +208,7 @@ def test_init_from_and_freeze_errors_name_the_problem(tmp_path):
         )
     missing = toy_config({"train.init_from": str(tmp_path / "nowhere")})
     with pytest.raises(ConfigError, match="train.init_from=.*nowhere.*does not exist"):
-        train_lib.train_and_evaluate(
+        loop.train_and_evaluate(
             missing, str(tmp_path / "b"), task=ToyTask(missing), make_iterator=iterator_factory()
         )
     for pattern, message in (
@@ -221,7 +218,7 @@ def test_init_from_and_freeze_errors_name_the_problem(tmp_path):
     ):
         config = toy_config({"optim.freeze": pattern})
         with pytest.raises(ConfigError, match=message):
-            train_lib.train_and_evaluate(
+            loop.train_and_evaluate(
                 config, str(tmp_path / "c"), task=ToyTask(config), make_iterator=iterator_factory()
             )
 
@@ -238,7 +235,7 @@ def test_evaluation_waits_for_the_checkpoint_of_its_step(tmp_path, monkeypatch):
     task = ToyTask(config)
     evaluate = task.evaluate
     task.evaluate = lambda *a: (events.append(f"eval {a[2]}"), evaluate(*a))[1]
-    train_lib.train_and_evaluate(
+    loop.train_and_evaluate(
         config, str(tmp_path / "run"), task=task, make_iterator=iterator_factory()
     )
     assert events[:4] == ["wait", "eval 4", "wait", "eval 8"]
@@ -275,9 +272,7 @@ def test_sigkill_and_restart_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     # Reference: uninterrupted, in this process (same 8 devices, same compiled program).
     ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
     config = toy_config({"train.num_steps": 12})
-    train_lib.train_and_evaluate(
-        config, ref_dir, task=ToyTask(config), make_iterator=iterator_factory()
-    )
+    loop.train_and_evaluate(config, ref_dir, task=ToyTask(config), make_iterator=iterator_factory())
     # Killed with SIGKILL while fetching batch 10 (after checkpoints 4 and 8 were started).
     code, out = finish(toy_run(run_dir, "--set", "train.num_steps=12", "--kill_at", "10"))
     assert code == -signal.SIGKILL, out[-2000:]
@@ -299,9 +294,7 @@ def test_sigkill_and_restart_is_bit_identical_to_an_uninterrupted_run(tmp_path):
 def test_partial_and_corrupt_latest_checkpoints_fall_back(tmp_path):
     ref_dir = str(tmp_path / "ref")
     config = toy_config({"train.num_steps": 8, "checkpoint.async_save": False})
-    train_lib.train_and_evaluate(
-        config, ref_dir, task=ToyTask(config), make_iterator=iterator_factory()
-    )
+    loop.train_and_evaluate(config, ref_dir, task=ToyTask(config), make_iterator=iterator_factory())
     ref_params = ckpt_lib.load_params(ref_dir, "params")
     ckpts = manager.checkpoint_dir(ref_dir)
     # 1) A save killed mid-write leaves `<step>.orbax-checkpoint-tmp`: never listed as a step.
@@ -311,7 +304,7 @@ def test_partial_and_corrupt_latest_checkpoints_fall_back(tmp_path):
     # 2) A finished-looking step 8 whose arrays are gone: restore falls back to 4, moves 8 aside,
     # and the resumed run recomputes step 8 bit-identically.
     shutil.rmtree(f"{ckpts}/8/params/d")
-    state = train_lib.train_and_evaluate(
+    state = loop.train_and_evaluate(
         config, ref_dir, task=ToyTask(config), make_iterator=iterator_factory()
     )
     assert int(state.step) == 8
@@ -328,7 +321,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     previous = signal.getsignal(signal.SIGTERM)
     # The iterator sends SIGTERM to this process while fetching batch 5; step 6 completes, then
     # the loop saves step 6 and returns.
-    state = train_lib.train_and_evaluate(
+    state = loop.train_and_evaluate(
         config, workdir, task=ToyTask(config), make_iterator=iterator_factory(term_at=5)
     )
     assert int(state.step) == 6 and state.ema_params is None
@@ -352,7 +345,7 @@ def test_nan_loss_stops_with_a_clear_message_and_saves_nothing_after_it(tmp_path
         match=r"non-finite loss=nan.* at step 6 .*"
         r"last good checkpoint is step 4",
     ):
-        train_lib.train_and_evaluate(
+        loop.train_and_evaluate(
             config, workdir, task=ToyTask(config), make_iterator=iterator_factory(nan_at=5)
         )
     assert sorted(os.listdir(manager.checkpoint_dir(workdir))) == ["2", "4"]
@@ -406,7 +399,7 @@ def test_two_process_distributed_run_matches_one_process(tmp_path):
     config = toy_config(
         {"train.num_steps": 4, "checkpoint.every_steps": 2, "mesh.shape": {"data": 2, "fsdp": 2}}
     )
-    train_lib.train_and_evaluate(
+    loop.train_and_evaluate(
         config,
         ref_dir,
         task=ToyTask(config),

@@ -31,7 +31,7 @@ if ROOT not in sys.path:
 
 from vdm import parallel, rng  # noqa: E402
 from vdm.tasks.base import Task  # noqa: E402
-from vdm.train import loop as train_lib  # noqa: E402
+from vdm.train import loop  # noqa: E402
 
 T, H, W = 2, 4, 4
 DIM = T * H * W * 3  # 96 values per video.
@@ -252,7 +252,7 @@ def main(argv=None):
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     config = toy_config({k: v for k, v in overrides.items()})
-    train_lib.train_and_evaluate(
+    loop.train_and_evaluate(
         config,
         args.workdir,
         task=ToyTask(config),
