@@ -306,15 +306,5 @@ def test_denoiser_task_frozen_inputs(config, built, encoders, monkeypatch):
     frozen = task.frozen()
     assert set(frozen) == {"shift", "scale", "null_ctx", "null_mask"}
     # Training-time evaluation still decodes with the VAE (the host copy).
-    from vdm.inference import pipeline as vdm_pipeline
-
-    pipe = vdm_pipeline.Pipeline(
-        config=task.config,
-        text=task.text,
-        vae=task.vae,
-        vae_params=frozen.get("vae", task.vae_params),
-        latent_stats=task.latent_stats,
-        model=task.model,
-        params=None,
-    )
+    pipe = task.pipeline(None, frozen)
     assert pipe.vae_params is task.vae_params

@@ -154,10 +154,9 @@ class DenoiserTask(Task):
             "latent_shape": list(self.latent_shape),
         }
 
-    def evaluate(self, params, frozen, step, workdir):
-        """Samples test prompts with the given (EMA) params, scores them with the project's
-        metrics (moving digits only) and writes a contact sheet of previews."""
-        pipe = pipeline.Pipeline(
+    def pipeline(self, params, frozen) -> pipeline.Pipeline:
+        """The inference pipeline of this task's modules with the given (EMA) denoiser params."""
+        return pipeline.Pipeline(
             config=self.config,
             text=self.text,
             vae=self.vae,
@@ -167,6 +166,11 @@ class DenoiserTask(Task):
             model=self.model,
             params=params,
         )
+
+    def evaluate(self, params, frozen, step, workdir):
+        """Samples test prompts with the given (EMA) params, scores them with the project's
+        metrics (moving digits only) and writes a contact sheet of previews."""
+        pipe = self.pipeline(params, frozen)
         metrics = {}
         n = self.config.eval.during_training
         data_kind = cache.underlying_source(self.config.data.source).split(":", 1)[0]
