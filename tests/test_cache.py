@@ -308,3 +308,30 @@ def test_denoiser_task_frozen_inputs(config, built, encoders, monkeypatch):
     # Training-time evaluation still decodes with the VAE (the host copy).
     pipe = task.pipeline(None, frozen)
     assert pipe.vae_params is task.vae_params
+
+
+def test_manifest_file_names_cannot_leave_the_cache(built, tmp_path):
+    """A manifest is data: the files it names must be plain names inside the cache directory."""
+    import shutil
+
+    cases = {
+        "split": (
+            ("splits", "test"),
+            "../outside.array_record",
+            lambda d: cache.CacheSource(d, "test"),
+        ),
+        "null": (("null_context",), "/etc/passwd", cache.load_null_context),
+    }
+    for case, (keys, name, read) in cases.items():
+        copy = str(tmp_path / case)
+        shutil.copytree(built, copy)
+        read(copy)  # the untouched copy reads
+        manifest = cache.read_manifest(copy)
+        entry = manifest
+        for k in keys:
+            entry = entry[k]
+        entry["file"] = name
+        with open(cache.manifest_path(copy), "w") as f:
+            json.dump(manifest, f)
+        with pytest.raises(ValueError, match="not a file inside the cache directory"):
+            read(copy)

@@ -294,6 +294,23 @@ def test_folder_csv_and_errors(tmp_path):
         folder.FolderSource(str(empty), split="train", height=32, width=32)
 
 
+def test_captions_cannot_name_files_outside_their_folder(tmp_path):
+    """A captions file is data, possibly from elsewhere: its paths stay inside the clip folder."""
+    root = tmp_path / "clips"
+    (root / "sub").mkdir(parents=True)
+    video_io.write_video(str(root / "sub" / "a.npy"), _ramp(9, 32, 32))
+    video_io.write_video(str(tmp_path / "outside.npy"), _ramp(9, 32, 32))
+    captions = root / "captions.jsonl"
+    captions.write_text('{"file": "sub/../sub/a.npy", "caption": "inside"}\n')
+    assert len(folder.FolderSource(str(root), split="train", height=32, width=32)) == 1
+    for name in ("../outside.npy", "sub/../../outside.npy", str(tmp_path / "outside.npy")):
+        captions.write_text(
+            '{"file": "sub/a.npy", "caption": "ok"}\n' + json.dumps({"file": name, "caption": "x"})
+        )
+        with pytest.raises(ValueError, match=r"captions.jsonl:2: .* not inside the clip folder"):
+            folder.FolderSource(str(root), split="train", height=32, width=32)
+
+
 def test_all_clips_unreadable_is_an_error_not_a_hang(tmp_path):
     root = tmp_path / "bad"
     root.mkdir()

@@ -105,7 +105,16 @@ def read_captions(root: str, caption_key: str = "caption") -> list[dict]:
                 f"{path}:{line_no}: needs fields 'file' and '{caption_key}'; got {sorted(row)}."
             )
         split = row.get("split") or None
-        entries.append({"file": str(file), "caption": str(caption), "split": split})
+        file = str(file)
+        # Entries name clips inside the folder: an absolute path or one climbing out with ".."
+        # would let a captions file make the loader open any file on the machine.
+        inside = os.path.normpath(file)
+        if os.path.isabs(file) or inside == ".." or inside.startswith(".." + os.sep):
+            raise ValueError(
+                f"{path}:{line_no}: file {file!r} is not inside the clip folder '{root}'; "
+                "captions may only name files in it, by paths relative to it."
+            )
+        entries.append({"file": file, "caption": str(caption), "split": split})
     return entries
 
 

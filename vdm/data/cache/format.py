@@ -209,11 +209,27 @@ def load_null_context(path: str) -> tuple[np.ndarray, np.ndarray]:
     """
     manifest = read_manifest(path)
     directory = os.path.dirname(manifest_path(path))
-    context = np.load(os.path.join(directory, manifest["null_context"]["file"]))
+    context = np.load(member(directory, manifest["null_context"]["file"]))
     return context, np.asarray(manifest["null_context"]["mask"], np.int32)
 
 
 # ----------------------------------------------------------------------------- records
+
+
+def member(directory: str, name: str) -> str:
+    """The path of a file a cache's manifest names, which must be a plain name inside the cache
+    directory (a manifest is data: it may not point the loader at other files).
+
+    Raises:
+      ValueError: `name` is absolute, has a directory part, or climbs out.
+    """
+    name = str(name)
+    if not name or os.path.isabs(name) or os.path.basename(name) != name or name in (".", ".."):
+        raise ValueError(
+            f"Latent cache '{directory}': its {MANIFEST} names the file {name!r}, which is not a "
+            "file inside the cache directory; the manifest is damaged or was edited. Rebuild it."
+        )
+    return os.path.join(directory, name)
 
 
 def split_file(split: str) -> str:

@@ -43,7 +43,7 @@ class CacheSource:
                 )
         entry = manifest["splits"][split]
         self._features = entry["features"]
-        self._file = os.path.join(self._path, entry["file"])
+        self._file = fmt.member(self._path, entry["file"])
         self._len = int(entry["num_examples"])
         self._reader = None
         if not os.path.isfile(self._file):
