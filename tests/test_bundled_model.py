@@ -123,8 +123,11 @@ def test_sampling_settings_default_to_the_bundle_and_name_bad_flags(pipe):
         ({"sampler": "heun"}, "--sampler"),
         ({"num_steps": 0}, "--num_steps"),
         ({"guidance": float("nan")}, "--guidance"),
+        ({"guidance": float("inf")}, "--guidance"),
         ({"eta": -1.0}, "--eta"),
+        ({"eta": float("inf")}, "--eta"),
         ({"shift": 0.0}, "--shift"),
+        ({"shift": float("nan")}, "--shift"),
         ({"steps": 3}, "Unknown sampling setting"),
     ):
         with pytest.raises(UserError, match=flag):

@@ -311,5 +311,19 @@ def test_cli_errors_are_one_paragraph(tmp_path):
     assert "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = _run(["sample.py", "--prompt", "x", "--sampler", "heun"])
     assert r.returncode != 0 and "heun" in r.stderr and "Traceback" not in r.stderr
+    # Refused before the model loads, and nothing is written.
+    (tmp_path / "a_file").write_text("")
+    for args, named in (
+        (["--formats="], "--formats is empty"),
+        (["--batch_size", "0"], "--batch_size"),
+        (["--guidance", "nan"], "--guidance"),
+        (["--eta", "inf"], "--eta"),
+        (["--output_dir", str(tmp_path / "a_file")], "is a file"),
+        (["--output_dir", str(tmp_path / "a_file" / "sub")], "cannot be created"),
+    ):
+        out = ["--output_dir", str(tmp_path / "never")] if "--output_dir" not in args else []
+        r = _run(["sample.py", "--prompt", "x", *out, *args])
+        assert r.returncode == 2 and named in r.stderr and "Traceback" not in r.stderr, args
+        assert "Loading model" not in r.stdout and not (tmp_path / "never").exists(), args
     r = _run(["train.py", f"--config={QUICKSTART}", f"--workdir={tmp_path}", "--config.stage=x"])
     assert r.returncode == 2 and "stage='x' is not one of" in r.stderr

@@ -127,3 +127,11 @@ def test_contact_sheet_shape_and_png(tmp_path):
     with pytest.raises(ValueError, match="captions"):
         video.contact_sheet(videos, ["only one"])
     assert os.path.getsize(path) > 0
+
+
+def test_contact_sheet_caption_with_line_breaks(tmp_path):
+    """A multi-line prompt is drawn on one line (PIL cannot measure multi-line text)."""
+    videos = np.zeros((1, 3, 16, 16, 3), np.uint8)
+    path = str(tmp_path / "sheet.png")
+    video_io.contact_sheet(videos, captions=["a 4\nmoving\tdown"], path=path)
+    assert os.path.getsize(path) > 0

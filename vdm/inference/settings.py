@@ -87,7 +87,10 @@ def check(**values: Any) -> None:
         raise UserError(f"--num_steps must be >= 1, got {v['num_steps']}.")
     if "guidance" in v and not math.isfinite(float(v["guidance"])):
         raise UserError(f"--guidance must be a finite number, got {v['guidance']}.")
-    if "eta" in v and not float(v["eta"]) >= 0:
-        raise UserError(f"--eta must be >= 0 (0 = the deterministic ODE solver), got {v['eta']}.")
-    if "shift" in v and not float(v["shift"]) > 0:
-        raise UserError(f"--shift must be > 0 (1 = no shift), got {v['shift']}.")
+    if "eta" in v and not (math.isfinite(float(v["eta"])) and float(v["eta"]) >= 0):
+        raise UserError(
+            f"--eta must be a finite number >= 0 (0 = the deterministic ODE solver), got "
+            f"{v['eta']}."
+        )
+    if "shift" in v and not (math.isfinite(float(v["shift"])) and float(v["shift"]) > 0):
+        raise UserError(f"--shift must be a finite number > 0 (1 = no shift), got {v['shift']}.")

@@ -40,9 +40,14 @@ def run(
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise UserError(f"Unknown output format(s) {bad}; choose from {list(FORMATS)}.")
+    if not formats:
+        raise UserError(f"--formats is empty: nothing would be written; choose from {FORMATS}.")
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}.")
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {batch_size}.")
     settings.check(**sampling)  # before loading the model
+    _check_output_dir(output_dir)
     t0 = time.perf_counter()
     print(f"Loading model from {checkpoint or pipeline.DEFAULT_MODEL} ...", flush=True)
     pipe = pipeline.load_pipeline(checkpoint)
@@ -67,6 +72,22 @@ def run(
             f.write(json.dumps(r) + "\n")
     print(f"Wrote {len(videos)} video(s) to {output_dir}/ in {time.perf_counter() - t0:.1f} s.")
     return records
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """Creates `output_dir` before any sampling, so a path that cannot hold the videos fails at
+    once instead of after the work."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output_dir '{output_dir}' is a file; pass a directory.")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"--output_dir '{output_dir}' cannot be created ({e.strerror or e}); pass a directory "
+            "that can be written."
+        ) from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir '{output_dir}' is not writable; pass another directory.")
 
 
 def _write(videos, prompts, num_samples, output_dir, formats, fps) -> list[tuple[int, int, str]]:

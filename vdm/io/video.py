@@ -332,7 +332,9 @@ def _pick_frames(num: int, max_frames: int | None) -> np.ndarray:
 
 
 def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> str:
-    """Cuts `text` with an ellipsis so that it fits in `width` pixels."""
+    """`text` on one line (line breaks become spaces), cut with an ellipsis to fit in `width`
+    pixels."""
+    text = " ".join(text.split())
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "...", font=font) > width:
