@@ -133,5 +133,5 @@ def test_contact_sheet_caption_with_line_breaks(tmp_path):
     """A multi-line prompt is drawn on one line (PIL cannot measure multi-line text)."""
     videos = np.zeros((1, 3, 16, 16, 3), np.uint8)
     path = str(tmp_path / "sheet.png")
-    video_io.contact_sheet(videos, captions=["a 4\nmoving\tdown"], path=path)
+    video.contact_sheet(videos, captions=["a 4\nmoving\tdown"], path=path)
     assert os.path.getsize(path) > 0
