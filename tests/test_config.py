@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -96,3 +97,19 @@ def test_compilation_cache_location_and_switch(tmp_path, monkeypatch):
         subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
     assert not os.path.exists(tmp_path / "xdg")  # off: nothing written, not even the default
     assert os.listdir(tmp_path / "cache")  # on: the compiled program is there
+
+
+def test_numbers_that_can_only_be_wrong_are_refused_where_they_enter():
+    """Non-finite numbers anywhere, negative counts and rates, and zero sizes are config errors
+    naming the field (not a ZeroDivisionError later, or a run that trains nothing and exits 0)."""
+    for override, message in (
+        ("train.num_steps=-5", "train.num_steps=-5 must not be negative"),
+        ("data.fps=0", "data.fps=0 must be positive"),
+        ("sample.guidance=nan", "sample.guidance=nan is not a finite number"),
+        ("optim.learning_rate=inf", "optim.learning_rate=inf is not a finite number"),
+        ("sample.eta=-1.0", "sample.eta=-1.0 must not be negative"),
+        ("train.batch_size=0", "train.batch_size=0 must be positive"),
+    ):
+        with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+            config_lib.load_config(BASE, [override])
+    assert config_lib.load_config(BASE, ["diffusion.logit_mean=-0.5", "seed=-3"]).seed == -3

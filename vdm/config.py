@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -87,6 +88,8 @@ def _parse_value(text: str):
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        if text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            return float(text)  # as absl parses a float flag (then refused by `validate`)
         return text  # A bare string such as `--config.stage=autoencoder`.
 
 
@@ -194,6 +197,32 @@ def get_key(config: ConfigDict, key: str):
     return node
 
 
+# The numbers guard: values that can only be wrong are refused where they enter (the config), not
+# where they break (a ZeroDivisionError in a data thread, a run that trains nothing and exits 0).
+# Every number must be finite; every one but these may not be negative; these must be positive.
+_SIGNED = ("seed", "diffusion.logit_mean")
+_POSITIVE = (
+    "data.fps", "data.num_frames", "data.height", "data.width", "train.batch_size",
+    "sample.num_steps", "optim.accumulate_steps", "model.depth", "model.width",
+    "model.num_heads", "text_encoder.max_length", "vae.latent_channels",
+)  # fmt: skip
+
+
+def _number_problems(config: ConfigDict) -> list[str]:
+    problems = []
+    for key in flat_keys(config):
+        value = get_key(config, key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not math.isfinite(value):
+            problems.append(f"{key}={value} is not a finite number")
+        elif key in _POSITIVE and value <= 0:
+            problems.append(f"{key}={value} must be positive")
+        elif key not in _SIGNED and value < 0:
+            problems.append(f"{key}={value} must not be negative")
+    return problems
+
+
 def validate(config: ConfigDict) -> None:
     """Checks required fields, enumerated choices and shape constraints; raises ConfigError."""
     problems = []
@@ -231,8 +260,7 @@ def validate(config: ConfigDict) -> None:
                 sampling_spec(spec, config.sample.get("shift") if "sample" in config else None)
             except ValueError as e:
                 problems.append(f"config.sample: {e}")
-    if "train" in config and config.train.batch_size <= 0:
-        problems.append("train.batch_size must be positive")
+    problems += _number_problems(config)
     if problems:
         raise ConfigError("Invalid config: " + "; ".join(problems) + ".")
 
