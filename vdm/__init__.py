@@ -23,11 +23,10 @@ def _quiet_libtpu_without_tpu() -> None:
     "E0000 ... INVALID_ARGUMENT" line at every start.
 
     libtpu is there when the `tpu-aot` / `test` extras are installed (vdm.tools.aot compiles
-    with it).
-    JAX then tries a TPU backend on every host, and libtpu complains that it cannot find the TPU
-    VM's accelerator type and worker hostnames before JAX falls back to CPU / GPU. With harmless
-    placeholder values it fails quietly instead. Nothing is set on a TPU VM (TPU device nodes
-    present), or when the user set any of these variables.
+    with it). JAX then tries a TPU backend on every host, and libtpu complains that it cannot find
+    the TPU VM's accelerator type and worker hostnames before JAX falls back to CPU / GPU. With
+    harmless placeholder values it fails quietly instead. Nothing is set on a TPU VM (TPU device
+    nodes present), or when the user set any of these variables.
     """
     if importlib.util.find_spec("libtpu") is None or glob.glob("/dev/accel*") + glob.glob(
         "/dev/vfio/[0-9]*"
