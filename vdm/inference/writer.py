@@ -91,8 +91,8 @@ def _check_output_dir(output_dir: str) -> None:
 
 
 def _write(videos, prompts, num_samples, output_dir, formats, fps) -> list[tuple[int, int, str]]:
-    """Writes each video in each format: [(prompt index, sample index, file)]."""
-    os.makedirs(output_dir, exist_ok=True)
+    """Writes each video in each format (into the directory `_check_output_dir` made):
+    [(prompt index, sample index, file)]."""
     records = []
     for n, frames in enumerate(videos):
         p, i = divmod(n, num_samples)
