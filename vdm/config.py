@@ -172,6 +172,7 @@ _CHOICES = {
     "parallel": PARALLEL_MODES,
     "model.attention": ("factorized", "full", "spatial_only"),
     "model.remat": ("none", "block", "dots"),
+    "model.attention_kernel": ("auto", "xla", "splash", "splash_interpret", "cudnn"),
     "diffusion.objective": ("flow", "eps", "v"),
     "diffusion.time_sampling": ("logit_normal", "uniform"),
     "sample.sampler": ("euler", "ddim", "dpmpp2m"),
@@ -268,7 +269,7 @@ def validate(config: ConfigDict) -> None:
 # -- upgrades of saved configs ---------------------------------------------------------------------
 # A config saved with a checkpoint or a bundle is read back by newer code. `config.version` (absent
 # = 0) says which schema it follows; `upgrade` brings it to CONFIG_VERSION, one step per version.
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 
 # Version 1: fields added to configs/base.py after models were saved, at their base.py defaults.
 # A missing field would break `--config` overrides of it (e.g. `export --sample shift=3`) and the
@@ -285,15 +286,28 @@ _V1_FIELDS = {
 }
 
 
-def _to_v1(config: ConfigDict) -> None:
-    for key, default in _V1_FIELDS.items():
+# Version 2: the attention kernel switch (vdm.models.attention); old models keep "auto", which on
+# CPU is the same XLA call they were trained with.
+_V2_FIELDS = {"model.attention_kernel": lambda: "auto"}
+
+
+def _add_fields(config: ConfigDict, fields) -> None:
+    for key, default in fields.items():
         section, leaf = key.split(".")
         if section in config and config[section].get(leaf) is None:
             with config[section].unlocked(), config[section].ignore_type():
                 config[section][leaf] = default()
 
 
-_UPGRADES = (_to_v1,)  # _UPGRADES[v] upgrades a version-v config to version v + 1
+def _to_v1(config: ConfigDict) -> None:
+    _add_fields(config, _V1_FIELDS)
+
+
+def _to_v2(config: ConfigDict) -> None:
+    _add_fields(config, _V2_FIELDS)
+
+
+_UPGRADES = (_to_v1, _to_v2)  # _UPGRADES[v] upgrades a version-v config to version v + 1
 
 
 def upgrade(config: ConfigDict) -> ConfigDict:

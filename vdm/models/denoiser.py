@@ -33,7 +33,8 @@ added to the timestep embedding, so caption content also modulates every block t
 (SD3-style global conditioning), on top of token-level cross-attention. It is cheap (once per
 example) and helps a small model pick up global attributes (digit identity, direction) early.
 
-Attention math: `jax.nn.dot_product_attention` (XLA implementation; runs on CPU).
+Attention math: `vdm.models.attention.attention`, one function for every attention, with the
+kernel chosen by `model.attention_kernel` ("auto": splash on TPU, cuDNN on GPU, XLA on CPU).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import jax.numpy as jnp
 
 from vdm.models import denoiser_accounting as accounting
 from vdm.models import layers as L
+from vdm.models.attention import KERNELS
 from vdm.models.patches import patchify, token_grid, unpatchify
 
 Dtype = Any
@@ -56,6 +58,7 @@ Dtype = Any
 ATTENTION_MODES = ("factorized", "full", "spatial_only")
 POS_ENCODINGS = ("rope3d", "sincos")
 REMAT_MODES = ("none", "block", "dots")
+ATTENTION_KERNELS = KERNELS  # model.attention_kernel; see vdm.models.attention.
 
 # Named sizes. `apply_variant(config.model, name)` writes these numbers into a config; the config
 # fields stay the truth (so `--config.model.depth=4` works on top of any variant).
@@ -114,6 +117,7 @@ class DiTBlock(nn.Module):
     attention: str = "factorized"  # see ATTENTION_MODES.
     qk_norm: bool = False
     dropout: float = 0.0  # on every residual branch output.
+    attention_kernel: str = "auto"  # see vdm.models.attention.
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -130,7 +134,10 @@ class DiTBlock(nn.Module):
         """`x [B,t,h,w,D]`, `c_act = SiLU(c) [B,D]`, `context [B,L,D]`, `context_mask [B,L]`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn_kw = dict(
-            num_heads=self.num_heads, head_dim=self.width // self.num_heads, qk_norm=self.qk_norm
+            num_heads=self.num_heads,
+            head_dim=self.width // self.num_heads,
+            qk_norm=self.qk_norm,
+            kernel=self.attention_kernel,
         )
 
         def drop(y):
@@ -201,6 +208,9 @@ class Denoiser(nn.Module):
     qk_norm: bool = False  # RMSNorm on q, k per head in every self- and cross-attention.
     pooled_text: bool = True  # add an embedding of the masked-mean context to the time embedding.
     dropout: float = 0.0  # residual-branch dropout (needs a "dropout" rng when > 0 in training).
+    # Kernel of every attention: "auto" | "xla" | "splash" | "splash_interpret" | "cudnn"
+    # (vdm.models.attention). Numerics only; the parameters do not depend on it.
+    attention_kernel: str = "auto"
     remat: str = "none"  # "none" | "block" (recompute each block) | "dots" (save matmul outputs).
     # One nn.scan over the blocks instead of `depth` copies: params "blocks/block/..." with a
     # leading [depth] axis (logical name "layers"); compile time and compiler memory stop growing
@@ -238,6 +248,7 @@ class Denoiser(nn.Module):
             pooled_text=bool(get("pooled_text", True)),
             dropout=float(get("dropout", 0.0)),
             remat=str(get("remat", "none")),
+            attention_kernel=str(get("attention_kernel", "auto")),
             scan_layers=bool(get("scan_layers", False)),
             dtype=jnp.dtype(get("dtype", "float32")),
             param_dtype=jnp.dtype(get("param_dtype", "float32")),
@@ -257,6 +268,11 @@ class Denoiser(nn.Module):
             )
         if self.remat not in REMAT_MODES:
             problems.append(f"model.remat={self.remat!r} is not one of {REMAT_MODES}")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            problems.append(
+                f"model.attention_kernel={self.attention_kernel!r} is not one of "
+                f"{ATTENTION_KERNELS}"
+            )
         if self.depth < 1:
             problems.append(f"model.depth={self.depth} must be >= 1")
         if len(self.patch_size) != 3 or any(int(p) < 1 for p in self.patch_size):
@@ -379,6 +395,7 @@ class Denoiser(nn.Module):
             attention=self.attention,
             qk_norm=self.qk_norm,
             dropout=self.dropout,
+            attention_kernel=self.attention_kernel,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )

@@ -9,8 +9,8 @@ Token layout inside the denoiser is 5-D, `[B, t, h, w, D]` (frames, height, widt
 axes), so spatial, temporal and joint attention are only different regroupings of the same
 tensor, and 3-D RoPE is applied once per attention in that layout before regrouping.
 
-Attention uses `jax.nn.dot_product_attention` (the XLA implementation on CPU; it computes logits
-and softmax in float32 even for bfloat16 inputs).
+The attention math itself (and the choice of kernel: XLA, Pallas splash, cuDNN) lives in
+`vdm.models.attention`; `Attention` here makes q, k, v and regroups tokens for it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vdm.models.attention import attention
 
 Dtype = Any
 Names = tuple[str | None, ...]
@@ -324,6 +326,7 @@ class Attention(nn.Module):
     head_dim: int  # K; width = H * K.
     qk_norm: bool = True  # RMSNorm on q and k per head (stabilises attention logits).
     zero_out: bool = False  # zero-init the output projection (PixArt does this for cross-attn).
+    kernel: str = "auto"  # model.attention_kernel (vdm.models.attention.KERNELS).
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -392,16 +395,7 @@ class Attention(nn.Module):
             v = self._proj("value", context)
             b, t, h, w, nh, kd = q.shape
             qs = q.reshape(b, t * h * w, nh, kd)
-            mask = None
-            if context_mask is not None:
-                mask = context_mask.astype(bool)[:, None, None, :]  # [B, 1(heads), 1(q), L]
-            y = jax.nn.dot_product_attention(qs, k, v, mask=mask)
-            if context_mask is not None:
-                # The XLA kernel masks with a large negative number, so a row with every key
-                # masked would average the padding; zero it instead so padding never leaks.
-                any_valid = context_mask.astype(bool).any(axis=-1)
-                y = y * any_valid[:, None, None, None].astype(y.dtype)
-            y = y.reshape(q.shape)
+            y = attention(qs, k, v, mask=context_mask, kernel=self.kernel).reshape(q.shape)
         else:
             k = self._norm("k_norm", self._proj("key", x))
             v = self._proj("value", x)
@@ -410,7 +404,7 @@ class Attention(nn.Module):
             k = constrain(k, head_names)
             v = constrain(v, head_names)
             (qg, shape6), (kg, _), (vg, _) = (_regroup(a, mode) for a in (q, k, v))
-            y = _ungroup(jax.nn.dot_product_attention(qg, kg, vg), mode, shape6)
+            y = _ungroup(attention(qg, kg, vg, kernel=self.kernel), mode, shape6)
         y = constrain(y, head_names)
         return constrain(self._out(y), ACT_5D)
 
