@@ -190,9 +190,12 @@ def splash_blocks(seq: int) -> tuple[int, int]:
     return 128, -(-seq // 128) * 128
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, sq: int, sk: int, bq: int, bkv: int, interpret: bool):
-    """A splash MHA kernel for `[heads, sq, D]` x `[heads, sk, D]` (full mask, padded lengths)."""
+    """A splash MHA kernel for `[heads, sq, D]` x `[heads, sk, D]` (full mask, padded lengths).
+
+    Built per trace (not cached): the kernel holds its block-mask tables as arrays, which inside
+    a trace are that trace's values.
+    """
     full = splash_mask.MultiHeadMask([splash_mask.FullMask((sq, sk))] * heads)
     blocks = splash.BlockSizes(
         block_q=bq,
