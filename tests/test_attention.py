@@ -126,9 +126,9 @@ def test_a_kernel_that_cannot_serve_the_platform_or_shape_is_a_clear_error():
         A.attention(q, k, v, kernel="splash")
     with pytest.raises(ConfigError, match=r"not one of"):
         A.select_kernel("flash", "cpu")
-    odd = jnp.zeros((1, 8, H, 12), jnp.float32)  # head dim 12: not a multiple of 8
-    with pytest.raises(ConfigError, match=r"splash_interpret.*\(1, 8, 2, 12\).*head dim 12.*xla"):
-        A.attention(odd, odd, odd, kernel="splash_interpret")
+    wide = jnp.zeros((1, 8, 1, 4096), jnp.bfloat16)  # a head dim beyond the kernel's VMEM tiles
+    with pytest.raises(ConfigError, match=r"splash_interpret.*\(1, 8, 1, 4096\).*not 4096.*xla"):
+        A.attention(wide, wide, wide, kernel="splash_interpret")
     with pytest.raises(ConfigError, match=r"'cudnn'.*float32.*model.dtype='bfloat16'"):
         A.check_shape("cudnn", (1, 8, H, D), (1, 8, H, D), jnp.float32)
     with pytest.raises(ConfigError, match=r"'cudnn'.*head dim 512"):

@@ -50,6 +50,9 @@ KERNELS = ("auto", "xla", "splash", "splash_interpret", "cudnn")
 PLATFORMS = ("cpu", "gpu", "tpu")
 SPLASH_BLOCKS = (512, 256, 128)  # candidate block sizes (the kernel needs multiples of 128).
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# Head dims the splash kernel compiles for: 4 ... 2048 compile for TPU v5e (forward + backward,
+# float32 and bfloat16, on this CPU host via libtpu); 4096 in bfloat16 runs out of VMEM.
+SPLASH_MAX_HEAD_DIM = 2048
 
 _platform_override: list[str] = []  # a stack; see `target_platform`.
 
@@ -124,11 +127,12 @@ def check_shape(kernel: str, q_shape, k_shape, dtype) -> None:
                 "multiple of 8 and <= 256 (<= 128 before Hopper). Change model.width / "
                 "model.num_heads, or use model.attention_kernel='xla'."
             )
-    if kernel in ("splash", "splash_interpret") and d % 8:
+    if kernel in ("splash", "splash_interpret") and d > SPLASH_MAX_HEAD_DIM:
         raise ConfigError(
-            f"model.attention_kernel={kernel!r} cannot serve {where}: the splash kernel's head "
-            f"dim {d} must be a multiple of 8 (TPU sublanes). Change model.width / "
-            "model.num_heads (e.g. head dim 64 or 128), or use model.attention_kernel='xla'."
+            f"model.attention_kernel={kernel!r} cannot serve {where}: the splash kernel keeps a "
+            f"[block, head dim] tile of q, k and v in VMEM, which holds head dims up to "
+            f"{SPLASH_MAX_HEAD_DIM}, not {d}. Use more heads (model.num_heads), or "
+            "model.attention_kernel='xla'."
         )
 
 
@@ -248,7 +252,7 @@ def _mesh_spec(mesh, names, shape) -> P:
     non-manual axes, replicating a dim that does not divide over its axes."""
     rules = nn.get_logical_axis_rules()
     spec = mesh_lib.logical_to_mesh_spec(names, rules) if rules else P()
-    manual = set(getattr(mesh, "manual_axes", ()))
+    manual = set(mesh.manual_axes)
     entries = []
     for size, entry in zip(shape, list(spec) + [None] * (len(shape) - len(spec)), strict=True):
         axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
@@ -260,19 +264,23 @@ def _mesh_spec(mesh, names, shape) -> P:
 
 def _sharded(fn):
     """`fn(q, k, v, mask)` run per shard under the active mesh (`jax.shard_map`): batch over
-    the logical "batch" axes, heads over "heads"; a plain call without a mesh (or when nothing
-    would be split)."""
+    the logical "batch" axes, heads over "heads" (a dim that does not divide is replicated); a
+    plain call without a mesh of more than one device. Inside an enclosing shard_map (e.g. a
+    sequence-parallel wrapper) only the mesh axes it left automatic are split here.
+
+    Without an active mesh (`jax.set_mesh`, or vdm.parallel.with_sharding_rules) a jit over
+    several devices cannot place the kernel: JAX then asks for a shard_map."""
 
     def run(q, k, v, mask):
         mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty:
+        manual = set(() if mesh.empty else mesh.manual_axes)
+        free = frozenset(() if mesh.empty else (a for a in mesh.axis_names if a not in manual))
+        if not free or math.prod(mesh.shape[a] for a in free) == 1:
             return fn(q, k, v, mask)
+        # Even when nothing divides (specs replicated), a multi-device program must call the
+        # Mosaic kernel inside shard_map.
         q_spec = _mesh_spec(mesh, ("batch", None, "heads", None), q.shape)
-        if all(e is None for e in q_spec):
-            return fn(q, k, v, mask)
         mask_spec = P(q_spec[0], None)
-        manual = set(getattr(mesh, "manual_axes", ()))
-        free = frozenset(a for a in mesh.axis_names if a not in manual)
         args = (q, k, v) if mask is None else (q, k, v, mask)
         specs = (q_spec,) * 3 + (() if mask is None else (mask_spec,))
         inner = (lambda q, k, v: fn(q, k, v, None)) if mask is None else fn
@@ -283,17 +291,9 @@ def _sharded(fn):
     return run
 
 
-def attention_flops(q_shape, k_shape) -> int:
-    """Forward matmul FLOPs of one attention (`2 * 2 * B * H * Sq * Sk * D`: logits and the
-    weighted sum), the figure XLA's cost analysis cannot see inside a Mosaic kernel."""
-    b, sq, h, d = q_shape
-    return int(4 * b * h * sq * k_shape[1] * d)
-
-
 __all__ = [
     "KERNELS",
     "attention",
-    "attention_flops",
     "check_shape",
     "current_platform",
     "select_kernel",

@@ -442,6 +442,11 @@ class Denoiser(nn.Module):
         """Forward-pass matmul FLOPs of one example (a train step costs about 3x this)."""
         return accounting.flops_per_example(self, latent_shape, context_len, context_dim)
 
+    def attention_flops_per_example(self, latent_shape: Sequence[int], context_len: int) -> int:
+        """The attention logits + weighted sums within `flops_per_example` (what a fused
+        attention kernel computes; see `denoiser_accounting.attention_flops_per_example`)."""
+        return accounting.attention_flops_per_example(self, latent_shape, context_len)
+
     def summary(self, params: Any = None, **kwargs) -> str:
         """Architecture, parameter counts, tokens and FLOPs in a few lines
         (`denoiser_accounting.summary`: latent_shape=, context_shape=)."""
