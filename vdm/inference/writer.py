@@ -59,7 +59,7 @@ def run(
     """
     sampling = dict(sampling or {})
     _check_request(prompts, sampling, num_samples, formats, batch_size)
-    paths.check_output_dir(output_dir, "--output_dir")
+    paths.check_output_dir(output_dir, "--output_dir", create=False)  # made when writing
     t0 = time.perf_counter()
     print(f"Loading model from {checkpoint or pipeline.DEFAULT_MODEL} ...", flush=True)
     pipe = pipeline.load_pipeline(checkpoint)
@@ -88,13 +88,14 @@ def write_videos(
     fps: float,
     record: Mapping[str, Any],
 ) -> list[dict]:
-    """Writes prompt-major uint8 `videos` [P * num_samples, T, H, W, 3] into `output_dir` (an
-    existing directory) under this run's own names (module docstring) and appends one
+    """Writes prompt-major uint8 `videos` [P * num_samples, T, H, W, 3] into `output_dir`
+    (created if missing) under this run's own names (module docstring) and appends one
     samples.jsonl line per file: `record` plus prompt, indices, run number and file.
 
     Returns:
       The records appended.
     """
+    os.makedirs(output_dir, exist_ok=True)
     run_id, prefix = _claim_run(output_dir)
     files = _write(videos, prompts, num_samples, output_dir, formats, fps, prefix)
     records = [
@@ -207,7 +208,7 @@ def _append_records(path: str, records: list[dict]) -> None:
 def _write(
     videos: np.ndarray, prompts, num_samples, output_dir, formats, fps, prefix: str = ""
 ) -> list[tuple[int, int, str]]:
-    """Writes each video in each format (into the directory `check_output_dir` made):
+    """Writes each video in each format into `output_dir`:
     [(prompt index, sample index, file)]."""
     records = []
     for n, frames in enumerate(videos):
