@@ -129,8 +129,8 @@ def _check_request(prompts, sampling, num_samples, formats, batch_size) -> None:
         except UnicodeEncodeError:
             shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             raise UserError(
-                f"{name} is not valid UTF-8 text: {shown!r}. Pass the prompt as UTF-8 (check the "
-                "terminal's or the script's encoding)."
+                f"{name} is not valid UTF-8 text: '{shown}' (undecodable bytes shown as \\xNN). "
+                "Pass the prompt as UTF-8 (check the terminal's or the script's encoding)."
             ) from None
     for n, p in enumerate(prompts):
         if not p.strip():
