@@ -417,15 +417,10 @@ def build_cache(
       zero_padding: store zeros at padded context positions (smaller; exact for the denoiser).
       limit: encode only the first `limit` examples (for timing; the manifest records it).
       progress: show a tqdm progress bar.
-      source: `get_source(config.data, split)` when the caller made it already (the CLI makes
-        it before loading the encoders, so a folder with no usable clip fails at once).
+      source: `get_source(config.data, split)` if made already (the CLI makes it first).
 
     Returns:
       The written manifest.
-
-    Raises:
-      ValueError: a bad request (`check_output`) or a split with no readable example (then
-        nothing is written for it).
     """
     setup_start = time.perf_counter()
     existing, ident = _check_request(config, output, latent_dtype, zero_padding, batch_size)
