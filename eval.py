@@ -14,7 +14,9 @@ from vdm.errors import UserError
 from vdm.eval import runner
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser checkpoint (default: bundled).")
-_NUM_VIDEOS = flags.DEFINE_integer("num_videos", None, "Test prompts per setting.")
+_NUM_VIDEOS = flags.DEFINE_integer(
+    "num_videos", None, "Test prompts per setting (at least 4; default: config.eval.num_videos)."
+)
 _SAMPLERS = flags.DEFINE_list("samplers", None, "Samplers to evaluate.")
 _NUM_STEPS = flags.DEFINE_list("num_steps", None, "Step counts to evaluate.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance scale (default: the model's).")

@@ -11,6 +11,10 @@ stages (`train_log.jsonl`, `vae_train_log.jsonl`: each workdir's metrics.jsonl;
 grown from the bundled one, `init_init_train_log.jsonl` for the run before that, and so on) so
 the bundle carries the record of how it was made.
 `sample.py --checkpoint OUT` and `vdm.load_pipeline(OUT)` load it.
+
+Everything is written into a `.export-*` staging folder beside OUT first and then moved in; a
+failed or interrupted export (Ctrl-C, SIGTERM: exit 130) removes the staging folder, and the
+final swap into OUT is not interrupted halfway.
 """
 
 from __future__ import annotations
