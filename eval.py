@@ -10,10 +10,13 @@ Prints a table and writes eval_out/metrics.json plus a contact sheet per setting
 from absl import app, flags
 
 from vdm import cli
+from vdm.errors import UserError
 from vdm.eval import runner
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Denoiser checkpoint (default: bundled).")
-_NUM_VIDEOS = flags.DEFINE_integer("num_videos", None, "Test prompts per setting.")
+_NUM_VIDEOS = flags.DEFINE_integer(
+    "num_videos", None, "Test prompts per setting (at least 4; default: config.eval.num_videos)."
+)
 _SAMPLERS = flags.DEFINE_list("samplers", None, "Samplers to evaluate.")
 _NUM_STEPS = flags.DEFINE_list("num_steps", None, "Step counts to evaluate.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Guidance scale (default: the model's).")
@@ -28,6 +31,29 @@ _RANDOM = flags.DEFINE_bool(
 )
 
 
+def _numbers(flag: str, values: list[str] | None, kind: type) -> list | None:
+    """A comma-separated list flag as numbers, or a message naming the flag and the bad item."""
+    if not values:
+        return None
+    try:
+        return [kind(v) for v in values]
+    except ValueError:
+        bad = [v for v in values if not _parses(v, kind)]
+        example = "10,20" if kind is int else "0,1"
+        raise UserError(
+            f"{flag} takes comma-separated {kind.__name__}s (e.g. {flag}={example}), got "
+            f"{bad[0]!r}."
+        ) from None
+
+
+def _parses(text: str, kind: type) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -38,10 +64,10 @@ def main(argv):
             checkpoint=_CHECKPOINT.value,
             num_videos=_NUM_VIDEOS.value,
             samplers=_SAMPLERS.value,
-            num_steps=[int(s) for s in _NUM_STEPS.value] if _NUM_STEPS.value else None,
+            num_steps=_numbers("--num_steps", _NUM_STEPS.value, int),
             guidance=_GUIDANCE.value,
             shift=_SHIFT.value,
-            etas=[float(e) for e in _ETA.value] if _ETA.value else None,
+            etas=_numbers("--eta", _ETA.value, float),
             seed=_SEED.value,
             output_dir=_OUTPUT_DIR.value,
             random_weights=_RANDOM.value,

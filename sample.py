@@ -5,7 +5,15 @@
       [--negative_prompt ...] [--shift 3.0] [--output_dir out/] [--formats mp4,gif,npy,png]
 
 With no --checkpoint it uses the bundled default model. Writes
-out/{prompt_idx:03d}_{sample_idx:02d}.{ext} and out/samples.jsonl (one line per file).
+out/{prompt_idx:03d}_{sample_idx:02d}.{ext} and out/samples.jsonl (one line per file). A later
+(or concurrent) run into the same --output_dir never overwrites those: it claims the next run
+number K there and writes out/run{K}_{prompt_idx:03d}_{sample_idx:02d}.{ext}, its samples.jsonl
+lines saying "run": K and naming its own files.
+
+An empty prompt ("") samples unconditionally (said on the console); a prompt longer than the text
+encoder's max_length is truncated with a warning; a prompt that is not valid UTF-8 is refused. A
+request of many videos is timed on one batch first and warned about with an estimate of the time
+it takes; one whose videos would not fit in half the machine's memory is refused.
 """
 
 from absl import app, flags

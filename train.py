@@ -11,7 +11,7 @@ variables; --auto_distributed lets JAX detect TPU pods / SLURM).
 from absl import app, flags
 from ml_collections import config_flags
 
-from vdm import cli
+from vdm import cli, paths
 from vdm import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -37,6 +37,7 @@ def main(argv):
         )
         config = _CONFIG.value
         config_lib.validate(config)
+        paths.check_output_dir(_WORKDIR.value, "--workdir", create=False)
         loop.train_and_evaluate(config, _WORKDIR.value)
 
 

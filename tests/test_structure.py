@@ -41,6 +41,9 @@ LAYERS = [
     ("vdm.tasks", ("vdm.train", "vdm.tools")),
     ("vdm.train", ("vdm.tools",)),
     ("vdm.errors", ("vdm.",)),
+    ("vdm.paths", ("vdm.train", "vdm.tasks", "vdm.inference", "vdm.tools", "vdm.eval", "vdm.data",
+                   "vdm.models", "vdm.io", "vdm.parallel", "vdm.diffusion", "vdm.encoders",
+                   "vdm.cli", "vdm.config", "vdm.rng")),
     ("vdm.rng", ("vdm.",)),
     ("vdm.cli", ("vdm.train", "vdm.tasks", "vdm.inference", "vdm.tools", "vdm.eval")),
 ]  # fmt: skip

@@ -9,11 +9,13 @@ messages for a typo'd key are a bare KeyError, so `parse_flags_with_help` re-rai
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib.util
 import math
 import os
 import sys
+import traceback
 from collections.abc import Iterable
 
 import ml_collections
@@ -78,10 +80,43 @@ def load_config_file(path: str, arg: str | None = None) -> ConfigDict:
         root = os.sep.join(parts[: parts.index("configs")]) or os.sep
     if root not in sys.path:
         sys.path.insert(0, root)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"Config file '{path}' has no get_config() function.")
-    return module.get_config(arg) if arg is not None else module.get_config()
+    with _naming_errors_in(path, "importing it"):
+        spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(
+            f"Config file '{path}' has no get_config() function; a config file defines "
+            "get_config() returning an ml_collections.ConfigDict (see configs/base.py)."
+        )
+    with _naming_errors_in(path, "calling its get_config()"):
+        return module.get_config(arg) if arg is not None else module.get_config()
+
+
+@contextlib.contextmanager
+def _naming_errors_in(path: str, doing: str):
+    """Turns an error raised by a config file's own code into a ConfigError naming the file and
+    the line (the innermost one in a config file, or the syntax error's)."""
+    try:
+        yield
+    except SyntaxError as e:
+        where = f"'{e.filename}', line {e.lineno}" if e.filename else f"'{path}'"
+        raise ConfigError(
+            f"Config file {where} has a syntax error ({e.msg}) ({doing}): "
+            f"{(e.text or '').strip()!r}. Fix the line and run again."
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any error of the user's own code, named
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if _is_config_file(f.filename)]
+        where = f"'{frames[-1].filename}', line {frames[-1].lineno}" if frames else f"'{path}'"
+        raise ConfigError(
+            f"Config file {where} raised {type(e).__name__}: {e} ({doing}). Fix the config file."
+        ) from None
+
+
+def _is_config_file(filename: str) -> bool:
+    """Whether a traceback frame is in a config file (not in vdm or a library)."""
+    if filename.startswith("<"):  # <frozen importlib._bootstrap> and the like
+        return False
+    here = os.path.dirname(os.path.abspath(__file__))
+    return not os.path.abspath(filename).startswith(here) and "site-packages" not in filename
 
 
 def _parse_value(text: str):

@@ -28,6 +28,7 @@ import numpy as np
 
 from vdm import parallel
 from vdm.data import cache
+from vdm.errors import UserError
 from vdm.io import bundle, checkpoint
 from vdm.models import autoencoder as ae
 from vdm.models.text import architectures
@@ -92,6 +93,7 @@ def load_vae(config) -> tuple[ae.VideoAutoencoder, PyTree, dict]:
             flush=True,
         )
     if path:
+        _check_vae_checkpoint(path)
         params = checkpoint.load_params(path, item="ema")
         stats = checkpoint.load_metadata(path).get("latent_stats")
         if stats is None:
@@ -109,6 +111,33 @@ def load_vae(config) -> tuple[ae.VideoAutoencoder, PyTree, dict]:
     params = jax.jit(module.init)(jax.random.key(config.seed), video)["params"]
     c = config.vae.latent_channels
     return module, params, {"shift": [0.0] * c, "scale": [1.0] * c}
+
+
+def _check_vae_checkpoint(path: str) -> None:
+    """Refuses a `config.vae.checkpoint` that is missing or not a VAE, naming it, before any
+    weights are read (a denoiser's weights would fail later as a pytree-structure error)."""
+    fix = (
+        "Pass a VAE training workdir (stage 'autoencoder', e.g. from configs/vae_quickstart.py) "
+        f"or an exported model's vae/ directory (the bundled one: {bundle.DEFAULT_MODEL}/vae)."
+    )
+    if bundle.is_bundle(path):
+        raise UserError(
+            f"config.vae.checkpoint='{path}' is a whole exported model; pass its VAE part, "
+            f"'{os.path.join(path, 'vae')}'."
+        )
+    part = bundle.part_of(path)
+    if part is not None:
+        if part[1] != "vae":
+            raise UserError(f"config.vae.checkpoint='{path}' holds a {part[1]}, not a VAE. {fix}")
+        return
+    try:
+        stage = checkpoint.load_config(path).stage
+    except FileNotFoundError as e:
+        raise UserError(f"config.vae.checkpoint='{path}': {e} {fix}") from None
+    if stage != "autoencoder":
+        raise UserError(
+            f"config.vae.checkpoint='{path}' is a checkpoint of stage '{stage}', not a VAE. {fix}"
+        )
 
 
 def load_text(config) -> te.TextEncoder:
@@ -129,8 +158,8 @@ def load(config) -> FrozenEncoders:
       ValueError / FileNotFoundError: a VAE checkpoint or text encoder that cannot be read, or a
         latent cache built with other encoders or shapes (named).
     """
+    vae, vae_params, stats = load_vae(config)  # first: a wrong VAE path fails before any download
     text = load_text(config)
-    vae, vae_params, stats = load_vae(config)
     source = config.data.source
     if source.startswith("cache:"):
         manifest = cache.read_manifest(source.split(":", 1)[1])

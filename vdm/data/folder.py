@@ -80,6 +80,18 @@ def read_captions(root: str, caption_key: str = "caption") -> list[dict]:
             f'e.g. {{"file": "clip.mp4", "{caption_key}": "a dog runs on the beach"}}.'
         )
     path = paths[0]
+    try:
+        rows = _read_rows(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}:{_line_of(path, e.start)}: the captions file is not UTF-8 text ({e.reason} at "
+            f"byte {e.start}); save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+        ) from None
+    return _entries(root, path, rows, caption_key)
+
+
+def _read_rows(path: str) -> list[tuple[int, object]]:
+    """[(line number, parsed JSON line / CSV row)] of a captions file."""
     rows = []
     if path.endswith(".jsonl"):
         with open(path, encoding="utf-8") as f:
@@ -94,6 +106,17 @@ def read_captions(root: str, caption_key: str = "caption") -> list[dict]:
         with open(path, encoding="utf-8", newline="") as f:
             for line_no, row in enumerate(csv.DictReader(f), 2):
                 rows.append((line_no, row))
+    return rows
+
+
+def _line_of(path: str, offset: int) -> int:
+    """The 1-based line of byte `offset` in file `path`."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def _entries(root: str, path: str, rows, caption_key: str) -> list[dict]:
+    """The checked entries of a captions file's rows (module docstring)."""
     entries = []
     for line_no, row in rows:
         if not isinstance(row, dict):

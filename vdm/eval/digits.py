@@ -138,6 +138,11 @@ def video_features(videos: np.ndarray, clf: DigitClassifier) -> np.ndarray:
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to feature rows of `a` and `b` (as in FID)."""
+    if min(len(a), len(b)) < 2:
+        raise ValueError(
+            f"The Fréchet distance needs at least 2 feature rows on each side (a covariance), got "
+            f"{len(a)} and {len(b)}; score more videos."
+        )
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean = linalg.sqrtm(s1 @ s2)

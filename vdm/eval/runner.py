@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from vdm import paths
 from vdm.data import cache
 from vdm.diffusion.samplers import STOCHASTIC
 from vdm.errors import UserError
@@ -19,6 +20,10 @@ from vdm.inference import pipeline
 from vdm.inference.settings import SamplingSettings
 from vdm.io import video
 from vdm.models import autoencoder as ae
+
+# The fewest videos eval.py scores: the real-data ceiling fits a covariance to each half of the
+# real videos, and a covariance needs two rows.
+MIN_VIDEOS = 4
 
 
 def vae_reconstruction(
@@ -65,6 +70,14 @@ def run(
     One row per captions x sampler x eta x steps; `etas` (default: the model's `sample.eta`)
     apply to the samplers that take one ("ddim", "dpmpp2m"), "euler" gets a single row.
     """
+    if num_videos is not None and num_videos < MIN_VIDEOS:
+        raise UserError(
+            f"--num_videos {num_videos} is too few: the Fréchet distance compares the covariance "
+            f"of two halves of the real videos, which needs at least {MIN_VIDEOS} videos "
+            f"(hundreds for a stable figure; default config.eval.num_videos). Pass "
+            f"--num_videos >= {MIN_VIDEOS}."
+        )
+    paths.check_output_dir(output_dir, "--output_dir", create=False)
     pipe = _load(checkpoint, random_weights, seed)
     cfg = pipe.config
     base = pipe.settings.override(guidance=guidance, shift=shift)
@@ -74,7 +87,7 @@ def run(
         [base.eta] if etas is None else [float(e) for e in etas],
         list(num_steps or cfg.eval.num_steps),
     )
-    num_videos = num_videos or cfg.eval.num_videos
+    num_videos = cfg.eval.num_videos if num_videos is None else num_videos
     os.makedirs(output_dir, exist_ok=True)
     ceilings = _ceilings(pipe, num_videos)
     results = {

@@ -1,19 +1,35 @@
-"""The `sample.py` command: prompts -> video files + samples.jsonl."""
+"""The `sample.py` command: prompts -> video files + samples.jsonl.
+
+Several runs may write into one output directory, one after another or at the same time: each
+claims a run number there (`.sample-run-K`, created atomically) and names its files after it,
+`{p:03d}_{i:02d}.{ext}` for the first run into a directory and `run{K}_{p:03d}_{i:02d}.{ext}` for
+later ones, so no run overwrites another's videos; each appends its samples.jsonl lines (with
+`"run": K` and its own `file`) in one write.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
+from vdm import paths
 from vdm.errors import UserError
 from vdm.inference import pipeline, settings
 from vdm.io import video
 
 FORMATS = ("mp4", "gif", "npy", "png")
+# Requests of at least this many videos are timed on one batch first and warned about (ETA).
+LARGE_REQUEST = 256
+# A request whose videos would take more than this share of the machine's memory is refused.
+MAX_MEMORY_SHARE = 0.5
+_FIRST_RUN_FILE = re.compile(r"^\d{3}_\d{2}\.")
 
 
 def run(
@@ -29,14 +45,70 @@ def run(
 ) -> list[dict]:
     """Generates and writes videos; returns the records written to samples.jsonl.
 
-    Files are `{output_dir}/{prompt_idx:03d}_{sample_idx:02d}.{ext}`; `npy` holds uint8
-    [T, H, W, 3]; `png` is a contact sheet of the frames.
+    Files are `{output_dir}/{prefix}{prompt_idx:03d}_{sample_idx:02d}.{ext}` (`prefix` is "" for
+    the first run into `output_dir`, `run{K}_` for the K-th later one; module docstring); `npy`
+    holds uint8 [T, H, W, 3]; `png` is a contact sheet of the frames.
 
     Args:
       sampling: `SamplingSettings` fields to set instead of the model's defaults (None values
         keep the default), e.g. {"num_steps": 10, "guidance": None}.
+
+    Raises:
+      UserError: a bad format, count, setting, prompt or output directory (before the model
+        loads), or a request too large for this machine's memory (before sampling).
     """
     sampling = dict(sampling or {})
+    _check_request(prompts, sampling, num_samples, formats, batch_size)
+    paths.check_output_dir(output_dir, "--output_dir", create=False)  # made when writing
+    t0 = time.perf_counter()
+    print(f"Loading model from {checkpoint or pipeline.DEFAULT_MODEL} ...", flush=True)
+    pipe = pipeline.load_pipeline(checkpoint)
+    _check_size(pipe, len(prompts) * num_samples, num_samples)
+    chosen = pipe.settings.override(**sampling)
+    # What each record states: the settings with the shift the sampler used (unset = training's).
+    record = {**dataclasses.asdict(chosen), "shift": pipe.sampling_spec(chosen.shift).shift}
+    call = dict(seed=seed, settings=chosen, batch_size=batch_size)
+    if len(prompts) * num_samples >= LARGE_REQUEST:
+        _warn_eta(pipe, prompts, num_samples, call)
+    videos = pipe(list(prompts), num_samples=num_samples, progress=True, **call)
+    records = write_videos(
+        videos, prompts, num_samples, output_dir, formats, pipe.config.data.fps,
+        {"seed": seed, **record},
+    )  # fmt: skip
+    print(f"Wrote {len(videos)} video(s) to {output_dir}/ in {time.perf_counter() - t0:.1f} s.")
+    return records
+
+
+def write_videos(
+    videos: np.ndarray,
+    prompts: Sequence[str],
+    num_samples: int,
+    output_dir: str,
+    formats: Sequence[str],
+    fps: float,
+    record: Mapping[str, Any],
+) -> list[dict]:
+    """Writes prompt-major uint8 `videos` [P * num_samples, T, H, W, 3] into `output_dir`
+    (created if missing) under this run's own names (module docstring) and appends one
+    samples.jsonl line per file: `record` plus prompt, indices, run number and file.
+
+    Returns:
+      The records appended.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    run_id, prefix = _claim_run(output_dir)
+    files = _write(videos, prompts, num_samples, output_dir, formats, fps, prefix)
+    records = [
+        {"prompt": prompts[p], "prompt_idx": p, "sample_idx": i, **record, "run": run_id,
+         "file": f}
+        for p, i, f in files
+    ]  # fmt: skip
+    _append_records(os.path.join(output_dir, "samples.jsonl"), records)
+    return records
+
+
+def _check_request(prompts, sampling, num_samples, formats, batch_size) -> None:
+    """Everything about the request that can be checked before the model loads."""
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise UserError(f"Unknown output format(s) {bad}; choose from {list(FORMATS)}.")
@@ -46,58 +118,103 @@ def run(
         raise UserError(f"--num_samples must be >= 1, got {num_samples}.")
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}.")
-    settings.check(**sampling)  # before loading the model
-    _check_output_dir(output_dir)
-    t0 = time.perf_counter()
-    print(f"Loading model from {checkpoint or pipeline.DEFAULT_MODEL} ...", flush=True)
-    pipe = pipeline.load_pipeline(checkpoint)
-    chosen = pipe.settings.override(**sampling)
-    # What each record states: the settings with the shift the sampler used (unset = training's).
-    record = {**dataclasses.asdict(chosen), "shift": pipe.sampling_spec(chosen.shift).shift}
-    videos = pipe(
-        list(prompts),
-        seed=seed,
-        num_samples=num_samples,
-        settings=chosen,
-        batch_size=batch_size,
-        progress=True,
-    )
-    files = _write(videos, prompts, num_samples, output_dir, formats, pipe.config.data.fps)
-    records = [
-        {"prompt": prompts[p], "prompt_idx": p, "sample_idx": i, "seed": seed, **record, "file": f}
-        for p, i, f in files
-    ]
-    with open(os.path.join(output_dir, "samples.jsonl"), "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    print(f"Wrote {len(videos)} video(s) to {output_dir}/ in {time.perf_counter() - t0:.1f} s.")
-    return records
+    settings.check(**sampling)
+    if not prompts:
+        raise UserError('No prompt given: pass at least one --prompt ("" is unconditional).')
+    named = [(f"--prompt #{n + 1}", p) for n, p in enumerate(prompts)]
+    named.append(("--negative_prompt", sampling.get("negative_prompt") or ""))
+    for name, text in named:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise UserError(
+                f"{name} is not valid UTF-8 text: '{shown}' (undecodable bytes shown as \\xNN). "
+                "Pass the prompt as UTF-8 (check the terminal's or the script's encoding)."
+            ) from None
+    for n, p in enumerate(prompts):
+        if not p.strip():
+            print(f"Note: --prompt #{n + 1} is empty: its videos are sampled unconditionally.")
 
 
-def _check_output_dir(output_dir: str) -> None:
-    """Creates `output_dir` before any sampling, so a path that cannot hold the videos fails at
-    once instead of after the work."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UserError(f"--output_dir '{output_dir}' is a file; pass a directory.")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
+def _check_size(pipe, num_videos: int, num_samples: int) -> None:
+    """Refuses a request whose videos would not fit in memory (they are held until written)."""
+    d = pipe.config.data
+    need = num_videos * int(d.num_frames) * int(d.height) * int(d.width) * 3
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > MAX_MEMORY_SHARE * total:
         raise UserError(
-            f"--output_dir '{output_dir}' cannot be created ({e.strerror or e}); pass a directory "
-            "that can be written."
-        ) from None
-    if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise UserError(f"--output_dir '{output_dir}' is not writable; pass another directory.")
+            f"--num_samples {num_samples} x {num_videos // num_samples} prompt(s) = {num_videos:,} "
+            f"videos would hold {need / 2**30:.1f} GiB in memory until they are written (this "
+            f"machine has {total / 2**30:.1f} GiB); split the request into several runs (other "
+            "--seed values) or fewer --num_samples."
+        )
 
 
-def _write(videos, prompts, num_samples, output_dir, formats, fps) -> list[tuple[int, int, str]]:
-    """Writes each video in each format (into the directory `_check_output_dir` made):
+def _warn_eta(pipe, prompts, num_samples, call) -> None:
+    """Times one batch of the request's own first videos (compiling first) and says how long the
+    whole request will take. Costs two batches of a request of at least LARGE_REQUEST videos."""
+    n = min(num_samples, call["batch_size"])
+    pipe([prompts[0]], num_samples=n, **call)  # compiles (the real call reuses the program)
+    t = time.perf_counter()
+    pipe([prompts[0]], num_samples=n, **call)
+    per_video = (time.perf_counter() - t) / n
+    total = len(prompts) * num_samples
+    print(
+        f"Warning: {total:,} videos requested; at {per_video:.2f} s per video on this machine "
+        f"that is about {_duration(per_video * total)}. They are all held in memory and written "
+        "at the end; split a long request into several runs to get files sooner.",
+        flush=True,
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _claim_run(output_dir: str) -> tuple[int, str]:
+    """(run number, file-name prefix): the lowest run number no run has claimed in `output_dir`,
+    claimed atomically (`.sample-run-K`), so runs into one directory never share file names.
+    Run 0 (no prefix) is taken too when the directory already holds files of a run from before
+    the claims (a samples.jsonl or `000_00.*`-style names)."""
+    names = os.listdir(output_dir)
+    start = 1 if "samples.jsonl" in names or any(_FIRST_RUN_FILE.match(n) for n in names) else 0
+    k = start
+    while True:
+        try:
+            fd = os.open(os.path.join(output_dir, f".sample-run-{k}"), os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            k += 1
+            continue
+        os.close(fd)
+        return k, "" if k == 0 else f"run{k}_"
+
+
+def _append_records(path: str, records: list[dict]) -> None:
+    """Appends the records to samples.jsonl in one write (O_APPEND), so lines of runs writing at
+    the same time never interleave. Non-finite numbers are refused (they are not JSON)."""
+    data = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _write(
+    videos: np.ndarray, prompts, num_samples, output_dir, formats, fps, prefix: str = ""
+) -> list[tuple[int, int, str]]:
+    """Writes each video in each format into `output_dir`:
     [(prompt index, sample index, file)]."""
     records = []
     for n, frames in enumerate(videos):
         p, i = divmod(n, num_samples)
         for ext in formats:
-            path = os.path.join(output_dir, f"{p:03d}_{i:02d}.{ext}")
+            path = os.path.join(output_dir, f"{prefix}{p:03d}_{i:02d}.{ext}")
             if ext == "png":
                 video.contact_sheet(frames[None], captions=[prompts[p]], path=path)
             else:

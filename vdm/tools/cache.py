@@ -20,6 +20,7 @@ import sys
 
 from vdm import cli, encoders
 from vdm.config import load_config
+from vdm.data import sources
 from vdm.data.cache import build
 
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, rest)
         split = args.split or config.data.train_split
         build.check_output(config, args.output, **options)  # before loading any weights
+        source = sources.get_source(config.data, split)  # ... so a source with no clip fails now
         manifest = build.build_cache(
             config,
             split,
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             encoders=load_encoders(config),
             limit=args.limit,
             progress=not args.no_progress,
+            source=source,
             **options,
         )
         entry = manifest["splits"][split]

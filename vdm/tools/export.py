@@ -11,6 +11,10 @@ stages (`train_log.jsonl`, `vae_train_log.jsonl`: each workdir's metrics.jsonl;
 grown from the bundled one, `init_init_train_log.jsonl` for the run before that, and so on) so
 the bundle carries the record of how it was made.
 `sample.py --checkpoint OUT` and `vdm.load_pipeline(OUT)` load it.
+
+Everything is written into a `.export-*` staging folder beside OUT first and then moved in; a
+failed or interrupted export (Ctrl-C, SIGTERM: exit 130) removes the staging folder, and the
+final swap into OUT is not interrupted halfway.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from typing import Any
@@ -28,9 +33,10 @@ import jax
 import numpy as np
 from absl import logging as absl_logging
 
-from vdm import cli
+from vdm import cli, paths
 from vdm import config as config_lib
 from vdm.data import cache
+from vdm.errors import UserError
 from vdm.inference import pipeline
 from vdm.inference.settings import SamplingSettings
 from vdm.io import bundle, checkpoint
@@ -161,6 +167,29 @@ def export(
     )
 
 
+def _check_denoiser(path: str) -> None:
+    """Refuses a --checkpoint that is not a denoiser's, naming it, before anything is read."""
+    if bundle.is_bundle(path):
+        raise UserError(
+            f"--checkpoint '{path}' is already an exported model; to export it again pass its "
+            f"denoiser part, '{os.path.join(path, 'denoiser')}'."
+        )
+    part = bundle.part_of(path)
+    if part is not None:
+        stage = "denoiser" if part[1] == "denoiser" else "autoencoder"
+    else:
+        try:
+            stage = checkpoint.load_config(path).stage
+        except FileNotFoundError as e:
+            raise UserError(f"--checkpoint '{path}': {e}") from None
+    if stage != "denoiser":
+        raise UserError(
+            f"--checkpoint '{path}' is a checkpoint of stage '{stage}', not a denoiser. Export "
+            "exports a denoiser training workdir (its VAE comes with it, or pass --vae); a VAE "
+            "alone cannot be exported."
+        )
+
+
 def export_with_logs(
     checkpoint: str, output: str, vae: str | None = None, sample: dict | None = None
 ) -> dict[str, str]:
@@ -183,15 +212,19 @@ def export_with_logs(
       another checkpoint (`train.init_from`), "init_train_log" / "vae_init_train_log" (and
       "init_init_train_log", ... along a longer chain).
     """
-    output = os.path.abspath(output)
+    output = paths.check_output_dir(output, "--output", create=False)
+    _check_denoiser(checkpoint)
     vae_run = vae or vae_source(checkpoint)
     logs = {**_logs_of(checkpoint, "denoiser"), **_logs_of(vae_run, "vae")}
     os.makedirs(os.path.dirname(output), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(output))
+    blocked = None
     try:
         export(checkpoint, staging, vae=vae, sample=sample)
         for name, source in logs.items():
             shutil.copyfile(source, os.path.join(staging, f"{name}.jsonl"))
+        # Ctrl-C / SIGTERM wait until the swap is done: the bundle is never left half replaced.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         os.makedirs(output, exist_ok=True)
         produced = set(os.listdir(staging))
         stale = {n for n in os.listdir(output) if _LOG_NAME.match(n)} - produced
@@ -207,7 +240,28 @@ def export_with_logs(
                 os.replace(os.path.join(staging, name), target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if blocked is not None:  # after the clean-up: a waiting Ctrl-C / SIGTERM lands here
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return {"bundle": output, **{n: os.path.join(output, f"{n}.jsonl") for n in logs}}
+
+
+_INTERRUPTED = False
+
+
+def _interrupted(signum, frame):
+    global _INTERRUPTED
+    _INTERRUPTED = True
+    raise KeyboardInterrupt
+
+
+def _caused_by_interrupt(e: BaseException | None) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -238,8 +292,19 @@ def main(argv: list[str] | None = None) -> None:
     sample = dict(kv.split("=", 1) for kv in args.sample)
 
     absl_logging.set_verbosity(absl_logging.WARNING)
+    # SIGTERM unwinds like Ctrl-C, so the staging folder is removed (export_with_logs' finally).
+    signal.signal(signal.SIGTERM, _interrupted)
     with cli.clear_errors():
-        out = export_with_logs(args.checkpoint, args.output, vae=args.vae, sample=sample)
+        try:
+            out = export_with_logs(args.checkpoint, args.output, vae=args.vae, sample=sample)
+        except BaseException as e:  # orbax re-raises an interrupt in its reads as an Exception
+            if not (_INTERRUPTED or _caused_by_interrupt(e)):
+                raise
+            sys.stderr.write(
+                f"error: export interrupted; its staging folder was removed and '{args.output}' "
+                "holds no part-written files (run the export again).\n"
+            )
+            sys.exit(130)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.output) for f in fs)
     print(f"Exported {args.checkpoint} -> {out['bundle']} ({size / 2**20:.1f} MiB).")
 

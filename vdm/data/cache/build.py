@@ -27,6 +27,7 @@ import numpy as np
 from array_record.python import array_record_module
 from tqdm import tqdm
 
+from vdm import paths
 from vdm.config import to_dict
 from vdm.data import loader
 from vdm.data.cache import format as fmt
@@ -270,7 +271,7 @@ def _check_request(config, output: str, latent_dtype: str, zero_padding: bool, b
         raise ValueError(f"latent_dtype must be 'float16' or 'float32', got {latent_dtype!r}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    output = os.path.abspath(os.path.expanduser(str(output)))
+    output = paths.check_output_dir(output, "The cache --output", create=False)
     ident = fmt.identity(config)
     if not os.path.isfile(fmt.manifest_path(output)):
         return None, ident
@@ -399,6 +400,7 @@ def build_cache(
     zero_padding: bool = False,
     limit: int | None = None,
     progress: bool = True,
+    source=None,
 ) -> dict:
     """Encodes one split of `config.data` into a latent cache in `output` (module docstring).
 
@@ -415,6 +417,7 @@ def build_cache(
       zero_padding: store zeros at padded context positions (smaller; exact for the denoiser).
       limit: encode only the first `limit` examples (for timing; the manifest records it).
       progress: show a tqdm progress bar.
+      source: `get_source(config.data, split)` if made already (the CLI makes it first).
 
     Returns:
       The written manifest.
@@ -429,7 +432,7 @@ def build_cache(
     null_context, null_mask = captions([""])
     latent = [int(s) for s in ident["latent_shape"]]
     layout = {"latent_dtype": latent_dtype, "latent": latent, "zero_padding": zero_padding}
-    source = get_source(config.data, split)
+    source = get_source(config.data, split) if source is None else source
     total = len(source) if limit is None else min(limit, len(source))
     batches = _ordered_batches(config, split, batch_size, source)
     writer = _SplitWriter(output, split, captions, **layout)
