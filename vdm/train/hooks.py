@@ -256,7 +256,9 @@ class CheckpointSaver:
     def restore(self) -> tuple[int, TrainState | None, Any]:
         """(step, state as global arrays, data-iterator state) of the newest readable checkpoint;
         (0, None, None) when there is none."""
-        start, restored = self.manager.restore_latest(arrays=self._items(self.setup.abstract_state))
+        start, restored = self.manager.restore_latest(
+            arrays=self._items(self.setup.abstract_state), data=True
+        )
         if start is None:
             return 0, None, None
         state = TrainState(
@@ -265,11 +267,9 @@ class CheckpointSaver:
             opt_state=restored["opt_state"]["opt_state"],
             ema_params=restored.get("ema"),
         )
-        data_state = None
-        try:
-            data_state = self.manager.restore(start, arrays={}, data=True)[manager.DATA_ITEM]
-        except Exception as e:  # noqa: BLE001 - e.g. no iterator state or another process count.
-            log.warning("Step %d: no usable data-iterator state (%s); data restarts.", start, e)
+        # A damaged data-iterator state made the step unreadable above (an older step was used);
+        # a missing one (an iterator without state, another process count) restarts the data.
+        data_state = restored.get(manager.DATA_ITEM)
         say(f"Resumed from step {start} ({self.manager.directory}).")
         self.last_saved = start if start > 0 else None
         return start, state, data_state
