@@ -92,6 +92,19 @@ def is_out_of_space(e: BaseException) -> bool:
     return False
 
 
+class _QuietFailedSaves(logging.Filter):
+    """Drops orbax's tracebacks of a failed background write (a full disk gives one per file):
+    `CheckpointManager.wait` / the next `save` raise that failure as one `CheckpointWriteError`.
+    With `VDM_TRACEBACK=1` they are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failed_write = record.levelno >= logging.ERROR and "orbax" in record.pathname
+        return not (failed_write and record.exc_info) or bool(os.environ.get("VDM_TRACEBACK"))
+
+
+_QUIET = _QuietFailedSaves()
+
+
 # ----------------------------------------------------------------------------- data iterator item
 
 
@@ -234,6 +247,7 @@ class CheckpointManager:
             self.directory, options=options, handler_registry=registry()
         )
         self._pending: int | None = None  # the step an async save is writing
+        logging.getLogger("absl").addFilter(_QUIET)  # once: the same filter object
 
     @classmethod
     def for_workdir(cls, workdir: str, checkpoint_config) -> CheckpointManager:
@@ -290,6 +304,7 @@ class CheckpointManager:
         try:
             yield
         except Exception as e:
+            step = self._pending if self._pending is not None else step  # an async save failed
             what = f"checkpoint step {step}" if step is not None else "a checkpoint"
             why = "no space left on device" if is_out_of_space(e) else describe_error(e)
             done = [s for s in self._mngr.all_steps() if s != step]

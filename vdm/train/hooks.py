@@ -118,8 +118,14 @@ class MetricWriter:
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()
+            except OSError as e:  # e.g. a full disk (the checkpoint save reports it too)
+                log.warning("TensorBoard events in %s not written: %s", tb.logdir, e)
+                for writer in tb.all_writers.values():  # or tensorboardX retries at exit
+                    writer.event_writer._closed = True
+                    writer.event_writer._worker.stop()
 
 
 class NanGuard:
