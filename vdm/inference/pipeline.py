@@ -252,7 +252,8 @@ def load_pipeline(
         config, text_encoder = ConfigDict(b.config), b.text_encoder
         params, vae_params, stats = b.params, b.vae_params, b.latent_stats
     else:
-        config, meta, params, vae_params = _load_checkpoint(path, item, vae)
+        # `vae` is None afterwards when it stood in for an unusable recorded VAE (nothing to swap).
+        config, meta, params, vae_params, vae = _load_checkpoint(path, item, vae)
         text_encoder = meta.get("text_encoder", config.text_encoder.name)
         stats = meta["latent_stats"]
     config_lib.upgrade(config)
@@ -275,8 +276,9 @@ def load_pipeline(
 
 
 def _load_checkpoint(path: str, item: str, vae: str | None = None):
-    """(config, metadata, denoiser params, VAE params) of a denoiser training checkpoint (one
-    step: a workdir's newest readable one); its recorded VAE is checked before it is read."""
+    """(config, metadata, denoiser params, VAE params, `vae` still to swap in) of a denoiser
+    training checkpoint (one step: a workdir's newest readable one); its recorded VAE is checked
+    before it is read, and `vae` replaces it when it is unusable."""
     try:
         config, meta, params = checkpoint.load_checkpoint(path, item=item)
     except FileNotFoundError as e:
@@ -292,7 +294,7 @@ def _load_checkpoint(path: str, item: str, vae: str | None = None):
     else:
         logging.warning("Denoiser checkpoint has no VAE reference: using a random VAE.")
         _, vae_params, _ = encoders.load_vae(config)
-    return config, meta, params, vae_params
+    return config, meta, params, vae_params, None if vae_path == vae else vae
 
 
 def _trees_equal(a, b) -> bool:

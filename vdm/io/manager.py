@@ -304,7 +304,8 @@ class CheckpointManager:
         try:
             yield
         except Exception as e:
-            step = self._pending if self._pending is not None else step  # an async save failed
+            if self._pending is not None and self._pending not in self._mngr.all_steps():
+                step = self._pending  # the async save before this one failed
             what = f"checkpoint step {step}" if step is not None else "a checkpoint"
             why = "no space left on device" if is_out_of_space(e) else describe_error(e)
             done = [s for s in self._mngr.all_steps() if s != step]
