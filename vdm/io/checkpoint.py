@@ -6,6 +6,12 @@ layout: `vdm.io.manager`). The two weight directories of an exported model (`vdm
 `MODEL/denoiser`, `MODEL/vae`, EMA weights only) load the same way, so a new run can start from
 the bundled model (`--config.vae.checkpoint=vdm/assets/default_model/vae`,
 `--config.train.init_from=vdm/assets/default_model/denoiser`).
+
+Given a workdir (or its checkpoints dir), a step whose files are damaged is named in a warning
+and the previous step is read instead, as training resumes (`newest_readable`); a step directory
+given explicitly is read as it is, and a damaged one is an `UnreadableCheckpointError` naming the
+file. `load_checkpoint` reads a step's config, metadata and weights together; `recorded_vae`
+checks the VAE path a denoiser checkpoint records before anything follows it.
 """
 
 from __future__ import annotations
