@@ -31,6 +31,7 @@ from vdm.io import bundle, checkpoint
 from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
 from vdm.models.text import encoder as te
+from vdm.models.text import hub
 
 DEFAULT_MODEL = bundle.DEFAULT_MODEL
 
@@ -251,15 +252,17 @@ def load_pipeline(
         config, text_encoder = ConfigDict(b.config), b.text_encoder
         params, vae_params, stats = b.params, b.vae_params, b.latent_stats
     else:
-        config, meta, params, vae_params = _load_checkpoint(path, item)
+        # `vae` is None afterwards when it stood in for an unusable recorded VAE (nothing to swap).
+        config, meta, params, vae_params, vae = _load_checkpoint(path, item, vae)
         text_encoder = meta.get("text_encoder", config.text_encoder.name)
         stats = meta["latent_stats"]
     config_lib.upgrade(config)
-    text = te.load_text_encoder(
-        text_encoder,
-        max_length=config.text_encoder.max_length,
-        dtype=jnp.dtype(config.text_encoder.dtype),
-    )
+    with hub.recorded(f"the model '{path}' (its text encoder name)"):
+        text = te.load_text_encoder(
+            text_encoder,
+            max_length=config.text_encoder.max_length,
+            dtype=jnp.dtype(config.text_encoder.dtype),
+        )
     pipe = Pipeline(
         config=config,
         text=text,
@@ -272,12 +275,12 @@ def load_pipeline(
     return swap_vae(pipe, vae) if vae else pipe
 
 
-def _load_checkpoint(path: str, item: str):
-    """(config, metadata, denoiser params, VAE params) of a denoiser training checkpoint."""
+def _load_checkpoint(path: str, item: str, vae: str | None = None):
+    """(config, metadata, denoiser params, VAE params, `vae` still to swap in) of a denoiser
+    training checkpoint (one step: a workdir's newest readable one); its recorded VAE is checked
+    before it is read, and `vae` replaces it when it is unusable."""
     try:
-        config = checkpoint.load_config(path)
-        meta = checkpoint.load_metadata(path)
-        params = checkpoint.load_params(path, item=item)
+        config, meta, params = checkpoint.load_checkpoint(path, item=item)
     except FileNotFoundError as e:
         raise UserError(f"No vdm checkpoint found at '{path}': {e}") from None
     if config.stage != "denoiser":
@@ -285,13 +288,13 @@ def _load_checkpoint(path: str, item: str):
             f"'{path}' is a checkpoint of stage '{config.stage}', not a denoiser; sample.py "
             "needs a denoiser checkpoint (its VAE is found through the checkpoint metadata)."
         )
-    vae_path = meta.get("vae_checkpoint", "")
+    vae_path = checkpoint.recorded_vae(meta, path, override=vae)
     if vae_path:
         vae_params = checkpoint.load_params(vae_path, item="ema")
     else:
         logging.warning("Denoiser checkpoint has no VAE reference: using a random VAE.")
         _, vae_params, _ = encoders.load_vae(config)
-    return config, meta, params, vae_params
+    return config, meta, params, vae_params, None if vae_path == vae else vae
 
 
 def _trees_equal(a, b) -> bool:

@@ -21,6 +21,9 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from vdm.errors import UserError
+from vdm.io.manager import describe_error
+
 PyTree = Any
 
 MODEL_JSON = "model.json"
@@ -72,9 +75,27 @@ def part_of(path: str) -> tuple[str, str] | None:
 
 
 def read_meta(model_dir: str) -> dict:
-    """An exported model dir's model.json: config, latent statistics, text encoder, sources."""
-    with open(os.path.join(_abs(model_dir), MODEL_JSON)) as f:
-        return json.load(f)
+    """An exported model dir's model.json: config, latent statistics, text encoder, sources.
+
+    Raises:
+      UserError: model.json is truncated, garbage or lacks an entry (the file named).
+    """
+    file = os.path.join(_abs(model_dir), MODEL_JSON)
+    try:
+        with open(file, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(
+            f"The exported model's {file} is damaged ({type(e).__name__}: {e}); export the model "
+            "again (python -m vdm.tools.export) or restore the file from a copy."
+        ) from None
+    missing = [k for k in ("config", "latent_stats") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise UserError(
+            f"The exported model's {file} lacks {missing}: it was not written by vdm.tools.export "
+            "or is damaged; export the model again."
+        )
+    return meta
 
 
 def source(model_dir: str, part: str) -> str | None:
@@ -96,11 +117,33 @@ def save_tree(path: str, tree: PyTree) -> None:
 
 def restore_tree(path: str, make_target: Callable[[PyTree], PyTree] | None = None) -> PyTree:
     """Restores a param pytree saved by `save_tree`: onto the default device, or into the
-    abstract target `make_target(the stored tree's metadata)` builds."""
+    abstract target `make_target(the stored tree's metadata)` builds.
+
+    Raises:
+      UserError: a weight file is truncated or garbage (the directory and the cause named).
+    """
+    path = _abs(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"The exported model has no weights directory '{path}'.")
     with ocp.StandardCheckpointer() as ckptr:
-        if make_target is None:
-            return ckptr.restore(_abs(path))
-        return ckptr.restore(_abs(path), make_target(ckptr.metadata(_abs(path)).item_metadata))
+        target = None
+        if make_target is not None:
+            try:
+                stored = ckptr.metadata(path).item_metadata
+            except Exception as e:  # noqa: BLE001 - a damaged _METADATA file
+                raise UserError(_damaged(path, e)) from e
+            target = make_target(stored)  # a model mismatch raises here, as itself
+        try:
+            return ckptr.restore(path, target)
+        except Exception as e:  # noqa: BLE001 - truncated or garbage array files
+            raise UserError(_damaged(path, e)) from e
+
+
+def _damaged(path: str, e: BaseException) -> str:
+    return (
+        f"The exported model's weights '{path}' cannot be read ({describe_error(e)}); export the "
+        "model again (python -m vdm.tools.export) or restore it from a copy."
+    )
 
 
 def read(path: str) -> Bundle:

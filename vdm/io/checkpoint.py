@@ -6,6 +6,12 @@ layout: `vdm.io.manager`). The two weight directories of an exported model (`vdm
 `MODEL/denoiser`, `MODEL/vae`, EMA weights only) load the same way, so a new run can start from
 the bundled model (`--config.vae.checkpoint=vdm/assets/default_model/vae`,
 `--config.train.init_from=vdm/assets/default_model/denoiser`).
+
+Given a workdir (or its checkpoints dir), a step whose files are damaged is named in a warning
+and the previous step is read instead, as training resumes (`newest_readable`); a step directory
+given explicitly is read as it is, and a damaged one is an `UnreadableCheckpointError` naming the
+file. `load_checkpoint` reads a step's config, metadata and weights together; `recorded_vae`
+checks the VAE path a denoiser checkpoint records before anything follows it.
 """
 
 from __future__ import annotations
@@ -14,24 +20,30 @@ import json
 import logging
 import os
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import flax
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from vdm import config as config_lib
+from vdm.errors import UserError
 from vdm.io import bundle
 from vdm.io.manager import (
     ARRAY_ITEMS,
     CHECKPOINT_SUBDIR,
+    UnreadableCheckpointError,
     checkpoint_dir,
+    describe_error,
     registry,
 )
 
 PyTree = Any
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -140,19 +152,23 @@ def load_params(path: str, item: str = "ema", *, sharding=None) -> PyTree:
     Raises:
       FileNotFoundError: no checkpoint at `path`.
     """
+    restored, _ = _restore_params(path, item, _target_for(sharding))
+    return restored
+
+
+def _target_for(sharding):
+    """`make_target` placing every array as `sharding` says (default: replicated everywhere)."""
     if sharding is None:
         mesh = jax.sharding.Mesh(np.array(jax.devices(), dtype=object), ("devices",))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    restored, _ = _restore_params(
-        path, item, lambda metadata, _: abstract_from_metadata(metadata, sharding)
-    )
-    return restored
+    return lambda metadata, _: abstract_from_metadata(metadata, sharding)
 
 
 def _restore_params(path: str, item: str, make_target) -> tuple[PyTree, int | None]:
     """Restores the "ema" (falling back to "params" when the run had no EMA) or "params" item
     of the checkpoint at `path` into `make_target(item metadata, "'step dir' (item)")`:
-    (tree, step); step is None for an exported model's weights."""
+    (tree, step); step is None for an exported model's weights. A workdir's newest readable
+    step is used (see `newest_readable`)."""
     if item not in ("ema", "params"):
         raise ValueError(f"item must be 'ema' or 'params', got {item!r}.")
     if bundle.part_of(path) is not None:
@@ -163,25 +179,76 @@ def _restore_params(path: str, item: str, make_target) -> tuple[PyTree, int | No
             )
         where = f"'{os.path.abspath(os.path.expanduser(str(path)))}' (exported)"
         return bundle.restore_tree(path, lambda metadata: make_target(metadata, where)), None
-    directory, step = resolve(path)
-    step_dir = os.path.join(directory, str(step))
+
+    def read(step_dir: str) -> tuple[PyTree, int]:
+        return _restore_item(step_dir, item, make_target), int(os.path.basename(step_dir))
+
+    return newest_readable(path, read)
+
+
+def _restore_item(step_dir: str, item: str, make_target) -> PyTree:
+    """One weights item of a step directory (see `_restore_params`).
+
+    Raises:
+      UnreadableCheckpointError: a damaged file (the item's directory and the cause named).
+    """
     if item == "ema" and not os.path.isdir(os.path.join(step_dir, "ema")):
         log.info("%s has no EMA item (trained with optim.ema_decay=0); loading 'params'.", step_dir)
         item = "params"
-    if not os.path.isdir(os.path.join(step_dir, item)):
+    item_dir = os.path.join(step_dir, item)
+    if not os.path.isdir(item_dir):
         raise FileNotFoundError(
             f"Checkpoint step '{step_dir}' has no '{item}' item (found "
             f"{sorted(os.listdir(step_dir))}); expected items {ARRAY_ITEMS}."
         )
-    mngr = _reader(directory)
     try:
-        target = make_target(mngr.item_metadata(step)[item], f"'{step_dir}' ({item})")
-        restored = mngr.restore(
-            step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
-        )[item]
-        return restored, step
+        stored = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
+    except Exception as e:  # noqa: BLE001 - a damaged _METADATA file
+        raise UnreadableCheckpointError(f"{item_dir}: {describe_error(e)}") from e
+    target = make_target(stored, f"'{step_dir}' ({item})")  # a model mismatch raises here
+    mngr = _reader(os.path.dirname(step_dir))
+    try:
+        args = ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+        return mngr.restore(int(os.path.basename(step_dir)), args=args)[item]
+    except Exception as e:  # noqa: BLE001 - truncated or garbage array files
+        raise UnreadableCheckpointError(f"{item_dir}: {describe_error(e)}") from e
     finally:
         mngr.close()
+
+
+def newest_readable(path: str, read: Callable[[str], T]) -> T:
+    """`read(step_dir)` of the step `path` names.
+
+    A step directory is read as it is: damaged, it is an error naming the file. For a workdir
+    or a checkpoints dir the newest step is tried first; a damaged one (`read` raises
+    `UnreadableCheckpointError`) is named in a warning and the previous step is tried, as
+    training resumes.
+
+    Raises:
+      UnreadableCheckpointError: the step given, or every step of the workdir, is damaged.
+      FileNotFoundError: no checkpoint at `path`.
+    """
+    directory, step = resolve(path)
+    if _is_step_dir(os.path.abspath(os.path.expanduser(str(path)))):
+        step_dir = os.path.join(directory, str(step))
+        try:
+            return read(step_dir)
+        except UnreadableCheckpointError as e:
+            raise UnreadableCheckpointError(
+                f"Checkpoint step '{step_dir}' cannot be read: {e}. Give another step "
+                "directory, or the run's workdir (its newest readable step is used)."
+            ) from None
+    failures = []
+    for s in reversed(_steps_in(directory)):
+        try:
+            return read(os.path.join(directory, str(s)))
+        except UnreadableCheckpointError as e:
+            log.warning("Checkpoint step %d cannot be read (%s); trying an older step.", s, e)
+            failures.append(f"step {s}: {e}")
+    raise UnreadableCheckpointError(
+        f"No step of '{directory}' can be read ({'; '.join(failures[:2])}). Restore the "
+        "checkpoints from a copy, or train again."
+    )
 
 
 def _shapes(tree: PyTree) -> dict[str, tuple]:
@@ -273,15 +340,20 @@ def _load_json(path: str, item: str):
     part = bundle.part_of(path)
     if part is not None:
         return bundle.part_item(*part, item)
-    directory, step = resolve(path)
-    file = os.path.join(directory, str(step), item, "metadata")
+    return newest_readable(path, lambda step_dir: _read_json(step_dir, item))
+
+
+def _read_json(step_dir: str, item: str):
+    file = os.path.join(step_dir, item, "metadata")
     if not os.path.exists(file):
         raise FileNotFoundError(
-            f"Checkpoint step '{os.path.join(directory, str(step))}' has no '{item}' item "
-            f"(expected the JSON file {file})."
+            f"Checkpoint step '{step_dir}' has no '{item}' item (expected the JSON file {file})."
         )
-    with open(file) as f:
-        return json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # truncated or garbage (JSONDecodeError, UnicodeDecodeError)
+        raise UnreadableCheckpointError(f"{file}: {type(e).__name__}: {e}") from None
 
 
 def load_metadata(path: str) -> dict[str, Any]:
@@ -302,3 +374,68 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     the current schema (`vdm.config.upgrade`)."""
     config = ml_collections.ConfigDict(_lists_to_tuples(_load_json(path, "config")))
     return config_lib.upgrade(config)
+
+
+def load_checkpoint(
+    path: str, item: str = "ema"
+) -> tuple[ml_collections.ConfigDict, dict[str, Any], PyTree]:
+    """(config, metadata, weights) of one training checkpoint step, read together: a workdir's
+    newest step whose three read cleanly (a damaged newer one is named in a warning and skipped),
+    or the step directory `path` itself (damaged: an `UnreadableCheckpointError` naming it).
+    Weights are replicated as `load_params` places them."""
+
+    def read(step_dir: str):
+        config = config_lib.upgrade(
+            ml_collections.ConfigDict(_lists_to_tuples(_read_json(step_dir, "config")))
+        )
+        metadata = _read_json(step_dir, "metadata")
+        return config, metadata, _restore_item(step_dir, item, _target_for(None))
+
+    return newest_readable(path, read)
+
+
+VAE_FIELD = "vae_checkpoint"
+
+
+def recorded_vae(metadata: dict[str, Any], where: str, *, override: str | None = None) -> str:
+    """The VAE checkpoint a denoiser checkpoint's metadata records (`vae_checkpoint`), checked
+    before it is followed: it must exist and be a VAE (an autoencoder run or a bundle's `vae/`).
+    "" when none is recorded. With `override` (the VAE the caller gives) an unusable recorded
+    path is replaced by it, with a warning.
+
+    Raises:
+      UserError: the recorded path does not exist or is not a VAE checkpoint (the field named,
+        and how to give another VAE).
+    """
+    path = str(metadata.get(VAE_FIELD) or "")
+    if not path:
+        return ""
+    problem = _not_a_vae(path)
+    if problem is None:
+        return path
+    message = (
+        f"The checkpoint '{where}' records its VAE in metadata field '{VAE_FIELD}' as '{path}', "
+        f"which {problem}."
+    )
+    if override:
+        log.warning("%s Using the VAE given instead: %s", message, override)
+        return override
+    raise UserError(
+        f"{message} Give the VAE it was trained with: `vdm.load_pipeline(checkpoint, vae=VAE_DIR)` "
+        "(a VAE workdir, step dir or an exported model's vae/), or move the VAE run back to that "
+        "path."
+    )
+
+
+def _not_a_vae(path: str) -> str | None:
+    """Why `path` is not a VAE checkpoint (None when it is one)."""
+    if not os.path.exists(os.path.expanduser(path)):
+        return "does not exist"
+    part = bundle.part_of(path)
+    if part is not None:
+        return None if part[1] == "vae" else f"is an exported model's {part[1]}, not its vae/"
+    try:
+        stage = load_config(path).get("stage")
+    except (FileNotFoundError, UnreadableCheckpointError) as e:
+        return f"is not a readable VAE checkpoint ({e})"
+    return None if stage == "autoencoder" else f"is a '{stage}' checkpoint, not a VAE"

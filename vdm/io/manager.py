@@ -11,14 +11,18 @@ Layout (`workdir/checkpoints/<step>/<item>/`), one directory per saved step:
 
 Orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it when complete, so a save
 killed half-way is never listed as a step. A step directory that exists but cannot be restored
-(truncated by hand, a bad disk) is moved aside to `<step>.corrupt` by `restore_latest`, which then
-falls back to the previous step. Reading one model's weights for inference or fine-tuning:
+(truncated by hand, a bad disk), its data-iterator state included, is named in a warning and moved
+aside to `<step>.corrupt` by `restore_latest`, which then falls back to the previous step. A save
+that cannot be written (a full disk) stops with a `CheckpointWriteError` naming the directory; the
+steps written before it stay intact. Reading one model's weights for inference or fine-tuning:
 `vdm.io.checkpoint`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -31,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vdm.errors import ConfigError
+from vdm.errors import ConfigError, UserError
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -41,6 +45,64 @@ ARRAY_ITEMS = ("params", "opt_state", "ema")
 JSON_ITEMS = ("config", "metadata")
 DATA_ITEM = "data_iter"
 ALL_ITEMS = ARRAY_ITEMS + (DATA_ITEM,) + JSON_ITEMS
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class UnreadableCheckpointError(UserError):
+    """A checkpoint file that exists but cannot be read (truncated, garbage, a bad disk)."""
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint that cannot be written (no space left on device, no permission...)."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ if e.__cause__ is not None or e.__suppress_context__ else e.__context__
+    return chain
+
+
+def describe_error(e: BaseException, limit: int = 300) -> str:
+    """One line for an error from orbax / tensorstore: the innermost message (orbax wraps the
+    precise one, e.g. `OUT_OF_RANGE: Error reading "fc2.kernel/0.0" in OCDBT database at local
+    file "<dir>"`, in a long TensorStore spec dump)."""
+    for cause in reversed(_chain(e)):
+        lines = str(cause).strip().splitlines()
+        if lines:
+            line = lines[0].split(" See full TensorStore details")[0]
+            return f"{type(cause).__name__}: {line[:limit]}"
+    return type(e).__name__
+
+
+def is_out_of_space(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a full disk, an exceeded quota or file-size limit."""
+    for cause in _chain(e):
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+            return True
+        text = str(cause)
+        if any(os.strerror(n) in text for n in _NO_SPACE) or "RESOURCE_EXHAUSTED" in text:
+            return True
+    return False
+
+
+class _QuietFailedSaves(logging.Filter):
+    """Drops orbax's tracebacks of a failed background write (a full disk gives one per file):
+    `CheckpointManager.wait` / the next `save` raise that failure as one `CheckpointWriteError`.
+    With `VDM_TRACEBACK=1` they are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failed_write = record.levelno >= logging.ERROR and "orbax" in record.pathname
+        return not (failed_write and record.exc_info) or bool(os.environ.get("VDM_TRACEBACK"))
+
+
+_QUIET = _QuietFailedSaves()
 
 
 # ----------------------------------------------------------------------------- data iterator item
@@ -87,10 +149,15 @@ class DataIterHandler(ocp.CheckpointHandler):
                 f"{jax.process_count()} at {path} (found {found}); the checkpoint was written "
                 "by a run with a different number of processes."
             )
-        payload = json.loads(path.read_text())
-        if payload["encoding"] == "bytes":
-            return payload["state"].encode("utf-8")
-        return payload["state"]
+        try:
+            payload = json.loads(path.read_text())
+            if payload["encoding"] == "bytes":
+                return payload["state"].encode("utf-8")
+            return payload["state"]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # truncated or garbage
+            raise UnreadableCheckpointError(
+                f"The data-iterator state {path} is damaged ({type(e).__name__}: {e})."
+            ) from None
 
 
 ocp.args.register_with_handler(DataIterHandler, for_save=True)(DataIterSave)
@@ -124,6 +191,21 @@ def to_jsonable(obj: Any) -> Any:
         raise TypeError(f"{type(o).__name__} is not JSON-serialisable: {o!r}")
 
     return json.loads(json.dumps(obj, default=default))
+
+
+def _shape_difference(target: PyTree, stored: PyTree) -> str:
+    """'' when `stored` (an item's metadata tree) holds arrays of `target`'s shapes, else what
+    differs, briefly."""
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+    want = sorted(tuple(x.shape) for x in jax.tree.leaves(target, is_leaf=is_leaf))
+    stored = getattr(stored, "tree", stored)
+    have = sorted(tuple(x.shape) for x in jax.tree.leaves(stored, is_leaf=is_leaf))
+    if len(want) != len(have):
+        return f"holds {len(have)} arrays, this config's state {len(want)}"
+    if want != have:
+        diff = sorted(set(have) - set(want))[:4]
+        return f"holds arrays of other shapes than this config's state (e.g. {diff})"
+    return ""
 
 
 # ----------------------------------------------------------------------------- manager
@@ -164,6 +246,8 @@ class CheckpointManager:
         self._mngr = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=registry()
         )
+        self._pending: int | None = None  # the step an async save is writing
+        logging.getLogger("absl").addFilter(_QUIET)  # once: the same filter object
 
     @classmethod
     def for_workdir(cls, workdir: str, checkpoint_config) -> CheckpointManager:
@@ -210,7 +294,26 @@ class CheckpointManager:
             items[name] = ocp.args.JsonSave(to_jsonable(value))
         if data_state is not None:
             items[DATA_ITEM] = DataIterSave(data_state)
-        self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+        with self._writing(step):
+            self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+        self._pending = step
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None):
+        """Turns a failed write (here or in the async save of `step`) into one short error."""
+        try:
+            yield
+        except Exception as e:
+            if self._pending is not None and self._pending not in self._mngr.all_steps():
+                step = self._pending  # the async save before this one failed
+            what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+            why = "no space left on device" if is_out_of_space(e) else describe_error(e)
+            done = [s for s in self._mngr.all_steps() if s != step]
+            raise CheckpointWriteError(
+                f"Cannot write {what} to {self.directory}: {why}. The steps written before it "
+                f"({sorted(done) or 'none'}) are intact; free space (or fix the directory) and "
+                "run again: training resumes from the newest complete step."
+            ) from e
 
     def restore(
         self,
@@ -244,38 +347,83 @@ class CheckpointManager:
     ) -> tuple[int | None, dict[str, Any] | None]:
         """Restores the newest step that restores cleanly; `(None, None)` if there is none.
 
-        When the newest step fails to restore, older ones are tried; once one works, the newer
-        unreadable ones are moved aside to `<step>.corrupt` (so the run can write those steps
-        again). If no step restores (e.g. the config changed the parameter shapes), nothing is
-        moved and a ValueError names the directory and the newest step's error.
+        With `data`, this process's data-iterator state is part of the step (a damaged one makes
+        the step unreadable); a step without one (another number of processes, an iterator
+        without state) restores without it: no `DATA_ITEM` in the result.
+
+        When the newest step fails to restore, a warning names the damaged item and its error and
+        older steps are tried; once one works, the newer unreadable ones are moved aside to
+        `<step>.corrupt` (so the run can write those steps again).
+
+        Raises:
+          ConfigError: no step fits the state of this config (other shapes); nothing is moved.
+          UnreadableCheckpointError: no step restores and some are damaged (each named).
         """
         steps = self.all_steps()
-        first_error, failed = None, []
+        failed: list[tuple[int, bool, str]] = []  # (step, damaged, why)
         for step in reversed(steps):
+            with_data = data and os.path.exists(self._data_file(step))
             try:
-                restored = self.restore(step, arrays=arrays, json_items=json_items, data=data)
+                restored = self.restore(step, arrays=arrays, json_items=json_items, data=with_data)
             except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous.
-                first_error = first_error or e
-                failed.append(step)
+                damaged, why = self._diagnose(step, arrays, with_data, e)
+                failed.append((step, damaged, why))
                 log.warning(
-                    "Checkpoint step %d in %s cannot be restored (%s: %s); trying an older one.",
+                    "Checkpoint step %d in %s cannot be restored: %s; trying an older step.",
                     step,
                     self.directory,
-                    type(e).__name__,
-                    e,
+                    why,
                 )
                 continue
-            for bad in failed:
+            for bad, _, _ in failed:
                 self._move_aside(bad)
             return step, restored
-        if first_error is not None:
-            raise ConfigError(
-                f"Cannot resume from {self.directory}: none of its steps {steps} restores into "
-                f"the state of this config (newest step: {type(first_error).__name__}: "
-                f"{first_error}). Use a fresh workdir, or the config the checkpoint was trained "
-                f"with (saved in each step's 'config' item)."
-            ) from first_error
+        if failed:
+            self._raise_none_restores(steps, failed)
         return None, None
+
+    def _raise_none_restores(self, steps: list[int], failed: list[tuple[int, bool, str]]):
+        whys = "; ".join(f"step {s}: {why}" for s, _, why in failed[:3])
+        if any(damaged for _, damaged, _ in failed):
+            raise UnreadableCheckpointError(
+                f"Cannot resume from {self.directory}: none of its steps {steps} can be read "
+                f"({whys}). Restore the checkpoints from a copy, or move the damaged step "
+                "directories away (an empty checkpoints directory starts the run afresh)."
+            )
+        raise ConfigError(
+            f"Cannot resume from {self.directory}: none of its steps {steps} restores into the "
+            f"state of this config ({whys}). Use a fresh workdir, or the config the checkpoint "
+            f"was trained with (saved in each step's 'config' item)."
+        )
+
+    def _data_file(self, step: int) -> str:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return os.path.join(self.directory, str(step), DATA_ITEM, name)
+
+    def _diagnose(
+        self, step: int, arrays: Mapping[str, PyTree], data: bool, error: BaseException
+    ) -> tuple[bool, str]:
+        """Why `step` does not restore: `(True, "<item dir>: error")` for a damaged file,
+        `(False, "<item>: ...")` when the stored arrays have other shapes than `arrays`."""
+        step_dir = os.path.join(self.directory, str(step))
+        for name, target in arrays.items():
+            item_dir = os.path.join(step_dir, name)
+            if not os.path.isdir(item_dir):
+                return False, f"it has no '{name}' item"
+            try:
+                stored = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
+                differs = _shape_difference(target, stored)
+                if differs:
+                    return False, f"'{name}' {differs}"
+                self.restore(step, arrays={name: target})
+            except Exception as e:  # noqa: BLE001 - the cause is what is reported.
+                return True, f"{item_dir}: {describe_error(e)}"
+        if data:
+            try:
+                self.restore(step, arrays={}, data=True)
+            except Exception as e:  # noqa: BLE001
+                return True, describe_error(e)
+        return True, f"{step_dir}: {describe_error(error)}"
 
     def _move_aside(self, step: int) -> None:
         if jax.process_index() == 0:
@@ -291,13 +439,24 @@ class CheckpointManager:
         self._mngr.reload()
 
     def wait(self) -> None:
-        """Blocks until pending async saves are on disk."""
-        self._mngr.wait_until_finished()
+        """Blocks until pending async saves are on disk.
+
+        Raises:
+          CheckpointWriteError: a save could not be written (named, with the cause).
+        """
+        with self._writing(self._pending):
+            self._mngr.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager's threads."""
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self._mngr.close()
+            except Exception as e:  # noqa: BLE001 - a failed save is already being reported.
+                log.debug("Closing the checkpoint manager: %s", describe_error(e))
 
     def __enter__(self):
         return self

@@ -50,9 +50,13 @@ def initialize_distributed(
     """Starts `jax.distributed` for a multi-process run; a no-op for a single process.
 
     Values come from the arguments, else the environment: `JAX_COORDINATOR_ADDRESS`
-    ("host:port"), `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`. With `auto=True` and nothing given, JAX's
-    own cluster detection (TPU pods, SLURM, Open MPI) fills everything in. Must run before any
-    other JAX call touches the devices.
+    ("host:port"), `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`. With `auto=True` and nothing given,
+    JAX's own cluster detection (TPU pods, SLURM, Open MPI) fills everything in. Must run before
+    any other JAX call touches the devices.
+
+    A process that stops (killed, a lost host) is noticed by the others after
+    `$VDM_HEARTBEAT_TIMEOUT_S` seconds (default 100, JAX's): they then stop with JAX's "another
+    task died" error (a non-zero exit) instead of waiting in a collective.
 
     Args:
       coordinator_address: "host:port" of process 0's coordinator service.
@@ -84,6 +88,7 @@ def initialize_distributed(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
+        heartbeat_timeout_seconds=_heartbeat_timeout(),
     )
     log.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
@@ -93,6 +98,20 @@ def initialize_distributed(
         jax.device_count(),
     )
     return True
+
+
+def _heartbeat_timeout() -> int:
+    value = os.environ.get("VDM_HEARTBEAT_TIMEOUT_S", "100")
+    try:
+        seconds = int(value)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise ConfigError(
+            f"VDM_HEARTBEAT_TIMEOUT_S={value!r}: give a whole number of seconds > 0 (how long a "
+            "silent process is waited for before the others stop)."
+        )
+    return seconds
 
 
 # ----------------------------------------------------------------------------- mesh

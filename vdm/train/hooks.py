@@ -118,8 +118,14 @@ class MetricWriter:
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()
+            except OSError as e:  # e.g. a full disk (the checkpoint save reports it too)
+                log.warning("TensorBoard events in %s not written: %s", tb.logdir, e)
+                for writer in tb.all_writers.values():  # or tensorboardX retries at exit
+                    writer.event_writer._closed = True
+                    writer.event_writer._worker.stop()
 
 
 class NanGuard:
@@ -256,7 +262,9 @@ class CheckpointSaver:
     def restore(self) -> tuple[int, TrainState | None, Any]:
         """(step, state as global arrays, data-iterator state) of the newest readable checkpoint;
         (0, None, None) when there is none."""
-        start, restored = self.manager.restore_latest(arrays=self._items(self.setup.abstract_state))
+        start, restored = self.manager.restore_latest(
+            arrays=self._items(self.setup.abstract_state), data=True
+        )
         if start is None:
             return 0, None, None
         state = TrainState(
@@ -265,11 +273,9 @@ class CheckpointSaver:
             opt_state=restored["opt_state"]["opt_state"],
             ema_params=restored.get("ema"),
         )
-        data_state = None
-        try:
-            data_state = self.manager.restore(start, arrays={}, data=True)[manager.DATA_ITEM]
-        except Exception as e:  # noqa: BLE001 - e.g. no iterator state or another process count.
-            log.warning("Step %d: no usable data-iterator state (%s); data restarts.", start, e)
+        # A damaged data-iterator state made the step unreadable above (an older step was used);
+        # a missing one (an iterator without state, another process count) restarts the data.
+        data_state = restored.get(manager.DATA_ITEM)
         say(f"Resumed from step {start} ({self.manager.directory}).")
         self.last_saved = start if start > 0 else None
         return start, state, data_state

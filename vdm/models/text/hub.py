@@ -2,13 +2,19 @@
 
 `resolve_model_dir(name_or_path)` turns `config.text_encoder.name` into the local directories of
 its config + weights and of its tokenizer; `vdm.models.text.encoder` reads them.
+
+A hub id the user gives (a config) is downloaded when it is not cached. A name read from a
+checkpoint or an exported model is followed inside `recorded(source)`: there a hub id must
+already be in the local Hugging Face cache; nothing downloads because a file said so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def minilm_path() -> str:
@@ -43,6 +49,22 @@ _HUB_FILES = [
     "spiece.model",
     "added_tokens.json",
 ]
+
+
+# Where the name being resolved was read from, when it was not given by the user (see `recorded`).
+_RECORDED_IN: contextvars.ContextVar[str] = contextvars.ContextVar("vdm_recorded_in", default="")
+
+
+@contextlib.contextmanager
+def recorded(source: str) -> Iterator[None]:
+    """Text encoder names resolved inside come from `source` (e.g. "metadata field
+    'text_encoder' of checkpoint X"), not from the user: a hub id is used only from the local
+    cache, never downloaded."""
+    token = _RECORDED_IN.set(source)
+    try:
+        yield
+    finally:
+        _RECORDED_IN.reset(token)
 
 
 def resolve_model_dir(name_or_path: str) -> tuple[str, str]:
@@ -88,6 +110,17 @@ def resolve_model_dir(name_or_path: str) -> tuple[str, str]:
 def _download(repo_id: str) -> str:
     from huggingface_hub import snapshot_download
 
+    source = _RECORDED_IN.get()
+    if source:
+        try:
+            return snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the local cache
+            raise FileNotFoundError(
+                f"Text encoder '{repo_id}' (recorded in {source}) is a Hugging Face hub id that is "
+                "not in the local cache, and names read from a checkpoint are not downloaded. If "
+                f"you trust it, fetch it yourself (`huggingface-cli download {repo_id}`), or "
+                "give a checkpoint trained with a local text encoder."
+            ) from None
     try:
         return snapshot_download(repo_id, allow_patterns=_HUB_FILES)
     except Exception as e:  # offline, unknown repo, gated repo: all mean "not available here".
