@@ -31,6 +31,7 @@ from vdm.errors import UserError
 from vdm.inference.pipeline import load_pipeline
 from vdm.io import bundle, manager
 from vdm.io import checkpoint as ckpt_lib
+from vdm.tools import export
 from vdm.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -528,6 +529,8 @@ def test_recorded_vae_path_is_checked_before_it_is_followed(denoiser_run, tmp_pa
         message
     )
     assert "load_pipeline(checkpoint, vae=VAE_DIR)" in message
+    with pytest.raises(UserError, match="which does not exist.*pass --vae VAE_DIR"):
+        export.vae_source(missing)  # vdm.export checks it too
     pipe = load_pipeline(missing, vae=os.path.join(bundle.DEFAULT_MODEL, "vae"))  # the override
     assert_trees_equal(pipe.vae_params, b.vae_params)
     shutil.rmtree(tmp_path / "run")

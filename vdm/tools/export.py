@@ -120,10 +120,17 @@ def _same_weights(a: str, b: str) -> bool:
 
 def vae_source(denoiser_path: str) -> str:
     """The VAE checkpoint a denoiser checkpoint (or an exported model dir) decodes with ("" when
-    it has none)."""
+    it has none). A recorded VAE path is checked before it is followed.
+
+    Raises:
+      UserError: the recorded VAE does not exist or is not a VAE checkpoint (pass --vae).
+    """
     if bundle.is_bundle(denoiser_path):
         return bundle.vae_source(denoiser_path)
-    return checkpoint.load_metadata(denoiser_path).get("vae_checkpoint", "")
+    try:
+        return checkpoint.recorded_vae(checkpoint.load_metadata(denoiser_path), denoiser_path)
+    except UserError as e:
+        raise UserError(f"{e} To export it, pass --vae VAE_DIR.") from None
 
 
 def export(
