@@ -122,7 +122,7 @@ def main():
             _emit("breakdown_warm_cache_s", **json.loads(stdout.strip().splitlines()[-1]))
             # Part of "load text encoder" where torch is installed (the test extra): transformers'
             # AutoConfig imports it. A user install without torch does not pay it.
-            code = "import time; t = time.perf_counter(); import torch; print(time.perf_counter()-t)"
+            code = "import time; t = time.time(); import torch; print(time.time() - t)"
             try:
                 torch_s = float(_run([sys.executable, "-c", code], env)[2])
                 _emit("import_torch_s", seconds=round(torch_s, 2))
