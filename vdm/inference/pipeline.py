@@ -87,6 +87,7 @@ class Pipeline:
         self.num_devices = len(devices)
         self._replicated = parallel.replicated(self.mesh)
         self._null_cache: dict[str, tuple] = {}
+        self._placed = None  # (the weights as given, the same weights on the mesh)
         self._program = jax.jit(self._sharded, static_argnames=("sampler", "num_steps", "spec"))
 
     # -- sampling --------------------------------------------------------------------------------
@@ -175,6 +176,14 @@ class Pipeline:
             self._null_cache[negative_prompt] = self.text([negative_prompt])
         return self._null_cache[negative_prompt]
 
+    def _placed_weights(self):
+        """(params, vae_params) replicated on the mesh; placed again only when they change."""
+        given = self._placed[0] if self._placed else (None, None)
+        if given[0] is not self.params or given[1] is not self.vae_params:
+            current = (self.params, self.vae_params)
+            self._placed = (current, jax.device_put(current, self._replicated))
+        return self._placed[1]
+
     def __call__(
         self,
         prompts: Sequence[str],
@@ -213,7 +222,7 @@ class Pipeline:
         spec = self.sampling_spec(settings.shift)
         cond = self.encode_prompts(prompts)
         null = self._null(settings.negative_prompt)
-        weights = jax.device_put((self.params, self.vae_params), self._replicated)
+        weights = self._placed_weights()
         pairs = [(p, i) for p in range(len(prompts)) for i in range(num_samples)]
         step = -(-batch_size // self.num_devices) * self.num_devices
         batches = range(0, len(pairs), step)
