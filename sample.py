@@ -43,7 +43,9 @@ _SHIFT = flags.DEFINE_float(
 )
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "out", "Where videos and samples.jsonl go.")
 _FORMATS = flags.DEFINE_list("formats", ["mp4", "gif", "npy", "png"], "Output formats.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Videos per compiled call (result is unchanged).")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", 8, "Videos dispatched at once, one per device per call (result is unchanged)."
+)
 flags.mark_flag_as_required("prompt")
 
 

@@ -5,13 +5,20 @@
 
 Reproducibility: the initial noise of sample i of prompt p is drawn from
 `fold_in(fold_in(key(seed), p), i)` and the sampler is deterministic (a sampler with eta > 0
-folds the same per-example key into its step noise), so a video depends only on (seed, p, i,
-prompt, settings), never on what else is in the batch or how many devices run it.
+folds the same per-example key into its step noise). Every per-example computation runs at one
+fixed shape, batch 1: each distinct prompt is encoded on its own, and every video is sampled and
+decoded by the same batch-1 program, one video per device per call (`jax.shard_map` over the
+`data` axis of a mesh of the pipeline's devices; only the last call is padded, up to the device
+count). So a video's bits depend only on (seed, p, i, prompt, settings): not on the other
+prompts, `num_samples`, `batch_size` or the number of devices (XLA may pick other kernels, which
+round differently, for other shapes; tests/test_reproducibility.py). Another CPU model, XLA
+version or platform may still round differently.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -20,10 +27,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from vdm import config as config_lib
-from vdm import encoders, rng
+from vdm import encoders, parallel, rng
 from vdm.diffusion import samplers, schedules
 from vdm.errors import UserError
 from vdm.inference.settings import SamplingSettings
@@ -61,6 +69,8 @@ class Pipeline:
     latent_stats: dict
     model: dn.Denoiser
     params: Any
+    # Devices the videos are split over (the mesh's `data` axis); default: all local devices.
+    devices: Sequence[jax.Device] | None = None
 
     def __post_init__(self):
         self.latent_shape = tuple(
@@ -73,7 +83,13 @@ class Pipeline:
         )
         self._shift = jnp.asarray(self.latent_stats["shift"], jnp.float32)
         self._scale = jnp.asarray(self.latent_stats["scale"], jnp.float32)
-        self._generate = jax.jit(self.generate, static_argnames=("sampler", "num_steps", "spec"))
+        devices = list(jax.local_devices() if self.devices is None else self.devices)
+        self.mesh = parallel.make_mesh({"data": len(devices)}, devices)
+        self.num_devices = len(devices)
+        self._replicated = parallel.replicated(self.mesh)
+        self._null_cache: dict[str, tuple] = {}
+        self._placed = None  # (the weights as given, the same weights on the mesh)
+        self._program = jax.jit(self._sharded, static_argnames=("sampler", "num_steps", "spec"))
 
     # -- sampling --------------------------------------------------------------------------------
     def generate(
@@ -142,10 +158,32 @@ class Pipeline:
         except ValueError as e:
             raise UserError(str(e)) from None
 
-    def encode_prompts(self, prompts: Sequence[str]):
-        """Prompts -> (hidden [B, L, D], mask [B, L]); warns when a prompt is truncated."""
-        ids, mask = self.text.tokenize(list(prompts))
-        return self.text.encode(self.text.params, ids, mask), jnp.asarray(mask)
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts -> (hidden [B, L, D], mask [B, L]) numpy; warns when a prompt is truncated.
+
+        Each distinct prompt is encoded once, on its own, at batch 1 (and the fixed token length
+        L), so its encoding never depends on the other prompts: XLA may round differently at
+        another batch shape.
+        """
+        distinct = list(dict.fromkeys(prompts))
+        encoded = [self.text([p]) for p in distinct]
+        rows = [distinct.index(p) for p in prompts]
+        hidden = np.concatenate([np.asarray(h) for h, _ in encoded])
+        return hidden[rows], np.concatenate([np.asarray(m) for _, m in encoded])[rows]
+
+    def _null(self, negative_prompt: str):
+        """The encoding of the negative (or empty) prompt, [1, L, D] and [1, L], cached."""
+        if negative_prompt not in self._null_cache:
+            self._null_cache[negative_prompt] = self.text([negative_prompt])
+        return self._null_cache[negative_prompt]
+
+    def _placed_weights(self):
+        """(params, vae_params) replicated on the mesh; placed again only when they change."""
+        given = self._placed[0] if self._placed else (None, None)
+        if given[0] is not self.params or given[1] is not self.vae_params:
+            current = (self.params, self.vae_params)
+            self._placed = (current, jax.device_put(current, self._replicated))
+        return self._placed[1]
 
     def __call__(
         self,
@@ -159,13 +197,19 @@ class Pipeline:
     ) -> np.ndarray:
         """Generates `num_samples` videos per prompt.
 
+        Every video is computed by the same batch-1 program (one per device at a time, the batch
+        split over the mesh's `data` axis), so its bits depend only on (seed, prompt index,
+        sample index, prompt, settings): not on the other prompts, `num_samples`, `batch_size`
+        or the device count (module docstring).
+
         Args:
           prompts: captions; the empty string is the unconditional prompt.
           seed: base seed; sample i of prompt p uses fold_in(fold_in(key(seed), p), i).
           num_samples: videos per prompt.
           settings: sampler, steps, guidance, eta, negative prompt, shift (default:
             `self.settings`, the model's `config.sample`).
-          batch_size: videos per compiled call (does not change the result).
+          batch_size: videos dispatched before they are fetched (rounded up to a multiple of the
+            device count; does not change the result).
           progress: show a tqdm bar over batches.
 
         Returns:
@@ -177,11 +221,12 @@ class Pipeline:
             raise UserError("No prompt given: pass at least one prompt.")
         settings = self.settings if settings is None else settings
         spec = self.sampling_spec(settings.shift)
-        ctx, mask = self.encode_prompts(prompts)
-        eta_key = rng.stream(jax.random.key(seed), "sampler")  # used only when eta > 0
-        null = self.encode_prompts([settings.negative_prompt])
+        cond = self.encode_prompts(prompts)
+        null = self._null(settings.negative_prompt)
+        weights = self._placed_weights()
         pairs = [(p, i) for p in range(len(prompts)) for i in range(num_samples)]
-        batches = range(0, len(pairs), batch_size)
+        step = -(-batch_size // self.num_devices) * self.num_devices
+        batches = range(0, len(pairs), step)
         if progress:
             from tqdm import tqdm
 
@@ -189,42 +234,68 @@ class Pipeline:
             batches = tqdm(batches, desc=desc, unit="batch")
         out = []
         for start in batches:
-            chunk = pairs[start : start + batch_size]
-            # Always pad to `batch_size`: every call reuses one compiled program, and a video's
-            # bits cannot depend on how many others were requested with it (XLA may pick other
-            # kernels for other batch shapes). Padding rows repeat the last pair and are dropped.
-            padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-            video = self._sample_batch(padded, seed, eta_key, (ctx, mask), null, settings, spec)
-            out.append(np.asarray(video)[: len(chunk)])
+            chunk = pairs[start : start + step]
+            n = self.num_devices
+            # Dispatch every call of the chunk before fetching any (they run asynchronously).
+            calls = [
+                self._sample_batch(chunk[k : k + n], seed, weights, cond, null, settings, spec)
+                for k in range(0, len(chunk), n)
+            ]
+            out.append(np.concatenate([np.asarray(v) for v in calls])[: len(chunk)])
         return np.concatenate(out, axis=0)
 
-    def _sample_batch(self, pairs, seed, eta_key, cond, null, settings, spec):
-        """Videos for the (prompt index, sample index) `pairs`: one compiled call."""
-        (ctx, mask), (null_ctx, null_mask) = cond, null
+    def _sample_batch(self, pairs, seed, weights, cond, null, settings, spec):
+        """Videos for up to `num_devices` (prompt index, sample index) `pairs`, one per device:
+        one call of the compiled program, padded (repeating the last pair) to the device count."""
+        pairs = pairs + [pairs[-1]] * (self.num_devices - len(pairs))
         p_idx = np.array([p for p, _ in pairs], np.int32)
         i_idx = np.array([i for _, i in pairs], np.int32)
-        noise = samplers.initial_noise(seed, p_idx, i_idx, self.latent_shape)
-        b = len(pairs)
-        return self._generate(
-            self.params,
-            self.vae_params,
+        eta_key = rng.stream(jax.random.key(seed), "sampler")  # used only when eta > 0
+        keys = (rng.example_keys(seed, p_idx, i_idx), rng.example_keys(eta_key, p_idx, i_idx))
+        ctx, mask = cond
+        return self._program(
+            *weights,
             ctx[p_idx],
             mask[p_idx],
-            jnp.broadcast_to(null_ctx, (b, *null_ctx.shape[1:])),
-            jnp.broadcast_to(null_mask, (b, *null_mask.shape[1:])),
-            noise,
+            *null,
+            *(jax.random.key_data(k) for k in keys),
             jnp.float32(settings.guidance),
             jnp.float32(settings.eta),
-            rng.example_keys(eta_key, p_idx, i_idx),
             sampler=settings.sampler,
             num_steps=settings.num_steps,
             spec=spec,
         )
 
+    def _per_device(self, params, vae_params, ctx, mask, null_ctx, null_mask, noise_keys,
+                    eta_keys, guidance, eta, *, sampler, num_steps, spec):  # fmt: skip
+        """One device's share of `_program`: its video (batch 1) from its keys."""
+        noise_key, eta_key = (jax.random.wrap_key_data(k) for k in (noise_keys, eta_keys))
+        noise = jax.vmap(lambda k: jax.random.normal(k, self.latent_shape, jnp.float32))(noise_key)
+        return self.generate(
+            params, vae_params, ctx, mask, null_ctx, null_mask, noise, guidance, eta, eta_key,
+            sampler=sampler, num_steps=num_steps, spec=spec,
+        )  # fmt: skip
+
+    def _sharded(self, *args, sampler, num_steps, spec):
+        """`_per_device` on every device of the mesh, the batch split over `data` (jitted as
+        `self._program`)."""
+        batch, rep = P("data"), P()
+        fn = jax.shard_map(
+            functools.partial(self._per_device, sampler=sampler, num_steps=num_steps, spec=spec),
+            mesh=self.mesh,
+            in_specs=(rep, rep, batch, batch, rep, rep, batch, batch, rep, rep),
+            out_specs=batch,
+        )
+        return fn(*args)
+
 
 # -- loading ---------------------------------------------------------------------------------------
 def load_pipeline(
-    path: str | None = None, *, item: str = "ema", vae: str | None = None
+    path: str | None = None,
+    *,
+    item: str = "ema",
+    vae: str | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Pipeline:
     """Loads a pipeline from an exported model dir (default: the bundled model) or a denoiser
     training workdir / checkpoint step dir.
@@ -233,6 +304,8 @@ def load_pipeline(
       path: the model (default: the bundled one).
       item: "ema" or "params" weights of a training checkpoint.
       vae: another VAE checkpoint to decode with (see `swap_vae`), e.g. a decoder fine-tune.
+      devices: the devices to sample on, one video per device at a time (default: all local
+        devices); the videos are the same whichever and however many.
 
     Raises:
       UserError: the path does not exist or holds no model; `vae` encodes differently.
@@ -271,6 +344,7 @@ def load_pipeline(
         latent_stats=stats,
         model=dn.Denoiser.from_config(config.model, config.vae.latent_channels),
         params=params,
+        devices=devices,
     )
     return swap_vae(pipe, vae) if vae else pipe
 
