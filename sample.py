@@ -13,7 +13,8 @@ lines saying "run": K and naming its own files.
 An empty prompt ("") samples unconditionally (said on the console); a prompt longer than the text
 encoder's max_length is truncated with a warning; a prompt that is not valid UTF-8 is refused. A
 request of many videos is timed on one batch first and warned about with an estimate of the time
-it takes; one whose videos would not fit in half the machine's memory is refused.
+it takes. Videos are written batch by batch as they are made (memory holds one batch; Ctrl-C
+keeps what was written); a request whose .npy files would not fit on the disk is refused.
 """
 
 from absl import app, flags

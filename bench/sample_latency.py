@@ -49,7 +49,7 @@ pipe = pipeline.load_pipeline(); lap("load_pipeline (all of the above again)")
 pipe.encode_prompts([sys.argv[1]]); lap("encode the prompt")
 v = pipe([sys.argv[1]]); lap("first call: trace + compile-cache load + sample + decode")
 v = pipe([sys.argv[1]]); lap("second call: sample + decode")
-writer._write(v, [sys.argv[1]], 1, sys.argv[2], writer.FORMATS, pipe.config.data.fps)
+writer.write_videos(v, [sys.argv[1]], 1, sys.argv[2], writer.FORMATS, pipe.config.data.fps, {})
 lap("write mp4, gif, npy, png")
 print(json.dumps(laps))
 """

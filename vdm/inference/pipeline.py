@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -215,6 +216,22 @@ class Pipeline:
         Returns:
           uint8 array [len(prompts) * num_samples, T, H, W, 3], prompt-major.
         """
+        call = dict(seed=seed, num_samples=num_samples, settings=settings, batch_size=batch_size)
+        return np.concatenate([v for _, v in self.iter_videos(prompts, progress=progress, **call)])
+
+    def iter_videos(
+        self,
+        prompts: Sequence[str],
+        *,
+        seed: int = 0,
+        num_samples: int = 1,
+        settings: SamplingSettings | None = None,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
+        """`__call__` batch by batch, so a caller can write videos as they are made: yields
+        ([(prompt index, sample index)], uint8 videos [n, T, H, W, 3]) in prompt-major order.
+        Only one batch of videos is held at a time. Arguments and results as `__call__`."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -224,25 +241,23 @@ class Pipeline:
         cond = self.encode_prompts(prompts)
         null = self._null(settings.negative_prompt)
         weights = self._placed_weights()
-        pairs = [(p, i) for p in range(len(prompts)) for i in range(num_samples)]
+        pairs = itertools.product(range(len(prompts)), range(num_samples))  # never a full list
         step = -(-batch_size // self.num_devices) * self.num_devices
-        batches = range(0, len(pairs), step)
+        batches = range(0, len(prompts) * num_samples, step)
         if progress:
             from tqdm import tqdm
 
             desc = f"sampling ({settings.sampler}, {settings.num_steps} steps)"
             batches = tqdm(batches, desc=desc, unit="batch")
-        out = []
-        for start in batches:
-            chunk = pairs[start : start + step]
+        for _ in batches:
+            chunk = list(itertools.islice(pairs, step))
             n = self.num_devices
             # Dispatch every call of the chunk before fetching any (they run asynchronously).
             calls = [
                 self._sample_batch(chunk[k : k + n], seed, weights, cond, null, settings, spec)
                 for k in range(0, len(chunk), n)
             ]
-            out.append(np.concatenate([np.asarray(v) for v in calls])[: len(chunk)])
-        return np.concatenate(out, axis=0)
+            yield chunk, np.concatenate([np.asarray(v) for v in calls])[: len(chunk)]
 
     def _sample_batch(self, pairs, seed, weights, cond, null, settings, spec):
         """Videos for up to `num_devices` (prompt index, sample index) `pairs`, one per device:

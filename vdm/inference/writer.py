@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,8 +28,6 @@ from vdm.io import video
 FORMATS = ("mp4", "gif", "npy", "png")
 # Requests of at least this many videos are timed on one batch first and warned about (ETA).
 LARGE_REQUEST = 256
-# A request whose videos would take more than this share of the machine's memory is refused.
-MAX_MEMORY_SHARE = 0.5
 _FIRST_RUN_FILE = re.compile(r"^\d{3}_\d{2}\.")
 
 
@@ -55,7 +54,7 @@ def run(
 
     Raises:
       UserError: a bad format, count, setting, prompt or output directory (before the model
-        loads), or a request too large for this machine's memory (before sampling).
+        loads), or a request whose .npy files would not fit on the disk (before sampling).
     """
     sampling = dict(sampling or {})
     _check_request(prompts, sampling, num_samples, formats, batch_size)
@@ -63,19 +62,19 @@ def run(
     t0 = time.perf_counter()
     print(f"Loading model from {checkpoint or pipeline.DEFAULT_MODEL} ...", flush=True)
     pipe = pipeline.load_pipeline(checkpoint)
-    _check_size(pipe, len(prompts) * num_samples, num_samples)
+    _check_size(pipe, len(prompts) * num_samples, num_samples, formats, output_dir)
     chosen = pipe.settings.override(**sampling)
     # What each record states: the settings with the shift the sampler used (unset = training's).
     record = {**dataclasses.asdict(chosen), "shift": pipe.sampling_spec(chosen.shift).shift}
     call = dict(seed=seed, settings=chosen, batch_size=batch_size)
     if len(prompts) * num_samples >= LARGE_REQUEST:
         _warn_eta(pipe, prompts, num_samples, call)
-    videos = pipe(list(prompts), num_samples=num_samples, progress=True, **call)
-    records = write_videos(
-        videos, prompts, num_samples, output_dir, formats, pipe.config.data.fps,
-        {"seed": seed, **record},
-    )  # fmt: skip
-    print(f"Wrote {len(videos)} video(s) to {output_dir}/ in {time.perf_counter() - t0:.1f} s.")
+    out = _Run(output_dir, prompts, formats, pipe.config.data.fps, {"seed": seed, **record})
+    records = []  # videos are written batch by batch, as they are made
+    for pairs, videos in pipe.iter_videos(prompts, num_samples=num_samples, progress=True, **call):
+        records += out.write(pairs, videos)
+    print(f"Wrote {len(records) // len(formats)} video(s) to {output_dir}/ in "
+          f"{time.perf_counter() - t0:.1f} s.")  # fmt: skip
     return records
 
 
@@ -89,22 +88,47 @@ def write_videos(
     record: Mapping[str, Any],
 ) -> list[dict]:
     """Writes prompt-major uint8 `videos` [P * num_samples, T, H, W, 3] into `output_dir`
-    (created if missing) under this run's own names (module docstring) and appends one
+    (created if missing) as one run, under its own names (module docstring), and appends one
     samples.jsonl line per file: `record` plus prompt, indices, run number and file.
 
     Returns:
       The records appended.
     """
-    os.makedirs(output_dir, exist_ok=True)
-    run_id, prefix = _claim_run(output_dir)
-    files = _write(videos, prompts, num_samples, output_dir, formats, fps, prefix)
-    records = [
-        {"prompt": prompts[p], "prompt_idx": p, "sample_idx": i, **record, "run": run_id,
-         "file": f}
-        for p, i, f in files
-    ]  # fmt: skip
-    _append_records(os.path.join(output_dir, "samples.jsonl"), records)
-    return records
+    pairs = [divmod(n, num_samples) for n in range(len(videos))]
+    return _Run(output_dir, prompts, formats, fps, record).write(pairs, videos)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One sample.py run's output: claims its run number in `output_dir` when made, then writes
+    batches of videos and appends their samples.jsonl lines (one write per batch)."""
+
+    output_dir: str
+    prompts: Sequence[str]
+    formats: Sequence[str]
+    fps: float
+    record: Mapping[str, Any]
+
+    def __post_init__(self):
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.id, self.prefix = _claim_run(self.output_dir)
+
+    def write(self, pairs: Sequence[tuple[int, int]], videos: np.ndarray) -> list[dict]:
+        """Writes video n as sample pairs[n] = (prompt index, sample index) in every format."""
+        records = []
+        for (p, i), frames in zip(pairs, videos, strict=True):
+            for ext in self.formats:
+                path = os.path.join(self.output_dir, f"{self.prefix}{p:03d}_{i:02d}.{ext}")
+                if ext == "png":
+                    video.contact_sheet(frames[None], captions=[self.prompts[p]], path=path)
+                else:
+                    video.write_video(path, frames, fps=self.fps)
+                records.append(
+                    {"prompt": self.prompts[p], "prompt_idx": p, "sample_idx": i, **self.record,
+                     "run": self.id, "file": path}
+                )  # fmt: skip
+        _append_records(os.path.join(self.output_dir, "samples.jsonl"), records)
+        return records
 
 
 def _check_request(prompts, sampling, num_samples, formats, batch_size) -> None:
@@ -137,17 +161,23 @@ def _check_request(prompts, sampling, num_samples, formats, batch_size) -> None:
             print(f"Note: --prompt #{n + 1} is empty: its videos are sampled unconditionally.")
 
 
-def _check_size(pipe, num_videos: int, num_samples: int) -> None:
-    """Refuses a request whose videos would not fit in memory (they are held until written)."""
+def _check_size(pipe, num_videos: int, num_samples: int, formats, output_dir: str) -> None:
+    """Refuses a request whose .npy files alone would not fit on the output directory's disk.
+    (Videos are written batch by batch, so memory holds one batch, whatever the request.)"""
+    if "npy" not in formats:
+        return
     d = pipe.config.data
     need = num_videos * int(d.num_frames) * int(d.height) * int(d.width) * 3
-    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need > MAX_MEMORY_SHARE * total:
+    existing = output_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(os.path.abspath(existing))
+    free = shutil.disk_usage(existing).free
+    if need > free:
         raise UserError(
             f"--num_samples {num_samples} x {num_videos // num_samples} prompt(s) = {num_videos:,} "
-            f"videos would hold {need / 2**30:.1f} GiB in memory until they are written (this "
-            f"machine has {total / 2**30:.1f} GiB); split the request into several runs (other "
-            "--seed values) or fewer --num_samples."
+            f"videos need {need / 2**30:.1f} GiB for their .npy files alone, and {output_dir} has "
+            f"{free / 2**30:.1f} GiB free; split the request into several runs (other --seed "
+            "values), ask for fewer --num_samples, or leave npy out of --formats."
         )
 
 
@@ -162,8 +192,8 @@ def _warn_eta(pipe, prompts, num_samples, call) -> None:
     total = len(prompts) * num_samples
     print(
         f"Warning: {total:,} videos requested; at {per_video:.2f} s per video on this machine "
-        f"that is about {_duration(per_video * total)}. They are all held in memory and written "
-        "at the end; split a long request into several runs to get files sooner.",
+        f"that is about {_duration(per_video * total)}. They are written as they are made; "
+        "Ctrl-C stops the run and keeps the files written so far.",
         flush=True,
     )
 
@@ -203,21 +233,3 @@ def _append_records(path: str, records: list[dict]) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
-
-
-def _write(
-    videos: np.ndarray, prompts, num_samples, output_dir, formats, fps, prefix: str = ""
-) -> list[tuple[int, int, str]]:
-    """Writes each video in each format into `output_dir`:
-    [(prompt index, sample index, file)]."""
-    records = []
-    for n, frames in enumerate(videos):
-        p, i = divmod(n, num_samples)
-        for ext in formats:
-            path = os.path.join(output_dir, f"{prefix}{p:03d}_{i:02d}.{ext}")
-            if ext == "png":
-                video.contact_sheet(frames[None], captions=[prompts[p]], path=path)
-            else:
-                video.write_video(path, frames, fps=fps)
-            records.append((p, i, path))
-    return records
