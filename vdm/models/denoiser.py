@@ -33,7 +33,9 @@ added to the timestep embedding, so caption content also modulates every block t
 (SD3-style global conditioning), on top of token-level cross-attention. It is cheap (once per
 example) and helps a small model pick up global attributes (digit identity, direction) early.
 
-Attention math: `jax.nn.dot_product_attention` (XLA implementation; runs on CPU).
+Attention math: `jax.nn.dot_product_attention` (XLA implementation; runs on CPU). Sequence
+parallelism (`config.mesh.shape["sequence"] > 1`) splits the token frames over devices and
+attends across the split by `model.sequence_parallel` (vdm.parallel.sequence).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import jax.numpy as jnp
 from vdm.models import denoiser_accounting as accounting
 from vdm.models import layers as L
 from vdm.models.patches import patchify, token_grid, unpatchify
+from vdm.parallel import sequence
 
 Dtype = Any
 
@@ -114,6 +117,7 @@ class DiTBlock(nn.Module):
     attention: str = "factorized"  # see ATTENTION_MODES.
     qk_norm: bool = False
     dropout: float = 0.0  # on every residual branch output.
+    sequence_parallel: str = "ulysses"  # see Denoiser.sequence_parallel.
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -130,7 +134,10 @@ class DiTBlock(nn.Module):
         """`x [B,t,h,w,D]`, `c_act = SiLU(c) [B,D]`, `context [B,L,D]`, `context_mask [B,L]`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn_kw = dict(
-            num_heads=self.num_heads, head_dim=self.width // self.num_heads, qk_norm=self.qk_norm
+            num_heads=self.num_heads,
+            head_dim=self.width // self.num_heads,
+            qk_norm=self.qk_norm,
+            sequence_parallel=self.sequence_parallel,
         )
 
         def drop(y):
@@ -206,6 +213,10 @@ class Denoiser(nn.Module):
     # leading [depth] axis (logical name "layers"); compile time and compiler memory stop growing
     # with depth (MaxText's scan_layers). Same math; checkpoints differ in layout from unrolled.
     scan_layers: bool = False
+    # Attention across token frames split over a `sequence` mesh axis of size > 1
+    # (vdm.parallel.sequence): "ulysses" (all-to-all, num_heads divisible by the axis) or "ring".
+    # No parameters; without such an axis the model runs unsplit whatever this says.
+    sequence_parallel: str = "ulysses"
     time_scale: float = 1000.0  # t in [0, 1] is scaled by this before the sinusoid (DiT scale).
     freq_dim: int = 256  # width of the sinusoidal timestep features.
     rope_theta: float = 10000.0  # base of RoPE / sin-cos frequencies.
@@ -239,6 +250,7 @@ class Denoiser(nn.Module):
             dropout=float(get("dropout", 0.0)),
             remat=str(get("remat", "none")),
             scan_layers=bool(get("scan_layers", False)),
+            sequence_parallel=str(get("sequence_parallel", "ulysses")),
             dtype=jnp.dtype(get("dtype", "float32")),
             param_dtype=jnp.dtype(get("param_dtype", "float32")),
         )
@@ -254,6 +266,11 @@ class Denoiser(nn.Module):
         if self.pos_encoding not in POS_ENCODINGS:
             problems.append(
                 f"model.pos_encoding={self.pos_encoding!r} is not one of {POS_ENCODINGS}"
+            )
+        if self.sequence_parallel not in sequence.METHODS:
+            problems.append(
+                f"model.sequence_parallel={self.sequence_parallel!r} is not one of "
+                f"{sequence.METHODS}"
             )
         if self.remat not in REMAT_MODES:
             problems.append(f"model.remat={self.remat!r} is not one of {REMAT_MODES}")
@@ -379,6 +396,7 @@ class Denoiser(nn.Module):
             attention=self.attention,
             qk_norm=self.qk_norm,
             dropout=self.dropout,
+            sequence_parallel=self.sequence_parallel,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )

@@ -10,11 +10,14 @@ axes), so spatial, temporal and joint attention are only different regroupings o
 tensor, and 3-D RoPE is applied once per attention in that layout before regrouping.
 
 Attention uses `jax.nn.dot_product_attention` (the XLA implementation on CPU; it computes logits
-and softmax in float32 even for bfloat16 inputs).
+and softmax in float32 even for bfloat16 inputs). With a `sequence` mesh axis of size > 1 the
+token frames are split over it and attention runs through `vdm.parallel.sequence.over_frames`
+(Ulysses or ring attention across the split, by `model.sequence_parallel`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,11 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdm.parallel import sequence
+
 Dtype = Any
 Names = tuple[str | None, ...]
 
 # Logical names of a token activation in the 5-D layout; see the module docstring.
-ACT_5D: Names = ("batch", "frames", "height", "width", "embed")
+# "token_frames" is split over the `sequence` mesh axis (sequence parallelism).
+ACT_5D: Names = ("batch", "token_frames", "height", "width", "embed")
 
 # Initialisers (DiT/PixArt): Xavier-uniform for projections, N(0, 0.02) for the timestep MLP,
 # zeros for biases and for every adaLN-Zero / output layer.
@@ -310,6 +316,21 @@ def _ungroup(y: jax.Array, mode: str, shape6: tuple[int, ...]) -> jax.Array:
     return y
 
 
+def _attend_6d(q, k, v, mask, attend, *, mode: str) -> jax.Array:
+    """Attention of `q [B, t, h, w, H, K]` in `mode` through `attend(q, k, v, key_mask)`:
+    self-attention regroups q, k, v (6-D) by mode; "cross" attends to `k, v [B, L, H, K]`."""
+    if mode != "cross":
+        (qg, shape6), (kg, _), (vg, _) = (_regroup(a, mode) for a in (q, k, v))
+        return _ungroup(attend(qg, kg, vg, None), mode, shape6)
+    b, t, h, w, nh, kd = q.shape
+    y = attend(q.reshape(b, t * h * w, nh, kd), k, v, mask)
+    if mask is not None:
+        # The XLA kernel masks with a large negative number, so a row with every key masked
+        # would average the padding; zero it instead so padding never leaks.
+        y = y * mask.any(axis=-1)[:, None, None, None].astype(y.dtype)
+    return y.reshape(q.shape)
+
+
 class Attention(nn.Module):
     """Multi-head attention on 5-D tokens: self-attention (spatial / temporal / full) or
     cross-attention to a context sequence.
@@ -324,6 +345,7 @@ class Attention(nn.Module):
     head_dim: int  # K; width = H * K.
     qk_norm: bool = True  # RMSNorm on q and k per head (stabilises attention logits).
     zero_out: bool = False  # zero-init the output projection (PixArt does this for cross-attn).
+    sequence_parallel: str = "ulysses"  # across a `sequence` mesh axis: "ulysses" | "ring".
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -383,25 +405,16 @@ class Attention(nn.Module):
         Returns:
           `[B, t, h, w, D]`.
         """
-        head_names = ("batch", "frames", "height", "width", "heads", "kv")
+        head_names = ("batch", "token_frames", "height", "width", "heads", "kv")
         q = constrain(self._norm("q_norm", self._proj("query", x)), head_names)
+        mask = None
         if mode == "cross":
             if context is None:
                 raise ValueError("Attention(mode='cross') needs `context`.")
             k = self._norm("k_norm", self._proj("key", context))
             v = self._proj("value", context)
-            b, t, h, w, nh, kd = q.shape
-            qs = q.reshape(b, t * h * w, nh, kd)
-            mask = None
             if context_mask is not None:
-                mask = context_mask.astype(bool)[:, None, None, :]  # [B, 1(heads), 1(q), L]
-            y = jax.nn.dot_product_attention(qs, k, v, mask=mask)
-            if context_mask is not None:
-                # The XLA kernel masks with a large negative number, so a row with every key
-                # masked would average the padding; zero it instead so padding never leaks.
-                any_valid = context_mask.astype(bool).any(axis=-1)
-                y = y * any_valid[:, None, None, None].astype(y.dtype)
-            y = y.reshape(q.shape)
+                mask = context_mask.astype(bool)  # [B, L]
         else:
             k = self._norm("k_norm", self._proj("key", x))
             v = self._proj("value", x)
@@ -409,8 +422,12 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
             k = constrain(k, head_names)
             v = constrain(v, head_names)
-            (qg, shape6), (kg, _), (vg, _) = (_regroup(a, mode) for a in (q, k, v))
-            y = _ungroup(jax.nn.dot_product_attention(qg, kg, vg), mode, shape6)
+        y = sequence.over_frames(
+            functools.partial(_attend_6d, mode=mode),
+            *(q, k, v, mask),
+            method=self.sequence_parallel,
+            spans_frames=mode in ("temporal", "full"),
+        )
         y = constrain(y, head_names)
         return constrain(self._out(y), ACT_5D)
 
