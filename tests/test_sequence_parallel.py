@@ -8,6 +8,7 @@ errors for shapes that cannot be split name the sizes and the fix.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from vdm.tasks.denoiser import DenoiserTask
 from vdm.train import hooks
 from vdm.train import setup as train_setup
 
+FAST = {"xla_backend_optimization_level": 0}
 B, S, H, D = 2, 16, 4, 8  # attention blocks: batch, sequence, heads, head dim
 TINY = {
     "model.depth": 1,
@@ -154,16 +156,34 @@ def test_shapes_that_cannot_be_split_raise_clear_errors():
 # ---------------------------------------------------------------------------------------------
 # The denoiser: train step, checkpoint, sampler
 # ---------------------------------------------------------------------------------------------
+def _random(tree, seed, scale=0.05):
+    """Random arrays of the shapes of an abstract tree (no init program to compile); norm scales
+    are 1 + noise, as a trained model's are."""
+    rng = np.random.default_rng(seed)
+
+    def one(path, s):
+        noise = scale * rng.normal(size=s.shape).astype(s.dtype)
+        return 1 + noise if jax.tree_util.keystr(path).endswith("['scale']") else noise
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+@functools.cache
+def _encoders() -> encoders.FrozenEncoders:
+    """The tiny config's frozen encoders: a "mu" VAE with random weights (it only decodes), no
+    text encoder weights (the tests give contexts), a zero null caption."""
+    enc = encoders.abstract(load_config("configs/base.py", TINY))
+    return dataclasses.replace(
+        enc,
+        vae_params=_random(enc.vae_params, 5),
+        null_ctx=np.zeros(enc.null_ctx.shape, np.float32),
+        null_mask=np.zeros(enc.null_mask.shape, np.int32),
+    )
+
+
 def _task(**overrides) -> DenoiserTask:
-    """The real denoiser task on latent batches: a randomly initialised "mu" VAE (for decoding),
-    no text encoder weights (contexts are given), a zero null caption."""
-    config = load_config("configs/base.py", {**TINY, **overrides})
-    enc = encoders.abstract(config)
-    _, vae_params, _ = encoders.load_vae(config)
-    null_ctx = np.zeros(enc.null_ctx.shape, np.float32)
-    null_mask = np.zeros(enc.null_mask.shape, np.int32)
-    enc = dataclasses.replace(enc, vae_params=vae_params, null_ctx=null_ctx, null_mask=null_mask)
-    return DenoiserTask(config, encoders=enc)
+    """The real denoiser task on latent batches (the step runs the denoiser alone)."""
+    return DenoiserTask(load_config("configs/base.py", {**TINY, **overrides}), _encoders())
 
 
 def _batch(task, seed):
@@ -185,13 +205,20 @@ def _setup(task, shape, n_devices, **overrides):
     return train_setup.build(task, config, mesh)
 
 
+_compiled = {}
+
+
 def _step(setup, state, batch):
-    """One step from a host `state` (placed by the setup's shardings) -> (host state, loss)."""
-    state = jax.device_put(state, setup.state_shardings)
-    frozen = train_setup.place_frozen(setup)
-    state, metrics = setup.train_step(
-        state, setup.layout.put_batch(batch), base_key(setup.config.seed), frozen
+    """One step from a host `state` (placed by the setup's shardings) -> (state, loss)."""
+    args = (
+        jax.device_put(state, setup.state_shardings),
+        setup.layout.put_batch(batch),
+        base_key(setup.config.seed),
+        train_setup.place_frozen(setup),
     )
+    if id(setup) not in _compiled:  # XLA backend optimisation level 0: same math, faster compile
+        _compiled[id(setup)] = setup.train_step.lower(*args).compile(FAST)
+    state, metrics = _compiled[id(setup)](*args)
     return state, setup.layout.fetch(metrics)["loss"]
 
 
@@ -232,10 +259,8 @@ def test_train_step_at_sequence_4_equals_1_device_and_resumes_at_sequence_1(tmp_
 def test_sampler_video_at_sequence_4_x_tensor_2_equals_the_1_device_video():
     task = _task(**{"model.attention": "full", "model.sequence_parallel": "ring"})
     config = task.config
-    params = jax.tree.map(
-        lambda p: p + 0.05 * jnp.asarray(np.random.default_rng(3).normal(size=p.shape), p.dtype),
-        parallel.unbox(jax.jit(task.init)(base_key(0), task.dummy_batch(1))),
-    )  # random weights: the zero-initialised outputs of a fresh model would hide the attention
+    # Random weights: the zero-initialised outputs of a fresh model would hide the attention.
+    params = _random(parallel.unbox(jax.eval_shape(task.init, base_key(0), task.dummy_batch(1))), 3)
     pipe = task.pipeline(params, task.frozen())
     batch = _batch(task, 2)
     noise = samplers.initial_noise(config.seed, np.arange(2), np.zeros(2, int), task.latent_shape)
@@ -252,14 +277,15 @@ def test_sampler_video_at_sequence_4_x_tensor_2_equals_the_1_device_video():
         jax.random.split(base_key(1), 2),
     )
     generate = lambda *a: pipe.generate(*a, sampler="euler", num_steps=2)  # noqa: E731
-    video_1 = np.asarray(jax.jit(generate)(*args))
+    video_1 = np.asarray(jax.jit(generate).lower(*args).compile(FAST)(*args))
 
     mesh = parallel.make_mesh({"sequence": 4, "tensor": 2})
     rules = config.mesh.logical_axis_rules
     sharded = jax.jit(parallel.with_sharding_rules(generate, mesh, rules))
     placed = jax.device_put(args, parallel.replicated(mesh))
-    assert "collective_permute" in sharded.lower(*placed).as_text()  # the ring really runs
-    video_sp = np.asarray(sharded(*placed))
+    lowered = sharded.lower(*placed)
+    assert "collective_permute" in lowered.as_text()  # the ring really runs
+    video_sp = np.asarray(lowered.compile(FAST)(*placed))
     assert video_sp.shape == (2, 13, 16, 16, 3) and video_sp.dtype == np.uint8
     # Same seed, same video: at most one uint8 level of float rounding, almost all bytes equal.
     diff = np.abs(video_sp.astype(int) - video_1.astype(int))

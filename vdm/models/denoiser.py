@@ -59,6 +59,11 @@ Dtype = Any
 ATTENTION_MODES = ("factorized", "full", "spatial_only")
 POS_ENCODINGS = ("rope3d", "sincos")
 REMAT_MODES = ("none", "block", "dots")
+# Latents in and out are split over the batch only: the token frames are split over `sequence`
+# inside the denoiser (sequence parallelism is internal to it; the small latents cost a gather),
+# so the samplers' carries and the VAE keep the layout they always had. (A streamed VAE decode
+# of frame-split latents is wrong on XLA CPU today: see the issue #24 report.)
+LATENTS = ("batch", None, None, None, None)
 
 # Named sizes. `apply_variant(config.model, name)` writes these numbers into a config; the config
 # fields stay the truth (so `--config.model.depth=4` works on top of any variant).
@@ -357,6 +362,7 @@ class Denoiser(nn.Module):
         """Patch tokens `[B, t', h', w', D]` (with sin-cos positions) and the RoPE tables."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         grid = token_grid(x.shape[1:4], self.patch_size)
+        x = L.constrain(x, LATENTS)
         h = L.dense(self.width, (None, "embed"), name="patch_embed", **kw)(
             patchify(x.astype(self.dtype), self.patch_size)
         )
@@ -426,7 +432,7 @@ class Denoiser(nn.Module):
         h = L.modulate(h, shift, scale).astype(self.dtype)
         out = L.dense(self.patch_dim, ("embed", None), name="final_linear", zero_init=True, **kw)(h)
         out = unpatchify(out, self.patch_size, self.latent_channels)
-        return L.constrain(out.astype(jnp.float32), L.ACT_5D[:-1] + (None,))
+        return L.constrain(out.astype(jnp.float32), LATENTS)
 
     # -- accounting (analytic; vdm.models.denoiser_accounting) ---------------------------------
     def param_groups(self, context_dim: int) -> dict[str, int]:
