@@ -172,6 +172,7 @@ _CHOICES = {
     "parallel": PARALLEL_MODES,
     "model.attention": ("factorized", "full", "spatial_only"),
     "model.remat": ("none", "block", "dots"),
+    "model.sequence_parallel": ("ulysses", "ring"),
     "diffusion.objective": ("flow", "eps", "v"),
     "diffusion.time_sampling": ("logit_normal", "uniform"),
     "sample.sampler": ("euler", "ddim", "dpmpp2m"),
