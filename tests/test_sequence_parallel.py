@@ -86,7 +86,12 @@ def _value_and_grads(attend, q, k, v, mask, w):
 
 @pytest.mark.parametrize(
     "method,dtype,tol",
-    [("ulysses", jnp.float32, 1e-5), ("ring", jnp.float32, 1e-5), ("ring", jnp.bfloat16, 2e-2)],
+    [
+        ("ulysses", jnp.float32, 1e-5),
+        ("ring", jnp.float32, 1e-5),
+        ("ulysses", jnp.bfloat16, 2e-2),
+        ("ring", jnp.bfloat16, 2e-2),
+    ],
 )
 def test_ulysses_and_ring_equal_dense_attention_with_a_key_mask(method, dtype, tol):
     q, k, v, mask, w = _blocks(dtype)
