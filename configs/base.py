@@ -141,6 +141,11 @@ def _model() -> ConfigDict:
     m.dtype = "float32"  # compute dtype; bfloat16 on accelerators (output stays float32).
     m.param_dtype = "float32"
     m.remat = "none"  # "none" | "block" (recompute each block) | "dots" (keep matmul outputs)
+    # Kernel of every attention (vdm.models.attention): "auto" = Pallas splash on TPU, cuDNN flash
+    # on GPU (bfloat16/float16 models; float32 uses XLA), XLA on CPU. "xla" | "splash" | "cudnn"
+    # force one (an error names the fix where the platform or shape cannot run it);
+    # "splash_interpret" runs splash in the Pallas interpreter on any platform (slow; tests).
+    m.attention_kernel = "auto"
     # nn.scan over the blocks (params "blocks/block/..." with a leading depth axis): compile time
     # and compiler memory independent of depth (what lets a deep model compile on a small host,
     # docs/aot.md). Same math; its checkpoints are not interchangeable with unrolled ones.
@@ -298,7 +303,7 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     # The schema this config follows (= vdm.config.CONFIG_VERSION); saved configs record it, and
     # vdm.config.upgrade brings an older one (from a checkpoint or a bundle) to the current schema.
-    c.version = 1
+    c.version = 3
     c.seed = 0  # every random draw is fold_in(key(seed), stream, step, ...).
     c.stage = "denoiser"  # "autoencoder" | "denoiser"
     c.parallel = "jit"  # "jit" (mesh + NamedSharding) | "pmap" (data-parallel)

@@ -186,3 +186,48 @@ def test_command_line_names_a_bad_topology():
     assert out.returncode != 0
     assert "--topology='v9:2x2' is not GENERATION:SHAPE" in out.stderr + out.stdout
     assert "Traceback" not in out.stderr
+
+
+def test_splash_attention_compiles_for_tpu_and_its_flops_are_added(aot):
+    """attention_kernel "auto" is splash for a TPU topology: the Mosaic kernels compile for v5e
+    inside shard_map (batch over data, heads over tensor), and since XLA's cost analysis does not
+    see inside them the report adds the analytic attention FLOPs."""
+    from vdm.config import load_config
+    from vdm.tools.aot.abstract import build
+    from vdm.tools.aot.programs import splash_flops, train_passes
+
+    mesh = {"data": 2, "fsdp": 1, "tensor": 2}
+    cached = {**TINY, "data.source": "cache:/unused", "mesh.shape": mesh}
+    config = load_config("configs/base.py", cached)
+    assert config.model.attention_kernel == "auto"
+    report = aot.run(config, TOPOLOGY, ["train_step"])
+    compiled, train = report.compiled["train_step"], report.programs[0]
+    # 2 blocks x (spatial, temporal, cross) x (forward, dq, dkv kernels).
+    assert compiled.as_text().count("tpu_custom_call") == 18
+    extra = train.hlo_flops - compiled.cost_analysis()["flops"]
+    assert extra > 0 and "analytic splash-attention FLOPs" in train.description
+    b = build(config, aot.get_topology(TOPOLOGY))
+    assert extra == pytest.approx(splash_flops(b, 4 * train_passes(config)))
+
+
+def test_splash_kernel_alone_is_invisible_to_cost_analysis_and_runs_in_shard_map(aot):
+    """One splash attention for v5e: cost_analysis counts ~0.1% of its FLOPs (the q scaling);
+    with a batch that does not divide over the mesh it still runs in a (replicated) shard_map."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from vdm.models import attention as A
+
+    mesh = Mesh(np.asarray(aot.get_topology(TOPOLOGY).devices).reshape(4), ("data",))
+    s = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    flops = {}
+    for kernel in ("splash", "xla"):
+        with A.target_platform("tpu"), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            fn = jax.jit(lambda q, k, v, kernel=kernel: A.attention(q, k, v, kernel=kernel))
+            flops[kernel] = fn.lower(s, s, s).compile().cost_analysis()["flops"]
+    analytic = 4 * 2 * 1024 * 1024 * 128
+    assert flops["xla"] == pytest.approx(analytic, rel=0.05)
+    assert flops["splash"] < 0.01 * analytic

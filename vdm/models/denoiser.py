@@ -33,9 +33,10 @@ added to the timestep embedding, so caption content also modulates every block t
 (SD3-style global conditioning), on top of token-level cross-attention. It is cheap (once per
 example) and helps a small model pick up global attributes (digit identity, direction) early.
 
-Attention math: `jax.nn.dot_product_attention` (XLA implementation; runs on CPU). Sequence
-parallelism (`config.mesh.shape["sequence"] > 1`) splits the token frames over devices and
-attends across the split by `model.sequence_parallel` (vdm.parallel.sequence).
+Attention math: `vdm.models.attention.attention`, one function for every attention, with the
+kernel chosen by `model.attention_kernel` ("auto": splash on TPU, cuDNN on GPU, XLA on CPU).
+Sequence parallelism (`config.mesh.shape["sequence"] > 1`) splits the token frames over devices
+and attends across the split by `model.sequence_parallel` (vdm.parallel.sequence).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import jax.numpy as jnp
 
 from vdm.models import denoiser_accounting as accounting
 from vdm.models import layers as L
+from vdm.models.attention import KERNELS
 from vdm.models.patches import patchify, token_grid, unpatchify
 from vdm.parallel import sequence
 
@@ -59,6 +61,7 @@ Dtype = Any
 ATTENTION_MODES = ("factorized", "full", "spatial_only")
 POS_ENCODINGS = ("rope3d", "sincos")
 REMAT_MODES = ("none", "block", "dots")
+ATTENTION_KERNELS = KERNELS  # model.attention_kernel; see vdm.models.attention.
 # Latents in and out are split over the batch only: the token frames are split over `sequence`
 # inside the denoiser (sequence parallelism is internal to it; the small latents cost a gather),
 # so the samplers' carries and the VAE keep the layout they always had. (A streamed VAE decode
@@ -122,6 +125,7 @@ class DiTBlock(nn.Module):
     attention: str = "factorized"  # see ATTENTION_MODES.
     qk_norm: bool = False
     dropout: float = 0.0  # on every residual branch output.
+    attention_kernel: str = "auto"  # see vdm.models.attention.
     sequence_parallel: str = "ulysses"  # see Denoiser.sequence_parallel.
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -142,6 +146,7 @@ class DiTBlock(nn.Module):
             num_heads=self.num_heads,
             head_dim=self.width // self.num_heads,
             qk_norm=self.qk_norm,
+            kernel=self.attention_kernel,
             sequence_parallel=self.sequence_parallel,
         )
 
@@ -213,6 +218,9 @@ class Denoiser(nn.Module):
     qk_norm: bool = False  # RMSNorm on q, k per head in every self- and cross-attention.
     pooled_text: bool = True  # add an embedding of the masked-mean context to the time embedding.
     dropout: float = 0.0  # residual-branch dropout (needs a "dropout" rng when > 0 in training).
+    # Kernel of every attention: "auto" | "xla" | "splash" | "splash_interpret" | "cudnn"
+    # (vdm.models.attention). Numerics only; the parameters do not depend on it.
+    attention_kernel: str = "auto"
     remat: str = "none"  # "none" | "block" (recompute each block) | "dots" (save matmul outputs).
     # One nn.scan over the blocks instead of `depth` copies: params "blocks/block/..." with a
     # leading [depth] axis (logical name "layers"); compile time and compiler memory stop growing
@@ -254,6 +262,7 @@ class Denoiser(nn.Module):
             pooled_text=bool(get("pooled_text", True)),
             dropout=float(get("dropout", 0.0)),
             remat=str(get("remat", "none")),
+            attention_kernel=str(get("attention_kernel", "auto")),
             scan_layers=bool(get("scan_layers", False)),
             sequence_parallel=str(get("sequence_parallel", "ulysses")),
             dtype=jnp.dtype(get("dtype", "float32")),
@@ -279,6 +288,11 @@ class Denoiser(nn.Module):
             )
         if self.remat not in REMAT_MODES:
             problems.append(f"model.remat={self.remat!r} is not one of {REMAT_MODES}")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            problems.append(
+                f"model.attention_kernel={self.attention_kernel!r} is not one of "
+                f"{ATTENTION_KERNELS}"
+            )
         if self.depth < 1:
             problems.append(f"model.depth={self.depth} must be >= 1")
         if len(self.patch_size) != 3 or any(int(p) < 1 for p in self.patch_size):
@@ -402,6 +416,7 @@ class Denoiser(nn.Module):
             attention=self.attention,
             qk_norm=self.qk_norm,
             dropout=self.dropout,
+            attention_kernel=self.attention_kernel,
             sequence_parallel=self.sequence_parallel,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -448,6 +463,11 @@ class Denoiser(nn.Module):
     ) -> int:
         """Forward-pass matmul FLOPs of one example (a train step costs about 3x this)."""
         return accounting.flops_per_example(self, latent_shape, context_len, context_dim)
+
+    def attention_flops_per_example(self, latent_shape: Sequence[int], context_len: int) -> int:
+        """The attention logits + weighted sums within `flops_per_example` (what a fused
+        attention kernel computes; see `denoiser_accounting.attention_flops_per_example`)."""
+        return accounting.attention_flops_per_example(self, latent_shape, context_len)
 
     def summary(self, params: Any = None, **kwargs) -> str:
         """Architecture, parameter counts, tokens and FLOPs in a few lines

@@ -90,6 +90,21 @@ def flops_per_example(
     return int(total)
 
 
+def attention_flops_per_example(model, latent_shape: Sequence[int], context_len: int) -> int:
+    """The attention part of `flops_per_example`: logits and weighted sums (`4 * Sq * Sk * D`
+    per attention) of every self- and cross-attention of one example's forward pass.
+
+    What a fused kernel (Pallas splash) computes; XLA's cost analysis cannot see inside a Mosaic
+    kernel, so vdm.tools.aot adds these FLOPs to the compiler's count.
+    """
+    gt, gh, gw = token_grid(latent_shape, model.patch_size)
+    n, s, w = gt * gh * gw, gh * gw, model.width
+    block = 4 * n * (n if model.attention == "full" else s) * w + 4 * n * context_len * w
+    if model.attention == "factorized":
+        block += 4 * n * gt * w
+    return int(model.depth * block)
+
+
 def summary(
     model,
     params: Any = None,

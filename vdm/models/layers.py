@@ -9,10 +9,11 @@ Token layout inside the denoiser is 5-D, `[B, t, h, w, D]` (frames, height, widt
 axes), so spatial, temporal and joint attention are only different regroupings of the same
 tensor, and 3-D RoPE is applied once per attention in that layout before regrouping.
 
-Attention uses `jax.nn.dot_product_attention` (the XLA implementation on CPU; it computes logits
-and softmax in float32 even for bfloat16 inputs). With a `sequence` mesh axis of size > 1 the
-token frames are split over it and attention runs through `vdm.parallel.sequence.over_frames`
-(Ulysses or ring attention across the split, by `model.sequence_parallel`).
+The attention math itself (and the choice of kernel: XLA, Pallas splash, cuDNN) lives in
+`vdm.models.attention`; `Attention` here makes q, k, v and regroups tokens for it. With a
+`sequence` mesh axis of size > 1 the token frames are split over it and attention runs through
+`vdm.parallel.sequence.over_frames` (Ulysses or ring attention across the split, by
+`model.sequence_parallel`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdm.models.attention import attention
 from vdm.parallel import sequence
 
 Dtype = Any
@@ -323,12 +325,7 @@ def _attend_6d(q, k, v, mask, attend, *, mode: str) -> jax.Array:
         (qg, shape6), (kg, _), (vg, _) = (_regroup(a, mode) for a in (q, k, v))
         return _ungroup(attend(qg, kg, vg, None), mode, shape6)
     b, t, h, w, nh, kd = q.shape
-    y = attend(q.reshape(b, t * h * w, nh, kd), k, v, mask)
-    if mask is not None:
-        # The XLA kernel masks with a large negative number, so a row with every key masked
-        # would average the padding; zero it instead so padding never leaks.
-        y = y * mask.any(axis=-1)[:, None, None, None].astype(y.dtype)
-    return y.reshape(q.shape)
+    return attend(q.reshape(b, t * h * w, nh, kd), k, v, mask).reshape(q.shape)
 
 
 class Attention(nn.Module):
@@ -345,6 +342,7 @@ class Attention(nn.Module):
     head_dim: int  # K; width = H * K.
     qk_norm: bool = True  # RMSNorm on q and k per head (stabilises attention logits).
     zero_out: bool = False  # zero-init the output projection (PixArt does this for cross-attn).
+    kernel: str = "auto"  # model.attention_kernel (vdm.models.attention.KERNELS).
     sequence_parallel: str = "ulysses"  # across a `sequence` mesh axis: "ulysses" | "ring".
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -414,7 +412,7 @@ class Attention(nn.Module):
             k = self._norm("k_norm", self._proj("key", context))
             v = self._proj("value", context)
             if context_mask is not None:
-                mask = context_mask.astype(bool)  # [B, L]
+                mask = context_mask.astype(bool)  # [B, L]; rows with no real key give zeros
         else:
             k = self._norm("k_norm", self._proj("key", x))
             v = self._proj("value", x)
@@ -427,6 +425,7 @@ class Attention(nn.Module):
             *(q, k, v, mask),
             method=self.sequence_parallel,
             spans_frames=mode in ("temporal", "full"),
+            attend=lambda q, k, v, mask: attention(q, k, v, mask=mask, kernel=self.kernel),
         )
         y = constrain(y, head_names)
         return constrain(self._out(y), ACT_5D)

@@ -22,8 +22,10 @@ Both equal the dense attention up to float rounding (tests/test_sequence_paralle
 axis of size 1 (the default) or outside a mesh, `over_frames` calls the local function directly.
 
 `attend(q, k, v, mask)` is the per-device attention kernel on `[B, S, H, D]` blocks with a key
-mask `[B, S_k]` (True = a real key) or None; `dense_attend` (`jax.nn.dot_product_attention`) is
-the default. Ring attention computes its blocks itself (it needs their log-sum-exp).
+mask `[B, S_k]` (True = a real key) or None; the denoiser passes `vdm.models.attention.attention`
+with its `model.attention_kernel`, and `dense_attend` (`jax.nn.dot_product_attention`) is the
+default here. Ring attention computes its blocks itself (it needs their log-sum-exp). All of them
+give a zero output for a query row whose keys are all masked (padding never leaks).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from vdm.errors import ConfigError
 
 AXIS = "sequence"
 METHODS = ("ulysses", "ring")
-# Logit of a masked key: finite, so a row whose keys are all masked averages them (as the XLA
-# kernel of `jax.nn.dot_product_attention` does) instead of producing NaN.
+# Logit of a masked key: finite, so a row whose keys are all masked stays finite (no NaN) until it
+# is zeroed.
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
@@ -49,8 +51,11 @@ Attend = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array
 
 def dense_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Dense attention `[B, Sq, H, D] x [B, Sk, H, D] -> [B, Sq, H, D]`, key mask `[B, Sk]`."""
-    full_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=full_mask)
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v)
+    mask = mask.astype(bool)
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+    return y * mask.any(axis=-1)[:, None, None, None].astype(y.dtype)
 
 
 def ulysses_attention(
@@ -140,8 +145,8 @@ def ring_attention(
       return_lse: also return the log-sum-exp of every query row `[B, H, S / n]` (float32).
 
     Returns:
-      This device's `[B, S / n, H, D]` block of the output (q's dtype), and the log-sum-exp if
-      asked for.
+      This device's `[B, S / n, H, D]` block of the output (q's dtype; zero for a row with no
+      real key), and the log-sum-exp if asked for.
     """
     n = jax.lax.axis_size(axis_name)
     qs = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
@@ -157,7 +162,11 @@ def ring_attention(
     if n > 1:
         (carry, _), _ = jax.lax.scan(hop, (carry, (k, v, mask)), length=n - 1)
     o, m, l_sum = carry
-    out = (o / l_sum.transpose(0, 2, 1)[..., None]).astype(q.dtype)
+    out = o / l_sum.transpose(0, 2, 1)[..., None]
+    if mask is not None:  # zero the rows with no real key anywhere on the ring
+        any_valid = jax.lax.psum(mask.astype(bool).any(axis=-1).astype(jnp.int32), axis_name) > 0
+        out = out * any_valid[:, None, None, None]
+    out = out.astype(q.dtype)
     return (out, m + jnp.log(l_sum)) if return_lse else out
 
 

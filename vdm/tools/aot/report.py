@@ -6,7 +6,8 @@ Figures per device (see `chips.Topology` for what a device is):
   total = arguments + outputs - alias (donated buffers counted once) + temporaries + code.
   HLO FLOPs: `compiled.cost_analysis()["flops"]` of the partitioned program (per device; includes
   remat recomputation and the frozen encoders); see `vdm.tools.aot.programs` for the programs
-  whose loops XLA counts once.
+  whose loops XLA counts once. XLA does not see inside Mosaic kernels, so with splash attention
+  the analytic attention FLOPs are added (`programs.splash_flops`).
   model FLOPs: the denoiser's analytic matmul FLOPs (`Denoiser.flops_per_example`): 3x forward
   for a train step, 2 (guidance) x forward per sampler step.
   PROJECTION (no TPU was run): step time = max(HLO FLOPs / peak bf16 FLOP/s, XLA's TPU cost-model

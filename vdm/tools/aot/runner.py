@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 
 from vdm.errors import ConfigError
+from vdm.models import attention
 from vdm.models.layers import count_params
 from vdm.tasks.denoiser import DenoiserTask
 from vdm.tools.aot.abstract import Built, build
@@ -51,24 +52,26 @@ def run(
     bad = [p for p in programs if p not in PROGRAMS]
     if bad:
         raise ConfigError(f"Unknown program(s) {bad}; choose from {list(PROGRAMS)}.")
-    topo = topology if isinstance(topology, Topology) else get_topology(topology)
-    start = time.perf_counter()
-    b = build(config, topo, frozen_sharding)
-    build_seconds = time.perf_counter() - start
-    batch = sample_batch or default_sample_batch(b.mesh)
-    report = TopologyReport(topo, dict(b.mesh.shape), _params(b), [], frozen_sharding,
-                            build_seconds)  # fmt: skip
-    say = progress or (lambda message: None)
-    for name in programs:
-        if name != "train_step" and not isinstance(b.task, DenoiserTask):
-            continue
-        try:
-            compiled, prog = COMPILERS[name](b, batch)
-        except DoesNotFit as e:
-            report.programs.append(failed_report(name, str(e), topo))
-            say(f"  {name}: does not fit")
-            continue
-        report.compiled[name] = compiled
-        report.programs.append(prog)
-        say(f"  {name}: compiled in {prog.compile_seconds:.1f} s")
+    # Traced for TPU devices on this CPU host: "auto" attention picks the TPU kernel (splash).
+    with attention.target_platform("tpu"):
+        topo = topology if isinstance(topology, Topology) else get_topology(topology)
+        start = time.perf_counter()
+        b = build(config, topo, frozen_sharding)
+        build_seconds = time.perf_counter() - start
+        batch = sample_batch or default_sample_batch(b.mesh)
+        report = TopologyReport(topo, dict(b.mesh.shape), _params(b), [], frozen_sharding,
+                                build_seconds)  # fmt: skip
+        say = progress or (lambda message: None)
+        for name in programs:
+            if name != "train_step" and not isinstance(b.task, DenoiserTask):
+                continue
+            try:
+                compiled, prog = COMPILERS[name](b, batch)
+            except DoesNotFit as e:
+                report.programs.append(failed_report(name, str(e), topo))
+                say(f"  {name}: does not fit")
+                continue
+            report.compiled[name] = compiled
+            report.programs.append(prog)
+            say(f"  {name}: compiled in {prog.compile_seconds:.1f} s")
     return report
