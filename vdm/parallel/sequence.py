@@ -247,4 +247,9 @@ def over_frames(
         in_specs=(split, kv_spec, kv_spec, P()),
         out_specs=split,
         axis_names={axis_name},
+        # The attend kernel may be a shard_map of its own (splash: Mosaic kernels are not
+        # auto-partitioned) that is built with check_vma=False; nested in a checked region its
+        # cotangents would lose their type. Unchecked, the transposes are still exact
+        # (tests/test_sequence_parallel.py: gradients equal the 1-device ones).
+        check_vma=False,
     )(q, k, v, mask)
