@@ -150,6 +150,10 @@ def _model() -> ConfigDict:
     # and compiler memory independent of depth (what lets a deep model compile on a small host,
     # docs/aot.md). Same math; its checkpoints are not interchangeable with unrolled ones.
     m.scan_layers = False
+    # Attention across the frames split over mesh axis "sequence" (used only when its size is >1):
+    # "ulysses" (all-to-all between sequence and head shards; num_heads must divide by the axis
+    # size) or "ring" (ring attention: k/v blocks passed around, online softmax; any head count).
+    m.sequence_parallel = "ulysses"
     return m
 
 
@@ -227,14 +231,18 @@ def _mesh() -> ConfigDict:
     m = ConfigDict()
     # Axis name -> size; -1 fills with the remaining devices. Product must equal the device count.
     # data: batch split, params replicated; fsdp: batch AND params split ("embed"/"conv_out");
+    # sequence: the denoiser's tokens split by frames, batch replicated; attention across frames
+    #   (temporal, joint) by model.sequence_parallel (vdm.parallel.sequence). The token frames
+    #   (latent frames / model.patch_size[0]) must divide by it.
     # tensor: params split along heads/mlp, batch replicated.
-    m.shape = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    m.shape = ConfigDict({"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1})
     # Logical axis -> mesh axes (flax logical partitioning rules), in priority order; a mesh axis
     # is used at most once per array. None = replicated. A param dim that does not divide by its
     # mesh axes is replicated (with a warning) instead of failing.
     m.logical_axis_rules = (
         ("batch", ("data", "fsdp")),
-        ("frames", None),
+        ("token_frames", "sequence"),  # the denoiser's token frames (sequence parallelism)
+        ("frames", None),  # the VAE's frames
         ("height", None),
         ("width", None),
         ("tokens", None),
@@ -295,7 +303,7 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     # The schema this config follows (= vdm.config.CONFIG_VERSION); saved configs record it, and
     # vdm.config.upgrade brings an older one (from a checkpoint or a bundle) to the current schema.
-    c.version = 2
+    c.version = 3
     c.seed = 0  # every random draw is fold_in(key(seed), stream, step, ...).
     c.stage = "denoiser"  # "autoencoder" | "denoiser"
     c.parallel = "jit"  # "jit" (mesh + NamedSharding) | "pmap" (data-parallel)

@@ -75,7 +75,7 @@ def test_programs_compile_with_sharded_params(report, tiny_config):
     from jax.sharding import PartitionSpec as P
 
     assert [p.name for p in report.programs] == ["train_step", "sample", "text_encode"]
-    assert report.mesh == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert report.mesh == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 1}
     assert report.params["trainable"] > 0 and report.params["text_encoder"] > 20e6
     state, batch, _, frozen = report.compiled["train_step"].input_shardings[0]
     # Logical rules on the compiled program: fc1 kernel (embed, mlp) -> (fsdp, tensor), the

@@ -415,12 +415,15 @@ def test_logical_partitioning_and_sharded_apply(mu_params):
     leaves = jax.tree.leaves(abstract["params"], is_leaf=lambda a: isinstance(a, nn.Partitioned))
     assert all(isinstance(a, nn.Partitioned) for a in leaves)
 
-    # Sharded apply on a (data 2, fsdp 2, tensor 2) mesh of fake devices with the base config's
-    # rules: activation constraints are really emitted, and the output equals the 1-device run.
+    # Sharded apply on a (data 2, fsdp 2, sequence 1, tensor 2) mesh of fake devices with the base
+    # config's rules: activation constraints are really emitted, and the output equals the 1-device
+    # run. (Sequence parallelism: tests/test_sequence_parallel.py.)
     x, t, ctx, mask = _inputs()
     ref = _fwd(MU, mu_params, x, t, ctx, mask)
     rules = base.get_config().mesh.logical_axis_rules
-    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    mesh = Mesh(
+        np.asarray(jax.devices()[:8]).reshape(2, 2, 1, 2), ("data", "fsdp", "sequence", "tensor")
+    )
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
     # jax.set_mesh (not the deprecated `with mesh:`) is what activates flax's logical constraints.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

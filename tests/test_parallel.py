@@ -17,7 +17,12 @@ from vdm.train.state import create_train_state
 
 
 def test_mesh_shape_fills_and_rejects_bad_shapes():
-    assert parallel.mesh_shape({"data": -1, "fsdp": 2}, 8) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert parallel.mesh_shape({"data": -1, "fsdp": 2}, 8) == {
+        "data": 4,
+        "fsdp": 2,
+        "sequence": 1,
+        "tensor": 1,
+    }
     assert parallel.mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8)["tensor"] == 2
     with pytest.raises(ValueError, match=r"has 3 devices .* but 8 are available"):
         parallel.mesh_shape({"data": 3}, 8)
@@ -31,11 +36,11 @@ def test_mesh_shape_fills_and_rejects_bad_shapes():
 
 def test_make_mesh_axes_and_device_subsets():
     mesh = parallel.make_mesh(toy_config({"mesh.shape": {"data": 4, "fsdp": 2}}).mesh)
-    assert mesh.axis_names == ("data", "fsdp", "tensor")
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert mesh.axis_names == ("data", "fsdp", "sequence", "tensor")
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "sequence": 1, "tensor": 1}
     one = parallel.make_mesh({"data": -1}, devices=jax.devices()[:1])
     assert one.size == 1
-    assert "data=4 fsdp=2 tensor=1 (8 devices" in parallel.describe_mesh(mesh)
+    assert "data=4 fsdp=2 sequence=1 tensor=1 (8 devices" in parallel.describe_mesh(mesh)
 
 
 def test_logical_rules_map_params_and_fall_back_on_indivisible_dims(caplog):

@@ -208,6 +208,7 @@ _CHOICES = {
     "model.attention": ("factorized", "full", "spatial_only"),
     "model.remat": ("none", "block", "dots"),
     "model.attention_kernel": ("auto", "xla", "splash", "splash_interpret", "cudnn"),
+    "model.sequence_parallel": ("ulysses", "ring"),
     "diffusion.objective": ("flow", "eps", "v"),
     "diffusion.time_sampling": ("logit_normal", "uniform"),
     "sample.sampler": ("euler", "ddim", "dpmpp2m"),
@@ -304,7 +305,7 @@ def validate(config: ConfigDict) -> None:
 # -- upgrades of saved configs ---------------------------------------------------------------------
 # A config saved with a checkpoint or a bundle is read back by newer code. `config.version` (absent
 # = 0) says which schema it follows; `upgrade` brings it to CONFIG_VERSION, one step per version.
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 
 # Version 1: fields added to configs/base.py after models were saved, at their base.py defaults.
 # A missing field would break `--config` overrides of it (e.g. `export --sample shift=3`) and the
@@ -325,6 +326,10 @@ _V1_FIELDS = {
 # CPU is the same XLA call they were trained with.
 _V2_FIELDS = {"model.attention_kernel": lambda: "auto"}
 
+# Version 3: sequence parallelism (vdm.parallel.sequence); the method only matters with a
+# `sequence` mesh axis of size > 1, which old configs' mesh.shape does not have (size 1).
+_V3_FIELDS = {"model.sequence_parallel": lambda: "ulysses"}
+
 
 def _add_fields(config: ConfigDict, fields) -> None:
     for key, default in fields.items():
@@ -342,7 +347,11 @@ def _to_v2(config: ConfigDict) -> None:
     _add_fields(config, _V2_FIELDS)
 
 
-_UPGRADES = (_to_v1, _to_v2)  # _UPGRADES[v] upgrades a version-v config to version v + 1
+def _to_v3(config: ConfigDict) -> None:
+    _add_fields(config, _V3_FIELDS)
+
+
+_UPGRADES = (_to_v1, _to_v2, _to_v3)  # _UPGRADES[v] upgrades a version-v config to version v + 1
 
 
 def upgrade(config: ConfigDict) -> ConfigDict:

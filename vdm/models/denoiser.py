@@ -35,6 +35,8 @@ example) and helps a small model pick up global attributes (digit identity, dire
 
 Attention math: `vdm.models.attention.attention`, one function for every attention, with the
 kernel chosen by `model.attention_kernel` ("auto": splash on TPU, cuDNN on GPU, XLA on CPU).
+Sequence parallelism (`config.mesh.shape["sequence"] > 1`) splits the token frames over devices
+and attends across the split by `model.sequence_parallel` (vdm.parallel.sequence).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from vdm.models import denoiser_accounting as accounting
 from vdm.models import layers as L
 from vdm.models.attention import KERNELS
 from vdm.models.patches import patchify, token_grid, unpatchify
+from vdm.parallel import sequence
 
 Dtype = Any
 
@@ -59,6 +62,11 @@ ATTENTION_MODES = ("factorized", "full", "spatial_only")
 POS_ENCODINGS = ("rope3d", "sincos")
 REMAT_MODES = ("none", "block", "dots")
 ATTENTION_KERNELS = KERNELS  # model.attention_kernel; see vdm.models.attention.
+# Latents in and out are split over the batch only: the token frames are split over `sequence`
+# inside the denoiser (sequence parallelism is internal to it; the small latents cost a gather),
+# so the samplers' carries and the VAE keep the layout they always had. (A streamed VAE decode
+# of frame-split latents is wrong on XLA CPU today: see the issue #24 report.)
+LATENTS = ("batch", None, None, None, None)
 
 # Named sizes. `apply_variant(config.model, name)` writes these numbers into a config; the config
 # fields stay the truth (so `--config.model.depth=4` works on top of any variant).
@@ -118,6 +126,7 @@ class DiTBlock(nn.Module):
     qk_norm: bool = False
     dropout: float = 0.0  # on every residual branch output.
     attention_kernel: str = "auto"  # see vdm.models.attention.
+    sequence_parallel: str = "ulysses"  # see Denoiser.sequence_parallel.
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -138,6 +147,7 @@ class DiTBlock(nn.Module):
             head_dim=self.width // self.num_heads,
             qk_norm=self.qk_norm,
             kernel=self.attention_kernel,
+            sequence_parallel=self.sequence_parallel,
         )
 
         def drop(y):
@@ -216,6 +226,10 @@ class Denoiser(nn.Module):
     # leading [depth] axis (logical name "layers"); compile time and compiler memory stop growing
     # with depth (MaxText's scan_layers). Same math; checkpoints differ in layout from unrolled.
     scan_layers: bool = False
+    # Attention across token frames split over a `sequence` mesh axis of size > 1
+    # (vdm.parallel.sequence): "ulysses" (all-to-all, num_heads divisible by the axis) or "ring".
+    # No parameters; without such an axis the model runs unsplit whatever this says.
+    sequence_parallel: str = "ulysses"
     time_scale: float = 1000.0  # t in [0, 1] is scaled by this before the sinusoid (DiT scale).
     freq_dim: int = 256  # width of the sinusoidal timestep features.
     rope_theta: float = 10000.0  # base of RoPE / sin-cos frequencies.
@@ -250,6 +264,7 @@ class Denoiser(nn.Module):
             remat=str(get("remat", "none")),
             attention_kernel=str(get("attention_kernel", "auto")),
             scan_layers=bool(get("scan_layers", False)),
+            sequence_parallel=str(get("sequence_parallel", "ulysses")),
             dtype=jnp.dtype(get("dtype", "float32")),
             param_dtype=jnp.dtype(get("param_dtype", "float32")),
         )
@@ -265,6 +280,11 @@ class Denoiser(nn.Module):
         if self.pos_encoding not in POS_ENCODINGS:
             problems.append(
                 f"model.pos_encoding={self.pos_encoding!r} is not one of {POS_ENCODINGS}"
+            )
+        if self.sequence_parallel not in sequence.METHODS:
+            problems.append(
+                f"model.sequence_parallel={self.sequence_parallel!r} is not one of "
+                f"{sequence.METHODS}"
             )
         if self.remat not in REMAT_MODES:
             problems.append(f"model.remat={self.remat!r} is not one of {REMAT_MODES}")
@@ -356,6 +376,7 @@ class Denoiser(nn.Module):
         """Patch tokens `[B, t', h', w', D]` (with sin-cos positions) and the RoPE tables."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         grid = token_grid(x.shape[1:4], self.patch_size)
+        x = L.constrain(x, LATENTS)
         h = L.dense(self.width, (None, "embed"), name="patch_embed", **kw)(
             patchify(x.astype(self.dtype), self.patch_size)
         )
@@ -396,6 +417,7 @@ class Denoiser(nn.Module):
             qk_norm=self.qk_norm,
             dropout=self.dropout,
             attention_kernel=self.attention_kernel,
+            sequence_parallel=self.sequence_parallel,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -425,7 +447,7 @@ class Denoiser(nn.Module):
         h = L.modulate(h, shift, scale).astype(self.dtype)
         out = L.dense(self.patch_dim, ("embed", None), name="final_linear", zero_init=True, **kw)(h)
         out = unpatchify(out, self.patch_size, self.latent_channels)
-        return L.constrain(out.astype(jnp.float32), L.ACT_5D[:-1] + (None,))
+        return L.constrain(out.astype(jnp.float32), LATENTS)
 
     # -- accounting (analytic; vdm.models.denoiser_accounting) ---------------------------------
     def param_groups(self, context_dim: int) -> dict[str, int]:

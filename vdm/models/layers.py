@@ -10,11 +10,15 @@ axes), so spatial, temporal and joint attention are only different regroupings o
 tensor, and 3-D RoPE is applied once per attention in that layout before regrouping.
 
 The attention math itself (and the choice of kernel: XLA, Pallas splash, cuDNN) lives in
-`vdm.models.attention`; `Attention` here makes q, k, v and regroups tokens for it.
+`vdm.models.attention`; `Attention` here makes q, k, v and regroups tokens for it. With a
+`sequence` mesh axis of size > 1 the token frames are split over it and attention runs through
+`vdm.parallel.sequence.over_frames` (Ulysses or ring attention across the split, by
+`model.sequence_parallel`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,12 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm.models.attention import attention
+from vdm.parallel import sequence
 
 Dtype = Any
 Names = tuple[str | None, ...]
 
 # Logical names of a token activation in the 5-D layout; see the module docstring.
-ACT_5D: Names = ("batch", "frames", "height", "width", "embed")
+# "token_frames" is split over the `sequence` mesh axis (sequence parallelism).
+ACT_5D: Names = ("batch", "token_frames", "height", "width", "embed")
 
 # Initialisers (DiT/PixArt): Xavier-uniform for projections, N(0, 0.02) for the timestep MLP,
 # zeros for biases and for every adaLN-Zero / output layer.
@@ -312,6 +318,16 @@ def _ungroup(y: jax.Array, mode: str, shape6: tuple[int, ...]) -> jax.Array:
     return y
 
 
+def _attend_6d(q, k, v, mask, attend, *, mode: str) -> jax.Array:
+    """Attention of `q [B, t, h, w, H, K]` in `mode` through `attend(q, k, v, key_mask)`:
+    self-attention regroups q, k, v (6-D) by mode; "cross" attends to `k, v [B, L, H, K]`."""
+    if mode != "cross":
+        (qg, shape6), (kg, _), (vg, _) = (_regroup(a, mode) for a in (q, k, v))
+        return _ungroup(attend(qg, kg, vg, None), mode, shape6)
+    b, t, h, w, nh, kd = q.shape
+    return attend(q.reshape(b, t * h * w, nh, kd), k, v, mask).reshape(q.shape)
+
+
 class Attention(nn.Module):
     """Multi-head attention on 5-D tokens: self-attention (spatial / temporal / full) or
     cross-attention to a context sequence.
@@ -327,6 +343,7 @@ class Attention(nn.Module):
     qk_norm: bool = True  # RMSNorm on q and k per head (stabilises attention logits).
     zero_out: bool = False  # zero-init the output projection (PixArt does this for cross-attn).
     kernel: str = "auto"  # model.attention_kernel (vdm.models.attention.KERNELS).
+    sequence_parallel: str = "ulysses"  # across a `sequence` mesh axis: "ulysses" | "ring".
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -386,16 +403,16 @@ class Attention(nn.Module):
         Returns:
           `[B, t, h, w, D]`.
         """
-        head_names = ("batch", "frames", "height", "width", "heads", "kv")
+        head_names = ("batch", "token_frames", "height", "width", "heads", "kv")
         q = constrain(self._norm("q_norm", self._proj("query", x)), head_names)
+        mask = None
         if mode == "cross":
             if context is None:
                 raise ValueError("Attention(mode='cross') needs `context`.")
             k = self._norm("k_norm", self._proj("key", context))
             v = self._proj("value", context)
-            b, t, h, w, nh, kd = q.shape
-            qs = q.reshape(b, t * h * w, nh, kd)
-            y = attention(qs, k, v, mask=context_mask, kernel=self.kernel).reshape(q.shape)
+            if context_mask is not None:
+                mask = context_mask.astype(bool)  # [B, L]; rows with no real key give zeros
         else:
             k = self._norm("k_norm", self._proj("key", x))
             v = self._proj("value", x)
@@ -403,8 +420,13 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
             k = constrain(k, head_names)
             v = constrain(v, head_names)
-            (qg, shape6), (kg, _), (vg, _) = (_regroup(a, mode) for a in (q, k, v))
-            y = _ungroup(attention(qg, kg, vg, kernel=self.kernel), mode, shape6)
+        y = sequence.over_frames(
+            functools.partial(_attend_6d, mode=mode),
+            *(q, k, v, mask),
+            method=self.sequence_parallel,
+            spans_frames=mode in ("temporal", "full"),
+            attend=lambda q, k, v, mask: attention(q, k, v, mask=mask, kernel=self.kernel),
+        )
         y = constrain(y, head_names)
         return constrain(self._out(y), ACT_5D)
 

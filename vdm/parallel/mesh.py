@@ -1,8 +1,10 @@
 """Device mesh, logical-axis shardings, host batch -> global arrays, multi-host init.
 
-The train step runs as one `jax.jit` over a `Mesh` with axes (`data`, `fsdp`, `tensor`).
-Parameters carry logical axis names (`nn.with_logical_partitioning`);
-`config.mesh.logical_axis_rules` maps them to mesh axes. The batch is split over (`data`, `fsdp`).
+The train step runs as one `jax.jit` over a `Mesh` with axes (`data`, `fsdp`, `sequence`,
+`tensor`). Parameters carry logical axis names (`nn.with_logical_partitioning`);
+`config.mesh.logical_axis_rules` maps them to mesh axes. The batch is split over (`data`, `fsdp`);
+`sequence` splits the denoiser's tokens by frames (logical "frames"; attention across the split is
+`vdm.parallel.sequence`), `tensor` splits heads and MLP width; both hold replicas of the batch.
 (The data-parallel alternative selected by `config.parallel` has its own layout adapter next to
 this module; see `vdm.train.step`.)
 
@@ -31,8 +33,9 @@ from jax.sharding import PartitionSpec as P
 from vdm.errors import ConfigError
 
 PyTree = Any
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # Batch dim is split over these; `tensor` holds replicas of it.
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+# Batch dim is split over these; `sequence` and `tensor` hold replicas of it.
+BATCH_AXES = ("data", "fsdp")
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,7 @@ def mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
       num_devices: how many devices the mesh must cover exactly.
 
     Returns:
-      {"data": d, "fsdp": f, "tensor": t} with d * f * t == num_devices.
+      {"data": d, "fsdp": f, "sequence": s, "tensor": t} with d * f * s * t == num_devices.
     """
     shape = dict(shape)
     unknown = sorted(set(shape) - set(MESH_AXES))
@@ -160,10 +163,11 @@ def mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `Mesh` with axes ("data", "fsdp", "tensor") from `config.mesh`.
+    """A `Mesh` with axes ("data", "fsdp", "sequence", "tensor") from `config.mesh`.
 
     Devices are laid out in `jax.devices()` order (process-major), so `data` is the axis that
-    crosses hosts and `tensor` stays within a host. The mesh has Auto axis types (a plain
+    crosses hosts and `sequence` and `tensor` (the chattiest: all-to-alls / ring exchanges in every
+    attention, and per-layer reductions) stay within a host. The mesh has Auto axis types (a plain
     `Mesh`, not `jax.make_mesh`), so shardings inside jit are inferred from the constraints.
 
     Args:
@@ -181,7 +185,7 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def describe_mesh(mesh: Mesh) -> str:
-    """One line, e.g. "mesh data=4 fsdp=2 tensor=1 (8 devices, 1 process, cpu)"."""
+    """One line, e.g. "mesh data=4 fsdp=2 sequence=1 tensor=1 (8 devices, 1 process, cpu)"."""
     axes = " ".join(f"{a}={s}" for a, s in mesh.shape.items())
     kind = mesh.devices.flat[0].platform
     n_proc = len({d.process_index for d in mesh.devices.flat})
