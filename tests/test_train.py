@@ -133,7 +133,7 @@ def test_train_and_evaluate_logs_evaluates_and_checkpoints(tmp_path, capsys):
     task = ToyTask(config)
     state = loop.train_and_evaluate(config, workdir, task=task, make_iterator=iterator_factory())
     out = capsys.readouterr().out
-    assert "6,276 trainable parameters, 96 frozen; mesh data=8 fsdp=1 tensor=1" in out
+    assert "6,276 trainable parameters, 96 frozen; mesh data=8 fsdp=1 sequence=1 tensor=1" in out
     assert int(state.step) == 8
     assert [s for s, _ in task.eval_calls] == [4, 8]
     rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))

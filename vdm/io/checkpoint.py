@@ -382,7 +382,10 @@ def load_checkpoint(
     """(config, metadata, weights) of one training checkpoint step, read together: a workdir's
     newest step whose three read cleanly (a damaged newer one is named in a warning and skipped),
     or the step directory `path` itself (damaged: an `UnreadableCheckpointError` naming it).
-    Weights are replicated as `load_params` places them."""
+    Weights are replicated as `load_params` places them. An exported model's `denoiser/` or
+    `vae/` is read as it is (one step, no fallback)."""
+    if bundle.part_of(path) is not None:
+        return load_config(path), load_metadata(path), load_params(path, item=item)
 
     def read(step_dir: str):
         config = config_lib.upgrade(

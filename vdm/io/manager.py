@@ -26,6 +26,7 @@ import errno
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -98,11 +99,36 @@ class _QuietFailedSaves(logging.Filter):
     With `VDM_TRACEBACK=1` they are kept."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        failed_write = record.levelno >= logging.ERROR and "orbax" in record.pathname
-        return not (failed_write and record.exc_info) or bool(os.environ.get("VDM_TRACEBACK"))
+        failed_write = record.levelno >= logging.ERROR and (
+            ("orbax" in record.pathname and record.exc_info)
+            # asyncio's "Task exception was never retrieved" for orbax's write coroutines
+            or (record.name == "asyncio" and "orbax" in record.getMessage())
+        )
+        return not failed_write or bool(os.environ.get("VDM_TRACEBACK"))
 
 
 _QUIET = _QuietFailedSaves()
+
+
+def quiet_closed_event_loop() -> None:
+    """Installs a sys.unraisablehook that drops tensorstore's late callbacks into an orbax event
+    loop that a failed or interrupted read / write already closed ("RuntimeError: Event loop is
+    closed", one traceback per pending file); anything else goes to the previous hook. Kept with
+    VDM_TRACEBACK=1."""
+    if sys.unraisablehook is not _quiet_closed_loop:
+        global _previous_unraisablehook
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _quiet_closed_loop
+
+
+def _quiet_closed_loop(unraisable) -> None:
+    e = unraisable.exc_value
+    closed = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+    if not closed or os.environ.get("VDM_TRACEBACK"):
+        _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
 
 
 # ----------------------------------------------------------------------------- data iterator item
@@ -247,7 +273,9 @@ class CheckpointManager:
             self.directory, options=options, handler_registry=registry()
         )
         self._pending: int | None = None  # the step an async save is writing
-        logging.getLogger("absl").addFilter(_QUIET)  # once: the same filter object
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(_QUIET)  # once: the same filter object
+        quiet_closed_event_loop()
 
     @classmethod
     def for_workdir(cls, workdir: str, checkpoint_config) -> CheckpointManager:

@@ -39,7 +39,7 @@ from vdm.data import cache
 from vdm.errors import UserError
 from vdm.inference import pipeline
 from vdm.inference.settings import SamplingSettings
-from vdm.io import bundle, checkpoint
+from vdm.io import bundle, checkpoint, manager
 
 
 def _workdir_of(path: str) -> str:
@@ -197,6 +197,9 @@ def _check_denoiser(path: str) -> None:
         )
 
 
+_INTERRUPTED = False  # set by main's SIGTERM handler
+
+
 def export_with_logs(
     checkpoint: str, output: str, vae: str | None = None, sample: dict | None = None
 ) -> dict[str, str]:
@@ -232,6 +235,8 @@ def export_with_logs(
             shutil.copyfile(source, os.path.join(staging, f"{name}.jsonl"))
         # Ctrl-C / SIGTERM wait until the swap is done: the bundle is never left half replaced.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        if _INTERRUPTED:  # a SIGTERM whose KeyboardInterrupt was swallowed (e.g. in a gc callback)
+            raise KeyboardInterrupt
         os.makedirs(output, exist_ok=True)
         produced = set(os.listdir(staging))
         stale = {n for n in os.listdir(output) if _LOG_NAME.match(n)} - produced
@@ -250,9 +255,6 @@ def export_with_logs(
         if blocked is not None:  # after the clean-up: a waiting Ctrl-C / SIGTERM lands here
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return {"bundle": output, **{n: os.path.join(output, f"{n}.jsonl") for n in logs}}
-
-
-_INTERRUPTED = False
 
 
 def _interrupted(signum, frame):
@@ -301,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     # SIGTERM unwinds like Ctrl-C, so the staging folder is removed (export_with_logs' finally).
     signal.signal(signal.SIGTERM, _interrupted)
+    manager.quiet_closed_event_loop()  # an interrupted orbax read leaves late callbacks behind
     with cli.clear_errors():
         try:
             out = export_with_logs(args.checkpoint, args.output, vae=args.vae, sample=sample)
