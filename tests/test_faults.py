@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.toy_task import ToyTask, iterator_factory, toy_config
+from tests.toy_task import ToyTask, finish, iterator_factory, toy_config
 from vdm.errors import UserError
 from vdm.inference.pipeline import load_pipeline
 from vdm.io import bundle, manager
@@ -95,16 +95,6 @@ def start(tmp_path, workdir, *args, devices=8, env=None):
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def finish(proc, timeout=180):
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"subprocess timed out:\n{out[-3000:]}")
-    return proc.returncode, out
 
 
 def assert_trees_equal(a, b):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.toy_task import ToyIterator, ToyTask, iterator_factory, toy_config
+from tests.toy_task import ToyIterator, ToyTask, finish, iterator_factory, toy_config
 from vdm import parallel
 from vdm.errors import ConfigError
 from vdm.io import checkpoint as ckpt_lib
@@ -255,16 +255,6 @@ def toy_run(workdir, *args, devices=8, env=None):
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def finish(proc, timeout=150):
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"subprocess timed out:\n{out[-3000:]}")
-    return proc.returncode, out
 
 
 @pytest.mark.slow

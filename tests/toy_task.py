@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -262,6 +263,17 @@ def main(argv=None):
     )
     if jax.process_count() > 1:
         jax.distributed.shutdown()
+
+
+def finish(proc, timeout: float = 180) -> tuple[int, str]:
+    """(exit code, combined output) of a toy-run subprocess; kills it and fails past `timeout`."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"subprocess timed out:\n{out[-3000:]}") from None
+    return proc.returncode, out
 
 
 if __name__ == "__main__":
