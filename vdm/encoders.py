@@ -125,13 +125,8 @@ def _check_vae_checkpoint(path: str) -> None:
             f"config.vae.checkpoint='{path}' is a whole exported model; pass its VAE part, "
             f"'{os.path.join(path, 'vae')}'."
         )
-    part = bundle.part_of(path)
-    if part is not None:
-        if part[1] != "vae":
-            raise UserError(f"config.vae.checkpoint='{path}' holds a {part[1]}, not a VAE. {fix}")
-        return
     try:
-        stage = checkpoint.load_config(path).stage
+        stage = checkpoint.stage_of(path)
     except FileNotFoundError as e:
         raise UserError(f"config.vae.checkpoint='{path}': {e} {fix}") from None
     if stage != "autoencoder":

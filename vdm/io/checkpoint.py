@@ -430,15 +430,26 @@ def recorded_vae(metadata: dict[str, Any], where: str, *, override: str | None =
     )
 
 
+def stage_of(path: str) -> str:
+    """The training stage ("autoencoder" or "denoiser") of a training checkpoint or of an
+    exported model's `vae/` / `denoiser/` part.
+
+    Raises:
+      FileNotFoundError: no checkpoint at `path` (a whole exported model is named with its parts).
+      UnreadableCheckpointError: its config cannot be read.
+    """
+    part = bundle.part_of(path)
+    if part is not None:
+        return "denoiser" if part[1] == "denoiser" else "autoencoder"
+    return load_config(path).get("stage")
+
+
 def _not_a_vae(path: str) -> str | None:
     """Why `path` is not a VAE checkpoint (None when it is one)."""
     if not os.path.exists(os.path.expanduser(path)):
         return "does not exist"
-    part = bundle.part_of(path)
-    if part is not None:
-        return None if part[1] == "vae" else f"is an exported model's {part[1]}, not its vae/"
     try:
-        stage = load_config(path).get("stage")
+        stage = stage_of(path)
     except (FileNotFoundError, UnreadableCheckpointError) as e:
         return f"is not a readable VAE checkpoint ({e})"
     return None if stage == "autoencoder" else f"is a '{stage}' checkpoint, not a VAE"

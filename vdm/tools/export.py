@@ -181,14 +181,10 @@ def _check_denoiser(path: str) -> None:
             f"--checkpoint '{path}' is already an exported model; to export it again pass its "
             f"denoiser part, '{os.path.join(path, 'denoiser')}'."
         )
-    part = bundle.part_of(path)
-    if part is not None:
-        stage = "denoiser" if part[1] == "denoiser" else "autoencoder"
-    else:
-        try:
-            stage = checkpoint.load_config(path).stage
-        except FileNotFoundError as e:
-            raise UserError(f"--checkpoint '{path}': {e}") from None
+    try:
+        stage = checkpoint.stage_of(path)
+    except FileNotFoundError as e:
+        raise UserError(f"--checkpoint '{path}': {e}") from None
     if stage != "denoiser":
         raise UserError(
             f"--checkpoint '{path}' is a checkpoint of stage '{stage}', not a denoiser. Export "
