@@ -300,6 +300,13 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM unwinds like Ctrl-C, so the staging folder is removed (export_with_logs' finally).
     signal.signal(signal.SIGTERM, _interrupted)
     manager.quiet_closed_event_loop()  # an interrupted orbax read leaves late callbacks behind
+    previous_hook = sys.unraisablehook
+
+    def swallowed_interrupt(unraisable):  # our SIGTERM landed in a gc callback: handled later
+        if not (_INTERRUPTED and unraisable.exc_type is KeyboardInterrupt):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = swallowed_interrupt
     with cli.clear_errors():
         try:
             out = export_with_logs(args.checkpoint, args.output, vae=args.vae, sample=sample)
