@@ -51,6 +51,11 @@ _HUB_FILES = [
 ]
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a Hugging Face hub id ("name" or "org/name")."""
+    return bool(_HUB_ID.match(name))
+
+
 # Where the name being resolved was read from, when it was not given by the user (see `recorded`).
 _RECORDED_IN: contextvars.ContextVar[str] = contextvars.ContextVar("vdm_recorded_in", default="")
 
@@ -108,24 +113,36 @@ def resolve_model_dir(name_or_path: str) -> tuple[str, str]:
 
 
 def _download(repo_id: str) -> str:
+    hint = f"an alias ({sorted(ALIASES)}) or a local directory"
+    return download(repo_id, _HUB_FILES, what="Text encoder", offline_hint=hint)
+
+
+def download(
+    repo_id: str, allow_patterns: list[str], *, what: str, offline_hint: str = "a local directory"
+) -> str:
+    """The local snapshot of hub repo `repo_id` (only the files matching `allow_patterns`).
+
+    Inside `recorded(...)` the repo must already be in the local Hugging Face cache; otherwise it
+    is downloaded when missing. Errors name `what` ("Text encoder", "Wan model", ...).
+    """
     from huggingface_hub import snapshot_download
 
     source = _RECORDED_IN.get()
     if source:
         try:
-            return snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True)
+            return snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=True)
         except Exception:  # noqa: BLE001 - not in the local cache
             raise FileNotFoundError(
-                f"Text encoder '{repo_id}' (recorded in {source}) is a Hugging Face hub id that is "
+                f"{what} '{repo_id}' (recorded in {source}) is a Hugging Face hub id that is "
                 "not in the local cache, and names read from a checkpoint are not downloaded. If "
                 f"you trust it, fetch it yourself (`huggingface-cli download {repo_id}`), or "
-                "give a checkpoint trained with a local text encoder."
+                f"use {offline_hint}."
             ) from None
     try:
-        return snapshot_download(repo_id, allow_patterns=_HUB_FILES)
+        return snapshot_download(repo_id, allow_patterns=allow_patterns)
     except Exception as e:  # offline, unknown repo, gated repo: all mean "not available here".
         raise FileNotFoundError(
-            f"Text encoder '{repo_id}' is not a local directory and could not be fetched from the "
+            f"{what} '{repo_id}' is not a local directory and could not be fetched from the "
             f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            f"Without network use an alias ({sorted(ALIASES)}) or a local directory."
+            f"Without network use {offline_hint}."
         ) from None

@@ -22,15 +22,17 @@ Dtype = Any
 class Weights:
     """Lazy, read-only access to the tensors of a (possibly sharded) safetensors checkpoint."""
 
-    def __init__(self, model_dir: str, dtype: Dtype):
-        """Opens `model.safetensors` or the shards named by `model.safetensors.index.json`.
+    def __init__(self, model_dir: str, dtype: Dtype, stem: str = "model"):
+        """Opens `{stem}.safetensors` or the shards named by `{stem}.safetensors.index.json`.
 
         Args:
           model_dir: directory holding the checkpoint.
           dtype: every tensor returned by `get` is cast to this (the params' dtype).
+          stem: the file name before `.safetensors`: "model" (transformers) or
+            "diffusion_pytorch_model" (diffusers).
         """
-        index = os.path.join(model_dir, "model.safetensors.index.json")
-        single = os.path.join(model_dir, "model.safetensors")
+        index = os.path.join(model_dir, f"{stem}.safetensors.index.json")
+        single = os.path.join(model_dir, f"{stem}.safetensors")
         if os.path.exists(single):
             files = [single]
         elif os.path.exists(index):
@@ -40,10 +42,16 @@ class Weights:
         else:
             present = sorted(os.listdir(model_dir))
             raise FileNotFoundError(
-                f"No model.safetensors (or model.safetensors.index.json) in '{model_dir}' "
+                f"No {stem}.safetensors (or {stem}.safetensors.index.json) in '{model_dir}' "
                 f"(it holds: {present}). vdm reads safetensors weights only; convert a "
-                "pytorch_model.bin checkpoint with transformers: "
-                "`AutoModel.from_pretrained(dir).save_pretrained(dir)` (needs torch)."
+                "PyTorch .bin checkpoint by loading it with its library and calling "
+                "`save_pretrained(dir)` (needs torch)."
+            )
+        missing = [path for path in files if not os.path.exists(path)]
+        if missing:
+            raise FileNotFoundError(
+                f"'{index}' names shards that are not there: {missing[:4]}. The download is "
+                "incomplete; fetch the missing files again."
             )
         self.dtype = dtype
         self._where: dict[str, Any] = {}  # tensor name -> (file, open numpy-framework handle)
