@@ -87,7 +87,7 @@ def test_eval_cli_writes_metrics_table_and_contact_sheets(tmp_path, capsys):
     rows = [(r["captions"], r["sampler"], r["eta"], r["num_steps"]) for r in res["settings"]]
     assert rows == [
         (captions, sampler, eta, 2)
-        for captions in ("caption", "caption_heldout")
+        for captions in ("caption", "caption_heldout", "caption_vocab")
         for sampler, eta in (("euler", None), ("ddim", 0.0), ("ddim", 1.0))
     ]
     for key in ("real", "real_through_vae"):
@@ -104,6 +104,9 @@ def test_eval_cli_writes_metrics_table_and_contact_sheets(tmp_path, capsys):
         "caption_heldout_ddim_eta0_2.png",
         "caption_heldout_ddim_eta1_2.png",
         "caption_heldout_euler_2.png",
+        "caption_vocab_ddim_eta0_2.png",
+        "caption_vocab_ddim_eta1_2.png",
+        "caption_vocab_euler_2.png",
         "metrics.json",
     ]
 

@@ -102,6 +102,35 @@ def test_heldout_templates_never_in_train(prepared):
         assert not any(r.fullmatch(text) for r in heldout), text
 
 
+def _vocab_markers() -> list[str]:
+    """Every phrase of the held-out vocabulary, and the literal words of its digit phrases and
+    frames (the parts around {d}, {ving}, {vs}, {dir}, {c}, {n}, {w})."""
+    markers = [p for ps in cap.VOCAB_DIRECTION_PHRASES for p in ps]
+    markers += [v for pair in cap.VOCAB_VERBS for v in pair]
+    for t in cap.VOCAB_DIGIT_PHRASES + cap.VOCAB_TEMPLATES:
+        markers += [
+            w.strip(" ,") for w in re.split(r"\{\w+\}", t) if w.strip(" ,") not in ("", "a", "the")
+        ]
+    return markers
+
+
+def test_heldout_vocabulary_never_in_training_captions():
+    """No training caption (5000 drawn, every template and synonym) contains any held-out
+    vocabulary phrase, and every held-out vocabulary caption contains at least three of them
+    (its verb, direction phrase and a digit-phrase or frame word) while still naming the digit."""
+    markers = _vocab_markers()
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, markers)) + r")(?![\w-])")
+    labels = md.sample_labels(md.MovingDigitsConfig(num_train=5000, num_test=10), "train")
+    hits = [t for t in labels["caption"] if pattern.search(t)]
+    assert not hits, hits[:5]
+    digits, directions = np.arange(400) % 10, np.arange(400) % 8
+    texts = cap.heldout_vocabulary_captions(digits, directions)
+    assert texts == cap.heldout_vocabulary_captions(digits, directions)  # fixed, reproducible
+    for text, d in zip(texts, digits, strict=True):
+        assert len(pattern.findall(text)) >= 3, text
+        assert str(d) in text or cap.DIGIT_WORDS[d] in text, text
+
+
 def test_splits_use_disjoint_source_digits(prepared):
     _, _, _, examples = prepared
     train = {int(e["source_index"]) for e in examples["train"]}

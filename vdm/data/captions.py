@@ -9,7 +9,9 @@ A caption is a sentence template filled with three phrases, each drawn from a li
 
 `TRAIN_TEMPLATES` are used for the `caption` feature of every split; `HELDOUT_TEMPLATES` are
 different sentence frames (same vocabulary) used only for the test split's `caption_heldout`, so
-an evaluation can measure generalisation to paraphrases never seen in training.
+an evaluation can measure generalisation to paraphrases never seen in training. The `VOCAB_*`
+lists go further: words and phrases for the digit, verb, direction and frame that no training
+caption uses (`heldout_vocabulary_captions`, eval.py's `caption_vocab` rows).
 """
 
 from __future__ import annotations
@@ -119,13 +121,60 @@ HELDOUT_TEMPLATES = (
     "{d} keeps {ving} {dir}",
 )
 
+# The held-out VOCABULARY (eval.py's `caption_vocab` rows): direction phrases, verbs, digit
+# phrases and sentence frames that no training caption uses, chosen once (2026-12-03) and never
+# to be trained on. They measure whether the model understands wording it has not seen (the text
+# encoder knows these words; the denoiser never saw them). Colour names are the training ones.
+# tests/test_captions.py checks they share no phrase with the training lists.
+VOCAB_DIRECTION_PHRASES = (
+    ("eastward", "toward the east", "from left to right"),
+    ("toward the northeast", "northeastward", "toward the upper right corner"),
+    ("northward", "skyward", "toward the ceiling"),
+    ("toward the northwest", "northwestward", "toward the upper left corner"),
+    ("westward", "toward the west", "from right to left"),
+    ("toward the southwest", "southwestward", "toward the lower left corner"),
+    ("southward", "toward the floor", "toward the south"),
+    ("toward the southeast", "southeastward", "toward the lower right corner"),
+)
+VOCAB_VERBS = (
+    ("creeping", "creeps"),
+    ("wandering", "wanders"),
+    ("cruising", "cruises"),
+    ("sailing", "sails"),
+    ("zooming", "zooms"),
+    ("shifting", "shifts"),
+    ("rolling", "rolls"),
+    ("migrating", "migrates"),
+)
+VOCAB_DIGIT_PHRASES = (
+    "the {c}figure {w}",
+    "the {c}symbol {n}",
+    "a {c}scribbled {w}",
+    "the {c}character {n}",
+    "a {c}hand-drawn {n}",
+    "the {c}glyph {w}",
+)
+VOCAB_TEMPLATES = (
+    "a short clip showing {d} {ving} {dir}",
+    "here we see {d} {ving} {dir}",
+    "{d} steadily {vs} {dir}",
+    "look, {d} {vs} {dir}",
+)
+
+# (digit phrases, verbs, direction phrases) of each vocabulary.
+VOCABULARIES = {
+    "train": (DIGIT_PHRASES, VERBS, DIRECTION_PHRASES),
+    "heldout": (VOCAB_DIGIT_PHRASES, VOCAB_VERBS, VOCAB_DIRECTION_PHRASES),
+}
+
+
 # "an 8", "an eight", "an orange 3" but "a one".
 _AN = re.compile(r"\ba (?=(?!one\b)[aeiou8])")
 
 
-def _digit_phrase(form: int, digit: int, colour: str | None) -> str:
+def _digit_phrase(form: int, digit: int, colour: str | None, phrases=DIGIT_PHRASES) -> str:
     c = f"{colour} " if colour else ""
-    return DIGIT_PHRASES[form].format(n=digit, w=DIGIT_WORDS[digit], c=c)
+    return phrases[form].format(n=digit, w=DIGIT_WORDS[digit], c=c)
 
 
 def make_caption(
@@ -137,6 +186,7 @@ def make_caption(
     verb: int,
     direction_form: int,
     colour: str | None = None,
+    vocabulary: str = "train",
 ) -> str:
     """Fills one sentence template.
 
@@ -148,13 +198,16 @@ def make_caption(
       verb: index into VERBS.
       direction_form: index into DIRECTION_PHRASES[direction] (taken modulo its length).
       colour: a colour name to mention, or None.
+      vocabulary: "train" (DIGIT_PHRASES, VERBS, DIRECTION_PHRASES) or "heldout" (the VOCAB_*
+        lists no training caption uses); `digit_form` and `verb` index that vocabulary's lists.
 
     Returns:
       The caption, lower case, with "a"/"an" fixed ("an 8", "an orange 3").
     """
-    d = _digit_phrase(digit_form, digit, colour)
-    phrases = DIRECTION_PHRASES[direction]
-    ving, vs = VERBS[verb]
+    digit_phrases, verbs, directions = VOCABULARIES[vocabulary]
+    d = _digit_phrase(digit_form, digit, colour, digit_phrases)
+    phrases = directions[direction]
+    ving, vs = verbs[verb]
     text = template.format(d=d, ving=ving, vs=vs, dir=phrases[direction_form % len(phrases)])
     return _AN.sub("an ", text)
 
@@ -165,6 +218,7 @@ def sample_captions(
     directions: np.ndarray,
     templates: tuple[str, ...],
     colours: list[str | None] | None = None,
+    vocabulary: str = "train",
 ) -> tuple[list[str], np.ndarray]:
     """One caption per example with template and synonyms drawn uniformly from `rng`.
 
@@ -174,14 +228,16 @@ def sample_captions(
       directions: int [N] direction indices.
       templates: the template set (TRAIN_TEMPLATES or HELDOUT_TEMPLATES).
       colours: N colour names to mention (None entries mention no colour), or None.
+      vocabulary: "train", or "heldout" for the VOCAB_* lists (with VOCAB_TEMPLATES).
 
     Returns:
       (captions, template_index [N]).
     """
     n = len(digits)
+    digit_phrases, verbs, _ = VOCABULARIES[vocabulary]
     tmpl = rng.integers(0, len(templates), n)
-    form = rng.integers(0, len(DIGIT_PHRASES), n)
-    verb = rng.integers(0, len(VERBS), n)
+    form = rng.integers(0, len(digit_phrases), n)
+    verb = rng.integers(0, len(verbs), n)
     dform = rng.integers(0, 1 << 16, n)  # reduced modulo each direction's phrase count
     captions = [
         make_caption(
@@ -192,10 +248,20 @@ def sample_captions(
             verb=int(verb[i]),
             direction_form=int(dform[i]),
             colour=None if colours is None else colours[i],
+            vocabulary=vocabulary,
         )
         for i in range(n)
     ]
     return captions, tmpl
+
+
+def heldout_vocabulary_captions(
+    digits: np.ndarray, directions: np.ndarray, colours: list[str | None] | None = None
+) -> list[str]:
+    """Test captions in the held-out vocabulary (VOCAB_TEMPLATES and the VOCAB_* lists), one per
+    example, drawn from a fixed generator: the same labels always get the same captions."""
+    rng = np.random.default_rng(20261203)
+    return sample_captions(rng, digits, directions, VOCAB_TEMPLATES, colours, "heldout")[0]
 
 
 def _phrase_regex(phrases) -> re.Pattern:

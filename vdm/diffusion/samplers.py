@@ -25,6 +25,14 @@ Solvers (all work for every objective through the (x0, eps) predictions of `sche
   eta' chosen per step so the noise equals DDIM's). Its first-order step is DDIM with the same eta
   exactly, and eta = 1 is the reverse-time SDE for both.
 
+* "unipc": UniPC (Zhao et al. 2023), diffusers' `UniPCMultistepScheduler` defaults (order 2,
+  bh2, data prediction, a corrector on every step after the first; `vdm.diffusion.unipc`): Wan's
+  default solver. Deterministic (eta does not apply).
+
+Time grids (`schedules.TIME_GRIDS`, `time_grid=`): "uniform" above, or the grid of a diffusers
+scheduler ("diffusers_euler", "diffusers_unipc"), which a pretrained model was tuned with; there
+the model may see a rounded time (diffusers' integer timesteps) while the solver uses the exact one.
+
 Stochastic sampling (eta > 0) re-injects fresh noise each step, so errors of earlier steps are
 partly forgotten instead of carried along the ODE trajectory (Karras et al. 2022, sec. 4); it
 needs more steps than the ODE to converge, and a key. "euler" is always the deterministic ODE.
@@ -54,11 +62,11 @@ import numpy as np
 from jax.tree_util import Partial
 
 from vdm import rng
-from vdm.diffusion import schedules
+from vdm.diffusion import schedules, unipc
 from vdm.diffusion.schedules import DiffusionSpec, _expand
 
 PyTree = Any
-SAMPLERS = ("euler", "ddim", "dpmpp2m")
+SAMPLERS = ("euler", "ddim", "dpmpp2m", "unipc")
 STOCHASTIC = ("ddim", "dpmpp2m")  # the samplers `eta` applies to ("euler" is always the ODE)
 
 
@@ -225,12 +233,40 @@ def _step_noise(key, step, shape):
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape[1:]))(key)
 
 
-def _sample_impl(model_fn, noise, cond, null_cond, guidance, eta, key, *, sampler, num_steps, spec):
-    ts = schedules.sampling_times(num_steps, spec)
-    t_prev = np.concatenate([ts[:1], ts[:-2]])  # step i's previous time (step 0: itself, unused)
-    xs = (jnp.arange(num_steps), jnp.asarray(t_prev), jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]))
+def _unipc_impl(model_fn, noise, cond, null_cond, guidance, ts, model_ts, spec):
+    """UniPC (`vdm.diffusion.unipc`) as one scan: carry (x, corrected x of the last step,
+    m_{i-1}, m_{i-2}); each step is one guided model call and two linear combinations."""
+    co = unipc.coefficients(ts, spec)
+    first = jnp.arange(len(model_ts)) == 0  # no corrector on the first step
+    xs = (first, jnp.asarray(ts[:-1]), jnp.asarray(model_ts), jax.tree.map(jnp.asarray, co))
+
+    def body(carry, inp):
+        x, x_last, m1, m2 = carry
+        is_first, s, ms, c = inp
+        out = guided_output(model_fn, x, ms, cond, null_cond, guidance)
+        m = schedules.predictions(out, x, s, spec)[0]
+        corrected = c["c_x"] * x_last + c["c_m"] * m1 + c["c_d"] * (m2 - m1) + c["c_t"] * (m - m1)
+        x = jnp.where(is_first, x, corrected)
+        x_next = c["p_x"] * x + c["p_m"] * m + c["p_d"] * (m1 - m)
+        return (x_next, x, m, m1), None
+
+    x = noise.astype(jnp.float32)
+    zeros = jnp.zeros_like(x)
+    (x, *_), _ = jax.lax.scan(body, (x, zeros, zeros, zeros), xs)
+    return x
+
+
+def _sample_impl(
+    model_fn, noise, cond, null_cond, guidance, eta, key, *, sampler, num_steps, spec, time_grid
+):
+    ts, model_ts = schedules.sampling_grid(num_steps, spec, time_grid)
     if null_cond is not None:
         null_cond = _batch_null(null_cond, cond)
+    if sampler == "unipc":
+        return _unipc_impl(model_fn, noise, cond, null_cond, guidance, ts, model_ts, spec)
+    t_prev = np.concatenate([ts[:1], ts[:-2]])  # step i's previous time (step 0: itself, unused)
+    xs = (jnp.arange(num_steps), jnp.asarray(t_prev), jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]))
+    xs = xs + ((jnp.asarray(model_ts),) if time_grid != "uniform" else ())
     if key is not None:
         # Never the same bits as the caller's other draws with this key.
         stream = functools.partial(rng.stream, name="ddim_noise")
@@ -238,8 +274,9 @@ def _sample_impl(model_fn, noise, cond, null_cond, guidance, eta, key, *, sample
 
     def body(carry, inp):
         x, x0_prev = carry
-        i, tp, s, t = inp
-        out = guided_output(model_fn, x, s, cond, null_cond, guidance)
+        i, tp, s, t = inp[:4]
+        ms = inp[4] if len(inp) > 4 else s  # the time the model sees (diffusers grids)
+        out = guided_output(model_fn, x, ms, cond, null_cond, guidance)
         z = None if key is None else _step_noise(key, i, x.shape)
         if sampler == "euler":
             x_new, x0 = euler_step(x, out, s, t, spec), x0_prev
@@ -256,7 +293,7 @@ def _sample_impl(model_fn, noise, cond, null_cond, guidance, eta, key, *, sample
     return x
 
 
-_sample_jit = jax.jit(_sample_impl, static_argnames=("sampler", "num_steps", "spec"))
+_sample_jit = jax.jit(_sample_impl, static_argnames=("sampler", "num_steps", "spec", "time_grid"))
 
 
 def _is_traced(tree) -> bool:
@@ -301,6 +338,7 @@ def sample(
     diffusion_config,
     eta=0.0,
     key: jax.Array | None = None,
+    time_grid: str = "uniform",
 ) -> jax.Array:
     """Integrates from `noise` (t = 1) to data (t = 0) with classifier-free guidance.
 
@@ -326,6 +364,8 @@ def sample(
       key: eta-noise key: one key, or per-example keys [B] so each sample is independent of
         the batch (the "ddim_noise" stream is folded in, then the step index). Required for
         "ddim" and "dpmpp2m" unless eta is a concrete 0.
+      time_grid: the times visited (`schedules.TIME_GRIDS`): "uniform" (vdm's), or a
+        diffusers scheduler's grid ("diffusers_euler", "diffusers_unipc") for pretrained models.
 
     Returns:
       x0, float32, shaped like `noise`.
@@ -338,7 +378,8 @@ def sample(
     key = _noise_key(sampler, eta, key, noise.shape[0])
     guidance = jnp.asarray(guidance, jnp.float32)
     eta = jnp.asarray(eta, jnp.float32)
-    kwargs = dict(sampler=sampler, num_steps=int(num_steps), spec=spec)
+    kwargs = dict(sampler=sampler, num_steps=int(num_steps), spec=spec, time_grid=time_grid)
+    schedules.sampling_grid(int(num_steps), spec, time_grid)  # checks the grid before tracing
     args = (noise, cond, null_cond, guidance, eta, key)
     if _is_traced(args) or _is_traced(model_fn):
         return _sample_impl(model_fn, *args, **kwargs)

@@ -294,3 +294,52 @@ def sampling_times(num_steps: int, spec: DiffusionSpec) -> np.ndarray:
         t = np.round(u * n_train) / n_train
     t[0], t[-1] = 1.0, 0.0
     return t.astype(np.float32)
+
+
+# Time grids: "uniform" is vdm's own (above); the "diffusers_*" grids reproduce diffusers'
+# schedulers exactly, so a pretrained model (e.g. Wan) samples as its reference pipeline does.
+TIME_GRIDS = ("uniform", "diffusers_euler", "diffusers_unipc")
+
+
+def sampling_grid(num_steps: int, spec: DiffusionSpec, grid: str = "uniform"):
+    """The times a sampler visits and the time the model is shown at each step.
+
+    * "uniform": `sampling_times`; the model sees each step's start time.
+    * "diffusers_euler": diffusers' `FlowMatchEulerDiscreteScheduler(shift=spec.shift)`:
+      sigmas = shift(linspace(1, shift(1/N), n)) then 0 (N = num_train_timesteps; the smallest
+      sigma is shifted twice, as diffusers does), the model sees sigma (its timestep / N).
+    * "diffusers_unipc": diffusers' `UniPCMultistepScheduler(use_flow_sigmas=True,
+      flow_shift=spec.shift)`: sigmas = shift(linspace(1, 1/N, n + 1)[:-1]), the first lowered
+      by 1e-6 when it is 1 (its solver takes log(alpha)), then 0; the model sees the integer
+      timestep floor(sigma N) / N that diffusers passes it.
+
+    Args:
+      num_steps: number of solver steps n (model evaluations), >= 1.
+      spec: the DiffusionSpec (its shift and num_train_timesteps).
+      grid: one of TIME_GRIDS; the diffusers grids are for flow models only.
+
+    Returns:
+      (times float32 [n + 1] from ~1 down to 0, model_times float32 [n]).
+    """
+    if grid not in TIME_GRIDS:
+        raise ValueError(f"Unknown time grid {grid!r}; choose one of {TIME_GRIDS}.")
+    if grid == "uniform":
+        times = sampling_times(num_steps, spec)
+        return times, times[:-1]
+    if not spec.is_flow:
+        raise ValueError(f"Time grid {grid!r} is for flow models, not {spec.objective!r}.")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    n_train = spec.num_train_timesteps
+    if grid == "diffusers_euler":
+        # diffusers computes its smallest training sigma in float32 (torch), then reads it back.
+        sigma_min = float(shift_time(np.float32(1.0) / np.float32(n_train), np.float32(spec.shift)))
+        sigmas = shift_time(np.linspace(1.0, sigma_min, num_steps), spec.shift)
+        model_times = sigmas.astype(np.float32)
+    else:
+        sigmas = shift_time(np.linspace(1.0, 1.0 / n_train, num_steps + 1)[:-1], spec.shift)
+        if abs(sigmas[0] - 1.0) < 1e-6:
+            sigmas[0] -= 1e-6
+        model_times = (np.floor(sigmas * n_train) / n_train).astype(np.float32)
+    times = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    return times, model_times

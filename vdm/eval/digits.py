@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import linalg
 
+from vdm.data import captions
 from vdm.data import moving_digits as md
 
 if TYPE_CHECKING:  # annotations only: scoring needs neither jax nor a model
@@ -188,7 +189,9 @@ def score_videos(
 
 
 def test_examples(data_config, num: int) -> dict[str, np.ndarray]:
-    """The first `num` moving-digits test videos with their labels and both caption sets.
+    """The first `num` moving-digits test videos with their labels and three caption sets:
+    `caption` (training templates and words), `caption_heldout` (unseen sentence frames) and
+    `caption_vocab` (unseen words and frames, `captions.heldout_vocabulary_captions`).
 
     Rendered directly from the generator (bit-identical to the prepared tfds split), so evaluation
     needs no prepared data set.
@@ -215,6 +218,13 @@ def test_examples(data_config, num: int) -> dict[str, np.ndarray]:
         "direction": labels["direction"][:num],
         "caption": np.asarray(labels["caption"][:num]),
         "caption_heldout": np.asarray(labels["caption_heldout"][:num]),
+        "caption_vocab": np.asarray(
+            captions.heldout_vocabulary_captions(
+                labels["digit"][:num],
+                labels["direction"][:num],
+                None if colour is None else list(colour),
+            )
+        ),
     }
 
 
@@ -233,7 +243,8 @@ def evaluate_pipeline(
       num_videos: how many test prompts (one video each).
       settings: sampling settings (default: the model's, `pipe.settings`).
       seed: sampling seed.
-      captions: "caption" (training templates) or "caption_heldout" (paraphrases never trained on).
+      captions: "caption" (training templates), "caption_heldout" (sentence frames never trained
+        on) or "caption_vocab" (words and frames never trained on).
 
     Returns:
       (metrics, generated uint8 videos, prompts).

@@ -24,6 +24,9 @@ from vdm.models import autoencoder as ae
 # The fewest videos eval.py scores: the real-data ceiling fits a covariance to each half of the
 # real videos, and a covariance needs two rows.
 MIN_VIDEOS = 4
+# Caption sets scored (`digits.test_examples`): training wording, unseen sentence frames, and
+# unseen words + frames (the held-out vocabulary).
+CAPTION_SETS = ("caption", "caption_heldout", "caption_vocab")
 
 
 def vae_reconstruction(
@@ -100,7 +103,7 @@ def run(
         **ceilings,
         "settings": [],
     }
-    for captions in ("caption", "caption_heldout"):
+    for captions in CAPTION_SETS:
         for eta, settings in grid:
             row = _evaluate_row(pipe, num_videos, settings, eta, seed, captions, output_dir)
             results["settings"].append(row)

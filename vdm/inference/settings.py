@@ -21,7 +21,7 @@ class SamplingSettings:
     """Sampler settings (`config.sample`'s fields).
 
     Attributes:
-      sampler: "euler", "ddim" or "dpmpp2m" (`vdm.diffusion.samplers.SAMPLERS`).
+      sampler: "euler", "ddim", "dpmpp2m" or "unipc" (`vdm.diffusion.samplers.SAMPLERS`).
       num_steps: denoiser evaluations, >= 1.
       guidance: classifier-free guidance scale.
       eta: stochasticity of ddim / dpmpp2m (0 = the deterministic ODE solver), >= 0.
