@@ -1,4 +1,4 @@
-"""Loading a Diffusers-format Wan 2.1 VAE (`vae/config.json` + `diffusion_pytorch_model.safetensors`).
+"""Loading a Diffusers-format Wan 2.1 VAE: `vae/` (config.json + the safetensors weights).
 
 The flax param tree mirrors diffusers' module names, so each param's torch name is a rule:
 "/"-joined path with `name_<i>` -> `name.<i>` (`encoder/down_blocks_3/conv1/kernel` ->
