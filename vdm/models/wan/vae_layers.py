@@ -139,8 +139,9 @@ class RMSNorm(nn.Module):
         )
         x32 = x.astype(jnp.float32)
         norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
-        y = (x32 / jnp.maximum(norm, self.epsilon)).astype(self.dtype)
-        return y * jnp.asarray(channels**0.5, self.dtype) * gamma.astype(self.dtype)
+        # sqrt(C) applied in float32: a bfloat16 sqrt(384) would be 0.15% off on every channel.
+        y = (x32 / jnp.maximum(norm, self.epsilon) * channels**0.5).astype(self.dtype)
+        return y * gamma.astype(self.dtype)
 
 
 class ResidualBlock(nn.Module):
