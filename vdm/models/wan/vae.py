@@ -10,8 +10,11 @@
 Like diffusers, `encode` runs frame 0 alone and then chunks of 4 frames, and `decode` one latent
 frame at a time, carrying the causal convs' caches (vdm.models.wan.vae_layers). Here the chunks
 after the first are one `lax.scan` step each (vdm.models.conv.stream), so a long video compiles
-once and its activations take the memory of one chunk. The result equals diffusers' chunked
-computation up to float rounding.
+once and its activations take the memory of one chunk. The chunks are diffusers' own (frame 0,
+then 4 frames / 1 latent frame), so the result equals diffusers' up to float rounding (~5e-7
+relative, tests/test_wan_vae.py). The caches make any chunking equal to one causal pass over the
+whole clip in exact arithmetic, but not bit for bit: in float32, diffusers' encoder with chunks of
+4 vs 16 frames differs by ~3e-7 (torch CPU), so vdm keeps diffusers' chunk sizes.
 
 Latents for the DiT are normalized per channel with the config's `latents_mean` / `latents_std`
 (`normalize`); WanPipeline undoes that before decoding (`denormalize`).

@@ -251,7 +251,10 @@ class Resample(nn.Module):
                 conv(jnp.concatenate([x[:, -1:]] * 3, axis=1))
             out = x
         else:
-            out = conv(jnp.concatenate([self.get_variable("cache", "last").astype(x.dtype), x], 1))
+            last = self.get_variable("cache", "last")
+            if last is None:
+                raise ValueError(f"{self.path}: first=False needs the cache of the previous chunk.")
+            out = conv(jnp.concatenate([last.astype(x.dtype), x], axis=1))
         if self.is_mutable_collection("cache"):
             self.put_variable("cache", "last", x[:, -1:])
         return out
