@@ -90,7 +90,8 @@ class Pipeline:
         self._replicated = parallel.replicated(self.mesh)
         self._null_cache: dict[str, tuple] = {}
         self._placed = None  # (the weights as given, the same weights on the mesh)
-        self._program = jax.jit(self._sharded, static_argnames=("sampler", "num_steps", "spec"))
+        static = ("sampler", "num_steps", "spec", "time_grid")
+        self._program = jax.jit(self._sharded, static_argnames=static)
 
     # -- sampling --------------------------------------------------------------------------------
     def generate(
@@ -109,6 +110,7 @@ class Pipeline:
         sampler,
         num_steps,
         spec=None,
+        time_grid="uniform",
     ):
         """The whole sampling program, pure and jit-able (what `__call__` runs and `vdm.tools.aot`
         compiles): `num_steps` guided denoiser calls from `noise`, then the streaming VAE decode.
@@ -119,13 +121,14 @@ class Pipeline:
             for the negative (or empty) prompt.
           noise: [B, *latent_shape] starting noise; guidance, eta: float32 scalars; key: per-example
             keys [B] (used by stochastic samplers).
-          sampler, num_steps, spec: static sampler settings (`spec`: the sampling DiffusionSpec).
+          sampler, num_steps, spec, time_grid: static sampler settings (`spec`: the sampling
+            DiffusionSpec; `time_grid`: `schedules.TIME_GRIDS`).
 
         Returns:
           uint8 videos [B, T, H, W, 3].
         """
         z = samplers.sample(
-            dn.model_fn(self.model, params),
+            self.model_fn(params),
             noise,
             (ctx, mask),
             (null_ctx, null_mask),
@@ -135,10 +138,19 @@ class Pipeline:
             diffusion_config=spec or self.sampling_spec(),
             eta=eta,
             key=key,
+            time_grid=time_grid,
         )
-        z = z * self._scale + self._shift
-        video = ae.decode(self.vae, vae_params, z, chunk=self.config.vae.decode_chunk)
-        return ae.to_uint8(video)
+        return ae.to_uint8(self.decode(vae_params, z * self._scale + self._shift))
+
+    def model_fn(self, params):
+        """`model_fn(x, t, (ctx, mask)) -> raw output` of the denoiser with `params` (what the
+        sampler calls; a model family with another denoiser overrides it)."""
+        return dn.model_fn(self.model, params)
+
+    def decode(self, vae_params, z):
+        """Un-normalised latents [B, t, h, w, c] -> video in [-1, 1] [B, T, H, W, 3] (streaming
+        decode; a model family with another VAE overrides it)."""
+        return ae.decode(self.vae, vae_params, z, chunk=self.config.vae.decode_chunk)
 
     @property
     def settings(self) -> SamplingSettings:
@@ -279,24 +291,31 @@ class Pipeline:
             sampler=settings.sampler,
             num_steps=settings.num_steps,
             spec=spec,
+            time_grid=settings.time_grid,
         )
 
     def _per_device(self, params, vae_params, ctx, mask, null_ctx, null_mask, noise_keys,
-                    eta_keys, guidance, eta, *, sampler, num_steps, spec):  # fmt: skip
+                    eta_keys, guidance, eta, *, sampler, num_steps, spec, time_grid):  # fmt: skip
         """One device's share of `_program`: its video (batch 1) from its keys."""
         noise_key, eta_key = (jax.random.wrap_key_data(k) for k in (noise_keys, eta_keys))
         noise = jax.vmap(lambda k: jax.random.normal(k, self.latent_shape, jnp.float32))(noise_key)
         return self.generate(
             params, vae_params, ctx, mask, null_ctx, null_mask, noise, guidance, eta, eta_key,
-            sampler=sampler, num_steps=num_steps, spec=spec,
+            sampler=sampler, num_steps=num_steps, spec=spec, time_grid=time_grid,
         )  # fmt: skip
 
-    def _sharded(self, *args, sampler, num_steps, spec):
+    def _sharded(self, *args, sampler, num_steps, spec, time_grid):
         """`_per_device` on every device of the mesh, the batch split over `data` (jitted as
         `self._program`)."""
         batch, rep = P("data"), P()
         fn = jax.shard_map(
-            functools.partial(self._per_device, sampler=sampler, num_steps=num_steps, spec=spec),
+            functools.partial(
+                self._per_device,
+                sampler=sampler,
+                num_steps=num_steps,
+                spec=spec,
+                time_grid=time_grid,
+            ),
             mesh=self.mesh,
             in_specs=(rep, rep, batch, batch, rep, rep, batch, batch, rep, rep),
             out_specs=batch,

@@ -1,4 +1,4 @@
-"""How to sample: the six settings sample.py, eval.py, the pipeline and export share.
+"""How to sample: the settings sample.py, eval.py, the pipeline and export share.
 
     settings = SamplingSettings.from_config(config.sample)          # a model's defaults
     settings = settings.override(num_steps=10, guidance=None)       # None keeps the default
@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
-from vdm.diffusion import samplers
+from vdm.diffusion import samplers, schedules
 from vdm.errors import UserError
 
 
@@ -27,6 +27,8 @@ class SamplingSettings:
       eta: stochasticity of ddim / dpmpp2m (0 = the deterministic ODE solver), >= 0.
       negative_prompt: the prompt guidance steers away from ("" = unconditional).
       shift: the flow sampling time shift; None = the training `diffusion.shift`.
+      time_grid: the times the sampler visits (`vdm.diffusion.schedules.TIME_GRIDS`): vdm's
+        "uniform", or a diffusers scheduler's grid for a pretrained model tuned on it.
     """
 
     sampler: str
@@ -35,6 +37,7 @@ class SamplingSettings:
     eta: float
     negative_prompt: str
     shift: float | None = None
+    time_grid: str = "uniform"
 
     def __post_init__(self):
         check(**dataclasses.asdict(self))
@@ -54,6 +57,7 @@ class SamplingSettings:
             eta=s.eta,
             negative_prompt=s.negative_prompt,
             shift=s.get("shift"),
+            time_grid=s.get("time_grid", "uniform"),
         )
 
     def override(self, **values: Any) -> SamplingSettings:
@@ -91,6 +95,11 @@ def check(**values: Any) -> None:
         raise UserError(
             f"--eta must be a finite number >= 0 (0 = the deterministic ODE solver), got "
             f"{v['eta']}."
+        )
+    if "time_grid" in v and v["time_grid"] not in schedules.TIME_GRIDS:
+        raise UserError(
+            f"Unknown time grid '{v['time_grid']}' (sample.time_grid); choose one of "
+            f"{list(schedules.TIME_GRIDS)}."
         )
     if "shift" in v and not (math.isfinite(float(v["shift"])) and float(v["shift"]) > 0):
         raise UserError(f"--shift must be a finite number > 0 (1 = no shift), got {v['shift']}.")
