@@ -1,0 +1,198 @@
+"""Wan 2.1 DiT (vdm.models.wan.transformer) against diffusers' WanTransformer3DModel.
+
+A tiny random WanTransformer3DModel (every param drawn at random, so zero-initialised parts
+cannot hide a wrong mapping) is saved with `save_pretrained` (single file, sharded, bfloat16),
+loaded by vdm without torch and run on the same latents, timesteps and zero-padded text.
+"""
+
+import copy
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from configs.base import get_config
+from vdm.errors import ConfigError
+from vdm.models.wan import transformer as wt
+from vdm.models.wan.transformer_weights import load_transformer
+from vdm.parallel import mesh as mesh_lib
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=6,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+TEXT_LEN = 8
+SEQ_LENS = (5, 8)  # real tokens per prompt; the rest are zeros (WanPipeline's padding).
+
+
+def _torch_model():
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**CONFIG).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Random everything (norm scales around 1) so no zero-initialised param can hide a
+            # mapping error.
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{"fp32" | "sharded" | "bf16": pipeline dir} and the torch model."""
+    root = tmp_path_factory.mktemp("wan")
+    model = _torch_model()
+    dirs = {}
+    for kind in ("fp32", "sharded", "bf16"):
+        pipe = root / kind
+        pipe.mkdir()
+        (pipe / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+        if kind == "bf16":
+            copy.deepcopy(model).to(torch.bfloat16).save_pretrained(pipe / "transformer")
+        else:
+            shard = dict(max_shard_size="40KB") if kind == "sharded" else {}
+            model.save_pretrained(pipe / "transformer", **shard)
+        dirs[kind] = str(pipe)
+    assert any("index.json" in f for f in os.listdir(os.path.join(dirs["sharded"], "transformer")))
+    return dirs, model
+
+
+def _inputs(batch=2, frames=3, height=4, width=6, seed=0):
+    """Channels-last latents, scheduler timesteps and zero-padded text embeddings."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, frames, height, width, CONFIG["in_channels"]), np.float32)
+    t = rng.uniform(0, 1000, (batch,)).astype(np.float32)
+    ctx = rng.standard_normal((batch, TEXT_LEN, CONFIG["text_dim"]), np.float32)
+    for i in range(batch):
+        ctx[i, SEQ_LENS[i % len(SEQ_LENS)] :] = 0.0
+    return x, t, ctx
+
+
+def _torch_out(model, x, t, ctx, dtype=torch.float32):
+    with torch.no_grad():
+        out = model(
+            torch.from_numpy(x).permute(0, 4, 1, 2, 3).to(dtype),  # [B, C, T, H, W]
+            torch.from_numpy(t),
+            torch.from_numpy(ctx).to(dtype),
+            return_dict=False,
+        )[0]
+    return out.float().permute(0, 2, 3, 4, 1).numpy()
+
+
+def _errors(got, want):
+    abs_err = float(np.abs(got - want).max())
+    return abs_err, abs_err / float(np.abs(want).max())
+
+
+def test_float32_parity_single_and_sharded_files(saved):
+    dirs, model = saved
+    x, t, ctx = _inputs()  # 3 latent frames: a (4k + 1 = 9)-frame video
+    want = _torch_out(model, x, t, ctx)
+    module, params = load_transformer(dirs["fp32"], jnp.float32)
+    got = np.asarray(jax.jit(module.apply)({"params": params}, x, t, ctx))
+    assert got.shape == x.shape[:4] + (CONFIG["out_channels"],)
+    abs_err, rel_err = _errors(got, want)
+    print(f"float32 vs diffusers: max abs {abs_err:.2e}, relative {rel_err:.2e}")
+    assert rel_err <= 1e-4, (abs_err, rel_err)
+    _, sharded = load_transformer(os.path.join(dirs["sharded"], "transformer"), jnp.float32)
+    jax.tree.map(np.testing.assert_array_equal, sharded, params)
+
+
+def test_bfloat16_checkpoint(saved):
+    dirs, model = saved
+    x, t, ctx = _inputs(seed=1)
+    module, params = load_transformer(dirs["bf16"], jnp.float32)
+    got = np.asarray(module.apply({"params": params}, x, t, ctx))
+    # bf16 weights read exactly: equal to torch running the bf16-rounded weights in float32.
+    rounded = diffusers.WanTransformer3DModel.from_pretrained(
+        os.path.join(dirs["bf16"], "transformer"), torch_dtype=torch.float32
+    ).eval()
+    abs_err, rel_err = _errors(got, _torch_out(rounded, x, t, ctx))
+    print(f"bf16 file, float32 compute: max abs {abs_err:.2e}, relative {rel_err:.2e}")
+    assert rel_err <= 1e-4
+    # bf16 compute against diffusers' bf16 model (fp32 islands on both sides): loose.
+    module16, params16 = load_transformer(dirs["bf16"], jnp.bfloat16)
+    assert params16["blocks_0"]["attn1"]["to_q"]["kernel"].dtype == jnp.bfloat16
+    assert params16["blocks_0"]["scale_shift_table"].dtype == jnp.float32
+    got16 = np.asarray(module16.apply({"params": params16}, x, t, ctx))
+    torch16 = diffusers.WanTransformer3DModel.from_pretrained(
+        os.path.join(dirs["bf16"], "transformer"), torch_dtype=torch.bfloat16
+    ).eval()
+    abs_err, rel_err = _errors(got16, _torch_out(torch16, x, t, ctx, torch.bfloat16))
+    print(f"bf16 compute vs diffusers bf16: max abs {abs_err:.2e}, relative {rel_err:.2e}")
+    assert rel_err <= 5e-2
+
+
+def test_mesh_equals_one_device(saved):
+    dirs, _ = saved
+    rules = get_config().mesh.logical_axis_rules
+    x, t, ctx = _inputs(batch=4, frames=4, seed=2)
+    module, params = load_transformer(dirs["fp32"], jnp.float32)
+    want = np.asarray(module.apply({"params": params}, x, t, ctx))
+    devices = np.array(jax.devices()[:8])
+    for shape in ((2, 2, 1, 2), (1, 2, 2, 2)):  # (data, fsdp, sequence, tensor)
+        mesh = Mesh(devices.reshape(shape), mesh_lib.MESH_AXES)
+        for method in ("ulysses", "ring") if shape[2] > 1 else ("ulysses",):
+            module, sharded = load_transformer(
+                dirs["fp32"], mesh=mesh, logical_axis_rules=rules, sequence_parallel=method
+            )
+            kernel = sharded["blocks_0"]["attn1"]["to_q"]["kernel"]
+            assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+            run = jax.jit(mesh_lib.with_sharding_rules(module.apply, mesh, rules))
+            got = np.asarray(run({"params": sharded}, x, t, ctx))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{shape} {method}")
+
+
+def test_remat_and_rope_layout(saved):
+    dirs, _ = saved
+    x, t, ctx = _inputs(batch=1, frames=5, seed=3)
+    module, params = load_transformer(dirs["fp32"], remat="block")
+    plain, _ = load_transformer(dirs["fp32"])
+    loss = lambda m: lambda p: m.apply({"params": p}, x, t, ctx).sum()  # noqa: E731
+    g1, g2 = jax.grad(loss(module))(params), jax.grad(loss(plain))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g1, g2)
+    # Head dim 16 splits (t, h, w) = (8, 4, 4), as diffusers' WanRotaryPosEmbed.
+    assert wt.rope_split(16) == (8, 4, 4) and wt.rope_split(128) == (44, 42, 42)
+
+
+def test_config_errors(saved, tmp_path):
+    with pytest.raises(ConfigError, match="image-to-video"):
+        wt.WanTransformerConfig.from_diffusers({**CONFIG, "image_dim": 1280})
+    with pytest.raises(ConfigError, match="image-to-video"):
+        wt.WanTransformerConfig.from_diffusers({**CONFIG, "added_kv_proj_dim": 5120})
+    with pytest.raises(ConfigError, match="qk_norm"):
+        wt.WanTransformerConfig.from_diffusers({**CONFIG, "qk_norm": "rms_norm"})
+    with pytest.raises(ConfigError, match="WanVACE"):
+        wt.WanTransformerConfig.from_diffusers({"_class_name": "WanVACETransformer3DModel"})
+    # Weights that do not fit the config: the message names the tensor.
+    dirs, _ = saved
+    src = os.path.join(dirs["fp32"], "transformer")
+    bad = tmp_path / "transformer"
+    bad.mkdir()
+    config = json.load(open(os.path.join(src, "config.json")))
+    (bad / "config.json").write_text(json.dumps({**config, "ffn_dim": 48}))
+    os.symlink(
+        os.path.join(src, "diffusion_pytorch_model.safetensors"),
+        bad / "diffusion_pytorch_model.safetensors",
+    )
+    with pytest.raises(ValueError, match="ffn.net.0.proj"):
+        load_transformer(str(bad))
+    (bad / "config.json").write_text(json.dumps({**config, "num_layers": 1}))
+    with pytest.raises(ValueError, match="blocks.1"):
+        load_transformer(str(bad))
