@@ -95,6 +95,18 @@ def _torch_out(model, x, t, ctx, dtype=torch.float32):
     return out.float().permute(0, 2, 3, 4, 1).numpy()
 
 
+def _bf16_like_from_pretrained(model):
+    """`model` in bfloat16 except `_keep_in_fp32_modules`, what `from_pretrained(torch_dtype=
+    torch.bfloat16)` gives (diffusers' loader needs accelerate for that, which the test extra
+    does not install; the parameter-name match is diffusers' `load_model_dict_into_meta`)."""
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    keep = model._keep_in_fp32_modules
+    for name, p in model.named_parameters():
+        if any(m in name.split(".") for m in keep):
+            p.data = p.data.float()
+    return model
+
+
 def _errors(got, want):
     abs_err = float(np.abs(got - want).max())
     return abs_err, abs_err / float(np.abs(want).max())
@@ -118,11 +130,11 @@ def test_bfloat16_checkpoint(saved):
     dirs, model = saved
     x, t, ctx = _inputs(seed=1)
     module, params = load_transformer(dirs["bf16"], jnp.float32)
-    got = np.asarray(module.apply({"params": params}, x, t, ctx))
+    got = np.asarray(jax.jit(module.apply)({"params": params}, x, t, ctx))
     # bf16 weights read exactly: equal to torch running the bf16-rounded weights in float32.
-    rounded = diffusers.WanTransformer3DModel.from_pretrained(
-        os.path.join(dirs["bf16"], "transformer"), torch_dtype=torch.float32
-    ).eval()
+    rounded = copy.deepcopy(model)
+    for p in rounded.parameters():
+        p.data = p.data.to(torch.bfloat16).float()
     abs_err, rel_err = _errors(got, _torch_out(rounded, x, t, ctx))
     print(f"bf16 file, float32 compute: max abs {abs_err:.2e}, relative {rel_err:.2e}")
     assert rel_err <= 1e-4
@@ -130,13 +142,11 @@ def test_bfloat16_checkpoint(saved):
     module16, params16 = load_transformer(dirs["bf16"], jnp.bfloat16)
     assert params16["blocks_0"]["attn1"]["to_q"]["kernel"].dtype == jnp.bfloat16
     assert params16["blocks_0"]["scale_shift_table"].dtype == jnp.float32
-    got16 = np.asarray(module16.apply({"params": params16}, x, t, ctx))
-    torch16 = diffusers.WanTransformer3DModel.from_pretrained(
-        os.path.join(dirs["bf16"], "transformer"), torch_dtype=torch.bfloat16
-    ).eval()
+    got16 = np.asarray(jax.jit(module16.apply)({"params": params16}, x, t, ctx))
+    torch16 = _bf16_like_from_pretrained(rounded)
     abs_err, rel_err = _errors(got16, _torch_out(torch16, x, t, ctx, torch.bfloat16))
     print(f"bf16 compute vs diffusers bf16: max abs {abs_err:.2e}, relative {rel_err:.2e}")
-    assert rel_err <= 5e-2
+    assert rel_err <= 2e-2
 
 
 def test_mesh_equals_one_device(saved):
@@ -144,19 +154,17 @@ def test_mesh_equals_one_device(saved):
     rules = get_config().mesh.logical_axis_rules
     x, t, ctx = _inputs(batch=4, frames=4, seed=2)
     module, params = load_transformer(dirs["fp32"], jnp.float32)
-    want = np.asarray(module.apply({"params": params}, x, t, ctx))
+    want = np.asarray(jax.jit(module.apply)({"params": params}, x, t, ctx))
     devices = np.array(jax.devices()[:8])
     for shape in ((2, 2, 1, 2), (1, 2, 2, 2)):  # (data, fsdp, sequence, tensor)
         mesh = Mesh(devices.reshape(shape), mesh_lib.MESH_AXES)
-        for method in ("ulysses", "ring") if shape[2] > 1 else ("ulysses",):
-            module, sharded = load_transformer(
-                dirs["fp32"], mesh=mesh, logical_axis_rules=rules, sequence_parallel=method
-            )
-            kernel = sharded["blocks_0"]["attn1"]["to_q"]["kernel"]
-            assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
-            run = jax.jit(mesh_lib.with_sharding_rules(module.apply, mesh, rules))
-            got = np.asarray(run({"params": sharded}, x, t, ctx))
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{shape} {method}")
+        # (sequence = 2: the 4 token frames split, joint attention by Ulysses all-to-alls)
+        module, sharded = load_transformer(dirs["fp32"], mesh=mesh, logical_axis_rules=rules)
+        kernel = sharded["blocks_0"]["attn1"]["to_q"]["kernel"]
+        assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+        run = jax.jit(mesh_lib.with_sharding_rules(module.apply, mesh, rules))
+        got = np.asarray(run({"params": sharded}, x, t, ctx))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(shape))
 
 
 def test_remat_and_rope_layout(saved):
@@ -165,7 +173,7 @@ def test_remat_and_rope_layout(saved):
     module, params = load_transformer(dirs["fp32"], remat="block")
     plain, _ = load_transformer(dirs["fp32"])
     loss = lambda m: lambda p: m.apply({"params": p}, x, t, ctx).sum()  # noqa: E731
-    g1, g2 = jax.grad(loss(module))(params), jax.grad(loss(plain))(params)
+    g1, g2 = (jax.jit(jax.grad(loss(m)))(params) for m in (module, plain))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g1, g2)
     # Head dim 16 splits (t, h, w) = (8, 4, 4), as diffusers' WanRotaryPosEmbed.
     assert wt.rope_split(16) == (8, 4, 4) and wt.rope_split(128) == (44, 42, 42)
@@ -185,13 +193,14 @@ def test_config_errors(saved, tmp_path):
     src = os.path.join(dirs["fp32"], "transformer")
     bad = tmp_path / "transformer"
     bad.mkdir()
-    config = json.load(open(os.path.join(src, "config.json")))
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
     (bad / "config.json").write_text(json.dumps({**config, "ffn_dim": 48}))
     os.symlink(
         os.path.join(src, "diffusion_pytorch_model.safetensors"),
         bad / "diffusion_pytorch_model.safetensors",
     )
-    with pytest.raises(ValueError, match="ffn.net.0.proj"):
+    with pytest.raises(ValueError, match=r"ffn\.net\..*does not fit"):
         load_transformer(str(bad))
     (bad / "config.json").write_text(json.dumps({**config, "num_layers": 1}))
     with pytest.raises(ValueError, match="blocks.1"):
