@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from configs.base import get_config
 from vdm.errors import ConfigError
 from vdm.models.wan import transformer as wt
-from vdm.models.wan.transformer_weights import load_transformer
+from vdm.models.wan.transformer_weights import abstract_params, load_transformer
 from vdm.parallel import mesh as mesh_lib
 
 torch = pytest.importorskip("torch")
@@ -205,3 +205,23 @@ def test_config_errors(saved, tmp_path):
     (bad / "config.json").write_text(json.dumps({**config, "num_layers": 1}))
     with pytest.raises(ValueError, match="blocks.1"):
         load_transformer(str(bad))
+
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        # Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers transformer/config.json (the sizes).
+        dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
+        dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    ],
+)
+def test_published_sizes_param_count(size):
+    config = {**CONFIG, **size, "attention_head_dim": 128, "in_channels": 16, "out_channels": 16}
+    config["text_dim"] = 4096
+    with torch.device("meta"):
+        reference = diffusers.WanTransformer3DModel(**config)
+    want = sum(p.numel() for p in reference.parameters())
+    module = wt.WanTransformer(wt.WanTransformerConfig.from_diffusers(config))
+    abstract = mesh_lib.unbox(abstract_params(module))
+    got = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+    assert got == want

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm.models.wan import files
-from vdm.models.wan.transformer import WanTransformer, WanTransformerConfig
+from vdm.models.wan.transformer import WanTransformer
+from vdm.models.wan.transformer_config import WanTransformerConfig
 from vdm.parallel import mesh as mesh_lib
 
 Dtype = Any
