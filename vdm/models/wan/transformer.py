@@ -192,7 +192,8 @@ def _fp32_layer_norm(x: jax.Array, eps: float) -> jax.Array:
 
 class WanBlock(nn.Module):
     """WanTransformerBlock (see the module docstring). Params: `attn1`, `attn2`, `norm2`
-    (if cross_attn_norm), `ffn/{proj, out}`, `scale_shift_table [6, D]` (float32)."""
+    (if cross_attn_norm; float32), `ffn_proj` `[D, ffn_dim]` ("embed", "mlp"), `ffn_out`,
+    `scale_shift_table [6, D]` (float32; diffusers' `[1, 6, D]`)."""
 
     config: WanTransformerConfig
     attention_kernel: str = "auto"
@@ -230,6 +231,7 @@ class WanBlock(nn.Module):
         if cfg.cross_attn_norm:
             h = nn.LayerNorm(
                 epsilon=cfg.eps,
+                use_fast_variance=False,  # two-pass variance, as torch
                 dtype=jnp.float32,
                 param_dtype=jnp.float32,
                 scale_init=nn.with_logical_partitioning(L.ones, ("embed",)),
