@@ -42,9 +42,9 @@ TEXT_LEN = 8
 SEQ_LENS = (5, 8)  # real tokens per prompt; the rest are zeros (WanPipeline's padding).
 
 
-def _torch_model():
+def _torch_model(config=None):
     torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(**CONFIG).eval()
+    model = diffusers.WanTransformer3DModel(**(config or CONFIG)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             # Random everything (norm scales around 1) so no zero-initialised param can hide a
@@ -73,12 +73,13 @@ def saved(tmp_path_factory):
     return dirs, model
 
 
-def _inputs(batch=2, frames=3, height=4, width=6, seed=0):
+def _inputs(batch=2, frames=3, height=4, width=6, seed=0, config=None):
     """Channels-last latents, scheduler timesteps and zero-padded text embeddings."""
+    config = config or CONFIG
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, frames, height, width, CONFIG["in_channels"]), np.float32)
+    x = rng.standard_normal((batch, frames, height, width, config["in_channels"]), np.float32)
     t = rng.uniform(0, 1000, (batch,)).astype(np.float32)
-    ctx = rng.standard_normal((batch, TEXT_LEN, CONFIG["text_dim"]), np.float32)
+    ctx = rng.standard_normal((batch, TEXT_LEN, config["text_dim"]), np.float32)
     for i in range(batch):
         ctx[i, SEQ_LENS[i % len(SEQ_LENS)] :] = 0.0
     return x, t, ctx
@@ -124,6 +125,23 @@ def test_float32_parity_single_and_sharded_files(saved):
     assert rel_err <= 1e-4, (abs_err, rel_err)
     _, sharded = load_transformer(os.path.join(dirs["sharded"], "transformer"), jnp.float32)
     jax.tree.map(np.testing.assert_array_equal, sharded, params)
+
+
+def test_float32_parity_other_layout(tmp_path):
+    """Patches over time (pt = 2), a head dim not divisible by 6 (22 -> t, h, w = 10, 6, 6),
+    3 heads, no cross-attention norm, in != out channels."""
+    config = dict(CONFIG, patch_size=(2, 1, 2), num_attention_heads=3, attention_head_dim=22)
+    config.update(in_channels=3, out_channels=5, text_dim=12, ffn_dim=40, num_layers=1)
+    config["cross_attn_norm"] = False
+    model = _torch_model(config)
+    model.save_pretrained(tmp_path / "transformer")
+    x, t, ctx = _inputs(batch=1, frames=4, height=3, width=4, seed=4, config=config)
+    module, params = load_transformer(str(tmp_path / "transformer"))
+    assert "norm2" not in params["blocks_0"]
+    got = np.asarray(jax.jit(module.apply)({"params": params}, x, t, ctx))
+    abs_err, rel_err = _errors(got, _torch_out(model, x, t, ctx))
+    print(f"other layout float32 vs diffusers: max abs {abs_err:.2e}, relative {rel_err:.2e}")
+    assert got.shape == (1, 4, 3, 4, 5) and rel_err <= 1e-4
 
 
 def test_bfloat16_checkpoint(saved):
