@@ -9,10 +9,13 @@ import copy
 import json
 import os
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import wan_tiny
 from jax.sharding import Mesh
 
 from configs.base import get_config
@@ -20,9 +23,6 @@ from vdm.errors import ConfigError
 from vdm.models.wan import transformer as wt
 from vdm.models.wan.transformer_weights import abstract_params, load_transformer
 from vdm.parallel import mesh as mesh_lib
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 CONFIG = dict(
     patch_size=(1, 2, 2),
@@ -142,6 +142,21 @@ def test_float32_parity_other_layout(tmp_path):
     abs_err, rel_err = _errors(got, _torch_out(model, x, t, ctx))
     print(f"other layout float32 vs diffusers: max abs {abs_err:.2e}, relative {rel_err:.2e}")
     assert got.shape == (1, 4, 3, 4, 5) and rel_err <= 1e-4
+
+
+def test_shared_tiny_model(tmp_path):
+    """The tiny transformer of tests/wan_tiny.py (the pipeline tests' model): head dim 12,
+    rope_max_seq_len 32, zero-padded text."""
+    model = wan_tiny.transformer()
+    model.save_pretrained(tmp_path / "transformer")
+    x, t, ctx = _inputs(batch=2, frames=2, height=4, width=4, seed=5, config=model.config)
+    module, params = load_transformer(str(tmp_path / "transformer"))
+    got = np.asarray(jax.jit(module.apply)({"params": params}, x, t, ctx))
+    abs_err, rel_err = _errors(got, _torch_out(model, x, t, ctx))
+    print(f"wan_tiny float32 vs diffusers: max abs {abs_err:.2e}, relative {rel_err:.2e}")
+    assert rel_err <= 1e-4
+    with pytest.raises(ValueError, match="rope_max_seq_len=32"):
+        module.apply({"params": params}, np.zeros((1, 33, 2, 2, 4), np.float32), t[:1], ctx[:1])
 
 
 def test_bfloat16_checkpoint(saved):
