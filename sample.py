@@ -20,6 +20,7 @@ keeps what was written); a request whose .npy files would not fit on the disk is
 from absl import app, flags
 
 from vdm import cli
+from vdm.diffusion.samplers import SAMPLERS
 from vdm.inference import writer
 
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Text prompt (repeat for several).")
@@ -33,7 +34,7 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Videos per prompt.")
 _NUM_STEPS = flags.DEFINE_integer(
     "num_steps", None, "Sampling steps (default: the model's config)."
 )
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["euler", "ddim", "dpmpp2m"], "Sampler.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, list(SAMPLERS), "Sampler.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale.")
 _ETA = flags.DEFINE_float(
     "eta", None, "Stochasticity of ddim / dpmpp2m (0 = deterministic ODE, 1 = the reverse SDE)."
