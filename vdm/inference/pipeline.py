@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -36,7 +37,7 @@ from vdm import encoders, parallel, rng
 from vdm.diffusion import samplers, schedules
 from vdm.errors import UserError
 from vdm.inference.settings import SamplingSettings
-from vdm.io import bundle, checkpoint
+from vdm.io import bundle, checkpoint, programs
 from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
 from vdm.models.text import encoder as te
@@ -90,7 +91,19 @@ class Pipeline:
         self._replicated = parallel.replicated(self.mesh)
         self._null_cache: dict[str, tuple] = {}
         self._placed = None  # (the weights as given, the same weights on the mesh)
-        self._program = jax.jit(self._sharded, static_argnames=("sampler", "num_steps", "spec"))
+        # Traced once per model and kept between runs where the mains enable it (vdm.io.programs):
+        # the key holds all the programs close over besides their arguments.
+        sample_fn = jax.jit(self._sharded, static_argnames=("sampler", "num_steps", "spec"))
+        self._program = programs.Cached(sample_fn, "sample", self._closure_key())
+        self._encode = programs.Cached(jax.jit(self.text.encode), "text", repr(self.text.module))
+
+    def _closure_key(self) -> str:
+        """What the sampling program closes over: the config, modules, latent statistics and
+        mesh (vdm.io.programs adds the arguments, the code and the environment)."""
+        config = self.config.to_dict() if hasattr(self.config, "to_dict") else self.config
+        parts = [config, repr(self.model), repr(self.vae), self.latent_shape, repr(self.mesh)]
+        parts += [repr(np.asarray(self._shift)), repr(np.asarray(self._scale))]
+        return json.dumps(parts, sort_keys=True, default=repr)
 
     # -- sampling --------------------------------------------------------------------------------
     def generate(
@@ -167,7 +180,7 @@ class Pipeline:
         another batch shape.
         """
         distinct = list(dict.fromkeys(prompts))
-        encoded = [self.text([p]) for p in distinct]
+        encoded = [self._encode_text([p]) for p in distinct]
         rows = [distinct.index(p) for p in prompts]
         hidden = np.concatenate([np.asarray(h) for h, _ in encoded])
         return hidden[rows], np.concatenate([np.asarray(m) for _, m in encoded])[rows]
@@ -175,8 +188,13 @@ class Pipeline:
     def _null(self, negative_prompt: str):
         """The encoding of the negative (or empty) prompt, [1, L, D] and [1, L], cached."""
         if negative_prompt not in self._null_cache:
-            self._null_cache[negative_prompt] = self.text([negative_prompt])
+            self._null_cache[negative_prompt] = self._encode_text([negative_prompt])
         return self._null_cache[negative_prompt]
+
+    def _encode_text(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        """`self.text(prompts)` through the kept text program: (hidden [B, L, D], mask [B, L])."""
+        ids, mask = self.text.tokenize(prompts)
+        return self._encode(self.text.params, ids, mask), jnp.asarray(mask)
 
     def _placed_weights(self):
         """(params, vae_params) replicated on the mesh; placed again only when they change."""
