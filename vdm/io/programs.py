@@ -96,6 +96,23 @@ def environment() -> str:
     return h.hexdigest()
 
 
+def remembered(name: str, key: str, compute: Callable[[], Any]) -> Any:
+    """`compute()`, a JSON value, kept in the directory like a program (under `name`, `key` and
+    `environment()`): for results that take a trace to find, e.g. a module's param shapes.
+    Computed every time while the directory is off."""
+    if _directory is None:
+        return compute()
+    digest = hashlib.sha256(json.dumps([name, key, environment()]).encode()).hexdigest()
+    path = os.path.join(_directory, f"{name}-{digest}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):  # absent, or damaged: computed and written again
+        value = compute()
+    _write_atomic(path, json.dumps(value).encode())
+    return value
+
+
 def _leaf_key(x: Any) -> tuple:
     sharding = getattr(x, "sharding", None)
     return (np.shape(x), str(x.dtype), getattr(x, "weak_type", False), repr(sharding))

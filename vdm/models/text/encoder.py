@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vdm.io import programs
 from vdm.models.text import bert, clip, fast, hub, t5
 from vdm.models.text.weights import Weights
 
@@ -103,12 +104,20 @@ def get_family(model_type: str) -> Family:
     return FAMILIES[model_type]
 
 
-def _check_params(params: dict, expected: dict, source: str) -> None:
-    """Raises ValueError if converted params differ from the module's in structure or shape."""
-    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    want = {
-        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)
-    }
+def _param_shapes(module: nn.Module, max_length: int) -> dict[str, list[int]]:
+    """{key path: shape} of the params `module.init` makes (abstractly: nothing is computed)."""
+    ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
+    expected = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), ids, ids)["params"])
+    leaves = jax.tree_util.tree_leaves_with_path(expected)
+    return {jax.tree_util.keystr(k): list(v.shape) for k, v in leaves}
+
+
+def _check_params(params: dict, want: dict[str, list[int]], source: str) -> None:
+    """Raises ValueError if converted params differ from the module's (`want`, from
+    `_param_shapes`) in structure or shape."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in leaves}
+    want = {k: tuple(v) for k, v in want.items()}
     problems = [f"missing {k}" for k in want.keys() - got.keys()]
     problems += [f"unexpected {k}" for k in got.keys() - want.keys()]
     both = want.keys() & got.keys()
@@ -349,9 +358,11 @@ def load_text_encoder(
         params = get_family(hf_config.model_type).convert(weights, module)
     except KeyError as e:
         raise ValueError(f"Weights of '{model_dir}': {e.args[0]}") from None
-    ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
-    expected = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), ids, ids)["params"])
-    _check_params(params, expected, model_dir)
+    # Tracing the init for its shapes costs more than the rest of the load: kept between runs
+    # like the traced programs (vdm.io.programs), under the module's every field.
+    shapes = functools.partial(_param_shapes, module, max_length)
+    key = f"{module!r} {max_length}"
+    _check_params(params, programs.remembered("text-params", key, shapes), model_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     if mesh is not None:
         if logical_axis_rules is None:
