@@ -60,15 +60,17 @@ PREVIEW_PROMPTS = (
 )
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _example_key_data(seed: int, p_idx: jax.Array, i_idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _example_key_data(p_idx: jax.Array, i_idx: jax.Array, *, seed: int) -> tuple[jax.Array, ...]:
     """The raw key data of each example's noise key and sampler-noise key (`rng.example_keys` of
-    the seed and of its "sampler" stream, the latter used only when eta > 0). One jitted program
-    (loaded from the compilation cache) instead of a dozen op-by-op dispatches and a vmap trace
-    per call; the keys are the same bits either way (integer hashing)."""
+    the seed and of its "sampler" stream, the latter used only when eta > 0)."""
     eta_key = rng.stream(jax.random.key(seed), "sampler")
     keys = (rng.example_keys(seed, p_idx, i_idx), rng.example_keys(eta_key, p_idx, i_idx))
     return tuple(jax.random.key_data(k) for k in keys)
+
+
+# One program, kept between runs like the sampling one, instead of a dozen op-by-op dispatches
+# and a vmap trace per call; the keys are the same bits either way (integer hashing).
+_EXAMPLE_KEYS = programs.Cached(jax.jit(_example_key_data, static_argnames="seed"), "keys", "")
 
 
 @dataclasses.dataclass
@@ -300,7 +302,7 @@ class Pipeline:
             ctx[p_idx],
             mask[p_idx],
             *null,
-            *_example_key_data(seed, p_idx, i_idx),
+            *_EXAMPLE_KEYS(p_idx, i_idx, seed=seed),
             jnp.float32(settings.guidance),
             jnp.float32(settings.eta),
             sampler=settings.sampler,
