@@ -87,8 +87,12 @@ def test_every_part_of_the_key_counts(kept, monkeypatch, tmp_path):
     (src / "m.py").write_text("x = 1\n")
     monkeypatch.setattr(programs, "_VDM_ROOT", str(src))
     fingerprints = []
-    for change in (lambda: None, lambda: (src / "m.py").write_text("x = 2\n"),
-                   lambda: monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")):  # fmt: skip
+    changes = (
+        lambda: None,
+        lambda: (src / "m.py").write_text("x = 2\n"),
+        lambda: monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true"),
+    )
+    for change in changes:
         change()
         programs.environment.cache_clear()
         fingerprints.append(programs.environment())
