@@ -113,3 +113,19 @@ def test_remembered_values_are_computed_once(kept):
     assert len(calls) == 1
     programs.remembered("shapes", "other key", compute)
     assert len(calls) == 2
+
+
+def test_a_program_export_cannot_keep_still_runs(kept, caplog):
+    """A host callback cannot be serialized: plain jit, with a warning; the program's own errors
+    still raise as themselves."""
+
+    def host_sin(x):
+        return jax.pure_callback(np.sin, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    f = programs.Cached(jax.jit(host_sin), "callback", "")
+    x = jnp.arange(3.0)
+    np.testing.assert_allclose(f(x), np.sin(np.arange(3.0)), rtol=1e-6)
+    assert "not kept between runs" in caplog.text and not _files(kept, "callback-")
+    g = programs.Cached(jax.jit(lambda x: x @ x), "bad", "")
+    with pytest.raises(TypeError, match="dot_general"):
+        g(jnp.ones((2, 3)))

@@ -144,7 +144,14 @@ class Cached:
             return self.fn(*args, **static)
         key = self.cache_key(args, static)
         if key not in self._calls:
-            self._calls[key] = jax.jit(self._load(key, args, static).call)
+            try:
+                self._calls[key] = jax.jit(self._load(key, args, static).call)
+            except Exception as e:  # noqa: BLE001 - e.g. a program jax.export cannot serialize
+                out = self.fn(*args, **static)  # the program's own errors raise here, as always
+                why = f"{type(e).__name__}: {e}"
+                logging.warning("Program %s is not kept between runs (%s).", self.name, why)
+                self._calls[key] = functools.partial(self.fn, **static)
+                return out
         return self._calls[key](*args)
 
     def _load(self, key: str, args: tuple, static: dict) -> jax.export.Exported:
@@ -171,6 +178,7 @@ def _write_atomic(path: str, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # as JAX's own cache files (mkstemp makes them 0600)
         os.replace(tmp, path)
     except OSError as e:
         logging.warning("Could not keep the traced program in %s: %s", path, e)
