@@ -65,6 +65,12 @@ def test_a_damaged_program_is_traced_again(kept, caplog):
     np.testing.assert_array_equal(again(x, n=2), expected)
     assert "unreadable" in caplog.text
     assert os.path.getsize(kept / name) > 40  # replaced by a good one
+    data = bytearray((kept / name).read_bytes())  # one flipped bit in the program's bytes
+    data[len(data) // 2] ^= 1
+    (kept / name).write_bytes(bytes(data))
+    caplog.clear()
+    np.testing.assert_array_equal(programs.Cached(f.fn, "f", "")(x, n=2), expected)
+    assert "checksum" in caplog.text
 
 
 def test_every_part_of_the_key_counts(kept, monkeypatch, tmp_path):

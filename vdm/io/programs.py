@@ -3,9 +3,10 @@
 JAX's persistent compilation cache skips XLA's compile on a second run, not the Python trace and
 the lowering that come before it: for the bundled model's sampling program (a flax denoiser and
 VAE in a `lax.scan`) that is seconds per process. A `Cached` function exports its program
-(`jax.export`: traced and lowered once, serialized as a flatbuffer, no pickle) into the
-directory `set_directory` names, and later processes deserialize and call it instead of tracing
-again; XLA's compile of it then comes from the compilation cache as before.
+(`jax.export`: traced and lowered once, serialized as a flatbuffer, no pickle; stored with its
+sha256, checked when read) into the directory `set_directory` names, and later processes
+deserialize and call it instead of tracing again; XLA's compile of it then comes from the
+compilation cache as before.
 
     encode = programs.Cached(jax.jit(f), "encode", key=repr(module))   # what else `f` closes over
     out = encode(params, x)           # traced, exported and saved once; loaded in later processes
@@ -115,7 +116,8 @@ def remembered(name: str, key: str, compute: Callable[[], Any]) -> Any:
 
 def _leaf_key(x: Any) -> tuple:
     sharding = getattr(x, "sharding", None)
-    return (np.shape(x), str(x.dtype), getattr(x, "weak_type", False), repr(sharding))
+    dtype = getattr(x, "dtype", type(x).__name__)  # a Python scalar: its type
+    return (np.shape(x), str(dtype), getattr(x, "weak_type", False), repr(sharding))
 
 
 class Cached:
@@ -161,11 +163,14 @@ class Cached:
         if os.path.exists(path):
             try:
                 with open(path, "rb") as f:
-                    return jax.export.deserialize(bytearray(f.read()))
+                    digest, blob = f.read(32), f.read()
+                if hashlib.sha256(blob).digest() != digest:
+                    raise ValueError("its checksum does not match")
+                return jax.export.deserialize(bytearray(blob))
             except Exception as e:  # noqa: BLE001 - a damaged file: trace again, replace it
                 logging.warning("Traced program %s is unreadable (%s): tracing again.", path, e)
         blob = jax.export.export(self.fn)(*args, **static).serialize()
-        _write_atomic(path, blob)
+        _write_atomic(path, hashlib.sha256(blob).digest() + blob)
         return jax.export.deserialize(blob)
 
 
