@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from toy_task import ToyTask, iterator_factory, toy_config
+from toy_task import ToyTask, iterator_factory, make_examples, toy_config
 
 from vdm import parallel
 from vdm.config import load_config
@@ -22,7 +22,7 @@ from vdm.models.layers import count_params
 from vdm.tasks import lora as lora_task
 from vdm.train import loop
 
-TOY_LORA = {"optim.lora_rank": 2, "optim.lora_targets": "fc[12]/kernel$", "optim.ema_decay": 0.0}
+TOY_LORA = {"optim.lora_rank": 4, "optim.lora_targets": "fc[12]/kernel$", "optim.ema_decay": 0.0}
 
 
 def tiny_denoiser():
@@ -91,6 +91,13 @@ def losses(workdir):
         return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
 
 
+def heldout_mse(params):
+    task = ToyTask(toy_config())
+    batch = {"video": make_examples(0, 10_000, 64), "scale": np.ones((64,), np.float32)}
+    frozen = {"shift": np.linspace(-0.1, 0.1, 96, dtype=np.float32)}
+    return float(task.per_example_loss(params, frozen, batch, jax.random.key(0)).mean())
+
+
 def dir_size(path):
     return sum(os.path.getsize(f) for f in glob.glob(f"{path}/**", recursive=True) if os.path.isfile(f))
 
@@ -112,24 +119,30 @@ def test_lora_trains_adapters_only_and_resumes_bit_exactly(base_run, tmp_path, c
         "checkpoint.every_steps": 6,
         "checkpoint.async_save": False,
         "optim.learning_rate": 3e-2,
+        "optim.decay": "constant",
     }
     config = toy_config(overrides)
     work = str(tmp_path / "tune")
     state = train(config, work)
-    assert "LoraTask: 512 trainable parameters, 6,372 frozen" in capsys.readouterr().out
-    # Only adapters in the state: A and B of fc1 (96x32) and fc2 (32x96) at rank 2.
-    assert count_params(state.params) == 2 * 2 * (96 + 32)
+    assert "LoraTask: 1,024 trainable parameters, 6,372 frozen" in capsys.readouterr().out
+    # Only adapters in the state: A and B of fc1 (96x32) and fc2 (32x96) at rank 4.
+    assert count_params(state.params) == 4 * 2 * (96 + 32)
     assert set(flax.traverse_util.flatten_dict(state.params, sep="/")) == {
         "fc1/kernel/lora_a", "fc1/kernel/lora_b", "fc2/kernel/lora_a", "fc2/kernel/lora_b"
     }  # fmt: skip
-    curve = losses(work)
-    assert np.mean(curve[-3:]) < 0.9 * np.mean(curve[:3]), curve
+    # The held-out loss (fixed examples and noise) of the merged weights falls below the base's.
+    tuned = heldout_mse(lora.merge(base_params, state.params, config.optim))
+    assert tuned < heldout_mse(base_params) - 0.005, (tuned, heldout_mse(base_params))
+    assert all(np.isfinite(losses(work)))
     # The base on disk is untouched and the checkpoint references it, much smaller than it.
     jax.tree.map(np.testing.assert_array_equal, ckpt_lib.load_params(base_run), base_params)
     meta = ckpt_lib.load_metadata(work)
-    assert meta["lora"]["base"] == os.path.abspath(base_run) and meta["lora"]["rank"] == 2
+    assert meta["lora"]["base"] == os.path.abspath(base_run) and meta["lora"]["rank"] == 4
     step_dir = os.path.join(work, "checkpoints", "12")
-    assert dir_size(f"{step_dir}/params") * 3 < dir_size(os.path.join(base_run, "checkpoints", "8", "params"))
+    # 1,024 adapter values (+ 2 AdamW moments) against 6,276 weights (+ moments): orbax's
+    # per-array overhead dominates at this size; a real model's ratio is ~ adapters / weights.
+    sizes = dir_size(step_dir), dir_size(os.path.join(base_run, "checkpoints", "8"))
+    assert sizes[0] < 0.5 * sizes[1], sizes
     # Resume: drop the last checkpoint; steps 7..12 again from step 6 give the same bits.
     shutil.rmtree(step_dir)
     again = train(config, work)
@@ -140,7 +153,7 @@ def test_lora_trains_adapters_only_and_resumes_bit_exactly(base_run, tmp_path, c
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"optim.lora_rank": -1}, "optim.lora_rank must be >= 0"),
+        ({"optim.lora_rank": -1}, "optim.lora_rank=-1 must not be negative"),
         ({"optim.lora_rank": 2}, "set train.init_from"),
         ({**TOY_LORA, "train.init_from": "X", "optim.freeze": "^fc1/"}, "optim.freeze cannot"),
         ({**TOY_LORA, "train.init_from": "X", "optim.lora_targets": "nope"}, "matches no kernel"),
@@ -148,8 +161,8 @@ def test_lora_trains_adapters_only_and_resumes_bit_exactly(base_run, tmp_path, c
     ],
 )
 def test_bad_lora_configs_are_named(overrides, message):
-    config = toy_config(overrides)
     with pytest.raises(ConfigError, match=message):
+        config = toy_config(overrides)
         lora_task.wrap(ToyTask(config), config)
 
 
