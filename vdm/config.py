@@ -362,7 +362,12 @@ def _to_v4(config: ConfigDict) -> None:
     _add_fields(config, _V4_FIELDS)
 
 
-_UPGRADES = (_to_v1, _to_v2, _to_v3, _to_v4)  # _UPGRADES[v] upgrades a version-v config to version v + 1
+_UPGRADES = (
+    _to_v1,
+    _to_v2,
+    _to_v3,
+    _to_v4,
+)  # _UPGRADES[v] upgrades a version-v config to version v + 1
 
 
 def upgrade(config: ConfigDict) -> ConfigDict:
