@@ -38,8 +38,8 @@ from vdm.errors import UserError
 from vdm.inference.settings import SamplingSettings
 from vdm.io import bundle, checkpoint
 from vdm.models import autoencoder as ae
-from vdm.models import lora
 from vdm.models import denoiser as dn
+from vdm.models import lora
 from vdm.models.text import encoder as te
 from vdm.models.text import hub
 
