@@ -364,7 +364,9 @@ def test_denoiser_lora_trains_exports_merged_and_samples(trained, tmp_path):
     base = ckpt_lib.load_params(base_dir)
     want = lora.merge(base, state.ema_params, config.optim)
     jax.tree.map(np.testing.assert_array_equal, run.params, want)
-    bundle_dir = export.export(tune_dir, str(tmp_path / "bundle"))
+    out = export.export_with_logs(tune_dir, str(tmp_path / "bundle"))  # what the CLI runs
+    bundle_dir = out["bundle"]
+    assert "init_train_log" in out  # the base run's log travels with the merged model
     bundled = pipeline.load_pipeline(bundle_dir)
     jax.tree.map(np.testing.assert_array_equal, bundled.params, want)
     # Unmerged (W + s A B formed inside the jitted forward, as the train step does) equals the
