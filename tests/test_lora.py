@@ -150,6 +150,10 @@ def test_lora_trains_adapters_only_and_resumes_bit_exactly(base_run, tmp_path, c
     again = train(config, work)
     jax.tree.map(np.testing.assert_array_equal, again.params, state.params)
     jax.tree.map(np.testing.assert_array_equal, again.opt_state, state.opt_state)
+    # A LoRA run is not a base for another (its checkpoints hold adapters only).
+    chained = toy_config({**TOY_LORA, "train.init_from": work})
+    with pytest.raises(ConfigError, match="is itself a LoRA run"):
+        lora_task.wrap(ToyTask(chained), chained).frozen()
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,10 @@ logical axis names on their in / out axes and None on r (replicated), so they sh
 
 The train step computes the effective weights `apply(base, adapters, scale)` inside the jitted
 step, r * prod(in) * prod(out) multiply-adds per adapted kernel per step (small next to the
-forward pass over a batch); the base weights are a frozen input of the step: no gradient, no
-optimizer state, no EMA. `apply` is also the export's merge (`merge`), so a merged model computes
+forward pass over a batch), and the model runs unchanged on them. The base weights are a frozen
+input of the step: no optimizer state, no EMA, no gradient of their own. (The backward pass does
+form each adapted kernel's full-size gradient transiently before projecting it onto A and B;
+a model that computed x W + s (x A) B itself would avoid that, at the cost of touching its code.) `apply` is also the export's merge (`merge`), so a merged model computes
 what the training run evaluated.
 
 Which kernels: `optim.lora_targets`, a regex searched in "/"-joined parameter paths

@@ -104,12 +104,25 @@ class LoraTask(Task):
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
             parallel.unbox(self._boxed),
         )
+        self._check_base_is_not_lora()
         try:
             params, _ = ckpt_lib.load_params_like(self.base_path, abstract, item="ema")
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"train.init_from={self.base_path!r} (the LoRA base): {e}") from None
         boxed = parallel.box(params, nn.get_partition_spec(self._boxed))
         return {TASK: self.base.frozen(), BASE: boxed}
+
+    def _check_base_is_not_lora(self) -> None:
+        try:
+            base_optim = ckpt_lib.load_config(self.base_path).optim
+        except FileNotFoundError:
+            return  # load_params_like names the missing checkpoint
+        if int(base_optim.get("lora_rank", 0) or 0) > 0:
+            raise ConfigError(
+                f"train.init_from={self.base_path!r} is itself a LoRA run (its checkpoints hold "
+                "adapters only). Export it (python -m vdm.tools.export) and fine-tune the merged "
+                "bundle's denoiser/ instead."
+            )
 
     def merged(self, adapters, frozen):
         """The effective (merged) weights of `adapters` on the base in `frozen`."""
