@@ -13,8 +13,9 @@ step, r * prod(in) * prod(out) multiply-adds per adapted kernel per step (small 
 forward pass over a batch), and the model runs unchanged on them. The base weights are a frozen
 input of the step: no optimizer state, no EMA, no gradient of their own. (The backward pass does
 form each adapted kernel's full-size gradient transiently before projecting it onto A and B;
-a model that computed x W + s (x A) B itself would avoid that, at the cost of touching its code.) `apply` is also the export's merge (`merge`), so a merged model computes
-what the training run evaluated.
+a model that computed x W + s (x A) B itself would avoid that, at the cost of touching its code.)
+`apply` is also the export's merge (`merge`), so a merged model computes what the training run
+evaluated.
 
 Which kernels: `optim.lora_targets`, a regex searched in "/"-joined parameter paths
 ("block_0/attn/query/kernel"); "" selects `DEFAULT_TARGETS`.
