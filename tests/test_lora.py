@@ -32,7 +32,7 @@ def tiny_denoiser():
     model = dn.Denoiser.from_config(config.model, 4)
     z, t = jnp.ones((1, 2, 4, 4, 4)), jnp.full((1,), 0.3)
     ctx, mask = jnp.ones((1, 5, 384)), jnp.ones((1, 5), jnp.int32)
-    boxed = model.init(jax.random.key(0), z, t, ctx, mask)["params"]
+    boxed = jax.jit(model.init)(jax.random.key(0), z, t, ctx, mask)["params"]
     forward = jax.jit(lambda p: model.apply({"params": p}, z, t, ctx, mask))
     # adaLN-Zero makes a fresh denoiser output 0: perturb every weight to get a real function.
     leaves, tree = jax.tree.flatten(parallel.unbox(boxed))
