@@ -199,6 +199,14 @@ def _optim() -> ConfigDict:
     # fixed (no gradient, no optimizer state). "" trains everything. E.g. "^encoder/" fine-tunes
     # a VAE's decoder only, keeping the latent space a trained denoiser expects.
     o.freeze = ""
+    # LoRA (vdm.tasks.lora, vdm.models.lora): > 0 trains rank-r adapters W + (alpha / r) A B on
+    # the weights of train.init_from and nothing else (state and checkpoints hold the adapters;
+    # export merges them). 0 = off (full fine-tuning or training from scratch).
+    o.lora_rank = 0
+    o.lora_alpha = 0.0  # the adapters' scale is alpha / r; 0 means alpha = r (scale 1).
+    # Regex over "/"-joined param paths of the kernels to adapt; "" = vdm.models.lora's
+    # DEFAULT_TARGETS (attention query/key/value/out and MLP projections).
+    o.lora_targets = ""
     return o
 
 
@@ -303,7 +311,7 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     # The schema this config follows (= vdm.config.CONFIG_VERSION); saved configs record it, and
     # vdm.config.upgrade brings an older one (from a checkpoint or a bundle) to the current schema.
-    c.version = 3
+    c.version = 4
     c.seed = 0  # every random draw is fold_in(key(seed), stream, step, ...).
     c.stage = "denoiser"  # "autoencoder" | "denoiser"
     c.parallel = "jit"  # "jit" (mesh + NamedSharding) | "pmap" (data-parallel)

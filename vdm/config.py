@@ -305,7 +305,7 @@ def validate(config: ConfigDict) -> None:
 # -- upgrades of saved configs ---------------------------------------------------------------------
 # A config saved with a checkpoint or a bundle is read back by newer code. `config.version` (absent
 # = 0) says which schema it follows; `upgrade` brings it to CONFIG_VERSION, one step per version.
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 
 # Version 1: fields added to configs/base.py after models were saved, at their base.py defaults.
 # A missing field would break `--config` overrides of it (e.g. `export --sample shift=3`) and the
@@ -330,6 +330,13 @@ _V2_FIELDS = {"model.attention_kernel": lambda: "auto"}
 # `sequence` mesh axis of size > 1, which old configs' mesh.shape does not have (size 1).
 _V3_FIELDS = {"model.sequence_parallel": lambda: "ulysses"}
 
+# Version 4: LoRA fine-tuning (vdm.tasks.lora); older runs trained without adapters.
+_V4_FIELDS = {
+    "optim.lora_rank": lambda: 0,
+    "optim.lora_alpha": lambda: 0.0,
+    "optim.lora_targets": lambda: "",
+}
+
 
 def _add_fields(config: ConfigDict, fields) -> None:
     for key, default in fields.items():
@@ -351,7 +358,16 @@ def _to_v3(config: ConfigDict) -> None:
     _add_fields(config, _V3_FIELDS)
 
 
-_UPGRADES = (_to_v1, _to_v2, _to_v3)  # _UPGRADES[v] upgrades a version-v config to version v + 1
+def _to_v4(config: ConfigDict) -> None:
+    _add_fields(config, _V4_FIELDS)
+
+
+_UPGRADES = (
+    _to_v1,
+    _to_v2,
+    _to_v3,
+    _to_v4,
+)  # _UPGRADES[v] upgrades a version-v config to version v + 1
 
 
 def upgrade(config: ConfigDict) -> ConfigDict:

@@ -40,6 +40,7 @@ from vdm.inference.settings import SamplingSettings
 from vdm.io import bundle, checkpoint, programs
 from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
+from vdm.models import lora
 from vdm.models.text import encoder as te
 from vdm.models.text import hub
 
@@ -426,6 +427,8 @@ def _load_checkpoint(path: str, item: str, vae: str | None = None):
             f"'{path}' is a checkpoint of stage '{config.stage}', not a denoiser; sample.py "
             "needs a denoiser checkpoint (its VAE is found through the checkpoint metadata)."
         )
+    if int(config.optim.get("lora_rank", 0) or 0) > 0:
+        params = _merge_lora(config, meta, params, path)
     vae_path = checkpoint.recorded_vae(meta, path, override=vae)
     if vae_path:
         vae_params = checkpoint.load_params(vae_path, item="ema")
@@ -433,6 +436,22 @@ def _load_checkpoint(path: str, item: str, vae: str | None = None):
         logging.warning("Denoiser checkpoint has no VAE reference: using a random VAE.")
         _, vae_params, _ = encoders.load_vae(config)
     return config, meta, params, vae_params, None if vae_path == vae else vae
+
+
+def _merge_lora(config, meta, adapters, path: str):
+    """A LoRA run's checkpoint holds adapters: the base it references, merged with them."""
+    base = meta.get("lora", {}).get("base") or config.train.init_from
+    try:
+        params = checkpoint.load_params(base, item="ema")
+    except FileNotFoundError as e:
+        raise UserError(
+            f"'{path}' holds LoRA adapters for the base model '{base}', which cannot be read "
+            f"({e}). Put the base back there."
+        ) from None
+    try:
+        return lora.merge(params, adapters, config.optim)
+    except ValueError as e:
+        raise UserError(f"'{path}': the LoRA adapters do not fit the base '{base}': {e}") from None
 
 
 def _trees_equal(a, b) -> bool:

@@ -10,6 +10,8 @@ data-iterator position are all checkpointed; keys derive from the step).
 
 Fine-tuning: `train.init_from` starts a fresh run from another checkpoint's (EMA) weights
 (`vdm.train.state.init_params_from`), usually with `optim.freeze` (see `vdm.train.optim`).
+With `optim.lora_rank > 0` it trains low-rank adapters on the `train.init_from` weights instead
+(`vdm.tasks.lora`): the state and checkpoints hold the adapters, the base is a frozen input.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from vdm.data import loader as data_loader
 from vdm.models.layers import count_params
 from vdm.rng import base_key
 from vdm.tasks import get_task
+from vdm.tasks import lora as lora_task
 from vdm.train import hooks, say
 from vdm.train import setup as setup_lib
 from vdm.train.optim import check_freeze
@@ -91,7 +94,7 @@ def train_and_evaluate(
     # Multi-host from the environment (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
     # JAX_PROCESS_ID) when the caller has not initialised jax.distributed; a no-op otherwise.
     parallel.initialize_distributed()
-    task = get_task(config) if task is None else task
+    task = lora_task.wrap(get_task(config) if task is None else task, config)
     os.makedirs(workdir, exist_ok=True)
     mesh = parallel.make_mesh(config.mesh, devices)
     parallel.check_batch_size(int(config.train.batch_size), mesh)
@@ -138,9 +141,10 @@ def _initial_state(
     train = setup.config.train
     init_from = train.get("init_from", "")
     start, state, data_state = saver.restore()
+    lora = isinstance(setup.task, lora_task.LoraTask)  # its task reads init_from as the base
     if state is None:
         state = setup_lib.init_state(setup)
-        if init_from:
+        if init_from and not lora:
             state = init_params_from(
                 state,
                 init_from,
@@ -148,7 +152,7 @@ def _initial_state(
                 keep_new=train.get("init_new_params", False),
                 skip=train.get("init_skip", ""),
             )
-    elif init_from:
+    elif init_from and not lora:
         say(f"train.init_from is ignored: {workdir} has its own checkpoint (resumed).")
     return start, setup.layout.put_state(state), data_state
 

@@ -1,0 +1,158 @@
+"""Low-rank adapters (LoRA) for any linen parameter tree.
+
+A targeted kernel W (shape [*in, *out]) becomes W + (alpha / r) * A @ B with A [*in, r] and
+B [r, *out]; only A and B train. B starts at 0, so at initialisation the adapted model *is* the
+base model, bit for bit. Multi-axis kernels keep their axes: the denoiser's query kernel
+[embed, heads, kv] gets A [embed, r] and B [r, heads, kv], its output kernel [heads, kv, embed]
+gets A [heads, kv, r] and B [r, embed] (the trailing ("heads", "kv") axes are outputs together;
+otherwise the last axis is the output, as for Dense and conv kernels). A and B carry the kernel's
+logical axis names on their in / out axes and None on r (replicated), so they shard like it.
+
+The train step computes the effective weights `apply(base, adapters, scale)` inside the jitted
+step, r * prod(in) * prod(out) multiply-adds per adapted kernel per step (small next to the
+forward pass over a batch), and the model runs unchanged on them. The base weights are a frozen
+input of the step: no optimizer state, no EMA, no gradient of their own. (The backward pass does
+form each adapted kernel's full-size gradient transiently before projecting it onto A and B;
+a model that computed x W + s (x A) B itself would avoid that, at the cost of touching its code.)
+`apply` is also the export's merge (`merge`), so a merged model computes what the training run
+evaluated.
+
+Which kernels: `optim.lora_targets`, a regex searched in "/"-joined parameter paths
+("block_0/attn/query/kernel"); "" selects `DEFAULT_TARGETS`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vdm.errors import ConfigError
+
+PyTree = Any
+
+# The kernels adapted by default, one alternative per family of names:
+_DEFAULT_TARGETS = (
+    # vdm Denoiser: attn / cross_attn / temporal_attn query, key, value and output projections.
+    r"attn/(query|key|value|out)/kernel$",
+    # vdm Denoiser: the MLP's two projections.
+    r"mlp/fc[12]/kernel$",
+    # diffusers-style transformer names (Wan's attn1 / attn2 and feed-forward), as converted.
+    r"attn[12]?/(to_q|to_k|to_v|to_out(_0)?|q|k|v|o)/kernel$",
+    r"ffn/(net_0_proj|net_0|net_2|fc1|fc2)/kernel$",
+)
+DEFAULT_TARGETS = "|".join(_DEFAULT_TARGETS)
+A, B = "lora_a", "lora_b"
+
+
+def targets_regex(targets: str) -> re.Pattern:
+    """The compiled `optim.lora_targets` ("" = DEFAULT_TARGETS); a ConfigError if invalid."""
+    pattern = targets or DEFAULT_TARGETS
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(
+            f"optim.lora_targets={targets!r} is not a valid regular expression ({e})."
+        ) from None
+
+
+def _names(x) -> tuple | None:
+    return tuple(x.names) if isinstance(x, nn.meta.AxisMetadata) else None
+
+
+def _value(x):
+    return x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x
+
+
+def num_in_axes(ndim: int, names: tuple | None) -> int:
+    """How many leading axes of a kernel are its inputs (see the module docstring)."""
+    if names is not None and ndim >= 3 and tuple(names[-2:]) == ("heads", "kv"):
+        return ndim - 2
+    return ndim - 1
+
+
+def targeted(params: PyTree, targets: str) -> list[str]:
+    """The "/"-joined paths of the kernels (ndim >= 2) that `targets` selects.
+
+    Raises:
+      ConfigError: the pattern is invalid or selects no kernel (some kernel paths named).
+    """
+    regex = targets_regex(targets)
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    kernels = [k for k, v in flat.items() if len(_value(v).shape) >= 2]
+    chosen = [k for k in kernels if regex.search(k)]
+    if not chosen:
+        raise ConfigError(
+            f"optim.lora_targets={targets or DEFAULT_TARGETS!r} matches no kernel of this model. "
+            f"It is a regex searched in '/'-joined parameter paths; some of its kernels: "
+            f"{sorted(kernels)[:10]}."
+        )
+    return chosen
+
+
+def init_adapters(key: jax.Array, params: PyTree, rank: int, targets: str) -> PyTree:
+    """Adapters {path of kernel: {"lora_a": A, "lora_b": B}} (nested like `params`).
+
+    A ~ N(0, 1 / fan_in) (so A^T x keeps the input's scale), B = 0 (the model equals the base).
+    Leaves are boxed with the kernel's logical axis names when the kernel is.
+
+    Args:
+      key: PRNG key.
+      params: the base parameters, arrays or `jax.ShapeDtypeStruct`s, boxed or not.
+      rank: r >= 1.
+      targets: `optim.lora_targets`.
+    """
+    if rank < 1:
+        raise ConfigError(f"optim.lora_rank must be >= 1 to make adapters, got {rank}.")
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    out = {}
+    for i, path in enumerate(targeted(params, targets)):
+        names, shape = _names(flat[path]), tuple(_value(flat[path]).shape)
+        k = num_in_axes(len(shape), names)
+        fan_in = math.prod(shape[:k])
+        a = jax.random.normal(jax.random.fold_in(key, i), (*shape[:k], rank), jnp.float32)
+        a = a / math.sqrt(fan_in)
+        b = jnp.zeros((rank, *shape[k:]), jnp.float32)
+        if names is not None:
+            a = nn.LogicallyPartitioned(a, (*names[:k], None))
+            b = nn.LogicallyPartitioned(b, (None, *names[k:]))
+        out[f"{path}/{A}"], out[f"{path}/{B}"] = a, b
+    return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def scale(rank: int, alpha: float) -> float:
+    """alpha / r (`optim.lora_alpha`; 0 means alpha = r, a scale of 1)."""
+    return (float(alpha) or float(rank)) / float(rank)
+
+
+def apply(params: PyTree, adapters: PyTree, factor: float) -> PyTree:
+    """The effective weights: each adapted kernel W + factor * A @ B (in float32, cast back to
+    W's dtype); every other parameter as it is. Unboxed trees.
+
+    Raises:
+      ValueError: an adapter for a kernel `params` lacks, or of another shape.
+    """
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    pairs = flax.traverse_util.flatten_dict(adapters, sep="/")
+    for path in sorted({k.rsplit("/", 1)[0] for k in pairs}):
+        if path not in flat:
+            raise ValueError(f"LoRA adapter for '{path}', which the base model does not have.")
+        w, a, b = flat[path], pairs[f"{path}/{A}"], pairs[f"{path}/{B}"]
+        delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+        if delta.shape != w.shape:
+            raise ValueError(
+                f"LoRA adapter for '{path}' makes {delta.shape}, the kernel is {w.shape}."
+            )
+        flat[path] = (w.astype(jnp.float32) + factor * delta).astype(w.dtype)
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def merge(params: PyTree, adapters: PyTree, optim_config) -> PyTree:
+    """`apply` with the scale of `config.optim` (for export and sampling a LoRA checkpoint)."""
+    rank = int(optim_config.lora_rank)
+    return apply(params, adapters, scale(rank, optim_config.get("lora_alpha", 0.0)))
