@@ -42,9 +42,9 @@ _DEFAULT_TARGETS = (
     r"attn/(query|key|value|out)/kernel$",
     # vdm Denoiser: the MLP's two projections.
     r"mlp/fc[12]/kernel$",
-    # diffusers-style transformer names (Wan's attn1 / attn2 and feed-forward), as converted.
-    r"attn[12]?/(to_q|to_k|to_v|to_out(_0)?|q|k|v|o)/kernel$",
-    r"ffn/(net_0_proj|net_0|net_2|fc1|fc2)/kernel$",
+    # Wan (vdm.models.wan.transformer): self- and cross-attention projections, feed-forward.
+    r"attn[12]/(to_q|to_k|to_v|to_out)/kernel$",
+    r"ffn_(proj|out)/kernel$",
 )
 DEFAULT_TARGETS = "|".join(_DEFAULT_TARGETS)
 A, B = "lora_a", "lora_b"
