@@ -385,7 +385,21 @@ def test_bfloat16_train_step_at_sequence_4_equals_1_device():
     _assert_trees_rel(jax.device_get(state_sp.params), jax.device_get(state_1.params), 2e-2)
     # AdamW's first moment after one step is 0.1 x the (clipped) gradient: the gradients agree.
     # (The update itself, ~lr * sign(gradient) on the first step, flips for tiny gradients.)
-    _assert_trees_rel(jax.device_get(state_sp.opt_state), jax.device_get(state_1.opt_state), 2e-2)
+    opt_sp, opt_1 = jax.device_get((state_sp.opt_state, state_1.opt_state))
+    _assert_trees_rel(opt_sp, opt_1, 2e-2)
+    # Leaf by leaf too (a wrong collective shows in one leaf): within 0.1 of each leaf's own
+    # scale, for every leaf above 1% of the largest (measured: at most 0.038, median 0.016; the
+    # 1-device bfloat16 step is itself up to 0.43 off float32 in the query kernels, whose
+    # gradient through a near-uniform softmax cancels).
+    mu_sp, mu_1 = (
+        [x for p, x in jax.tree_util.tree_leaves_with_path(o) if ".mu" in jax.tree_util.keystr(p)]
+        for o in (opt_sp, opt_1)
+    )
+    assert len(mu_1) == len(jax.tree.leaves(state_1.params))
+    top = max(float(np.abs(b).max()) for b in mu_1)
+    for a, b in zip(mu_sp, mu_1, strict=True):
+        if np.abs(b).max() > 1e-2 * top:
+            assert np.abs(a - b).max() <= 0.1 * np.abs(b).max()
 
 
 @pytest.mark.slow
