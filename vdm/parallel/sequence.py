@@ -181,9 +181,9 @@ def axis_size(axis_name: str = AXIS) -> int:
     return int(mesh.shape[axis_name])
 
 
-def _replicated_context(k: jax.Array, v: jax.Array, platform: str):
-    """(k, v, inside): the text keys / values to pass replicated over the sequence split, and
-    what the shard_map body applies to them to get them back in their dtype.
+def _replicated_context(k: jax.Array, v: jax.Array, spec: P, platform: str):
+    """(k, v, inside): the keys / values to pass to the sequence split with `spec` (P() for a
+    replicated text context), and what the shard_map body applies to get them back.
 
     The gradient of an input replicated over the manual axis is a `psum` of its cotangent over
     that axis. In bfloat16 on the XLA CPU compiler (jax 0.10.2) a psum inside a shard_map that
@@ -198,7 +198,7 @@ def _replicated_context(k: jax.Array, v: jax.Array, platform: str):
     the same (bfloat16 -> float32 -> bfloat16 is exact), the cotangent is summed in float32
     (then rounded to bfloat16 once). Float32 (and other platforms) pass through unchanged.
     """
-    if platform != "cpu" or k.dtype != jnp.bfloat16:
+    if spec != P() or platform != "cpu" or k.dtype != jnp.bfloat16:
         return k, v, lambda x: x
     dtype = k.dtype
     return k.astype(jnp.float32), v.astype(jnp.float32), lambda x: x.astype(dtype)
@@ -244,9 +244,7 @@ def over_frames(
         `fn` gets the sequence-parallel attend; else (spatial, cross) the local one.
       attend: the per-device attention kernel.
       axis_name: the mesh axis of the frame split.
-      platform: the platform the program is compiled for ("cpu" | "gpu" | "tpu"; default
-        `jax.default_backend()`); on "cpu" a bfloat16 text context crosses the split in
-        float32 (`_replicated_context`).
+      platform: the target platform (default `jax.default_backend()`; see `_replicated_context`).
 
     Returns:
       `fn`'s output `[B, t, h, w, H, K]`, split over frames like q.
@@ -268,10 +266,7 @@ def over_frames(
     local = sequence_attend(method, attend, axis_name) if spans_frames else attend
     split = P(None, axis_name)
     kv_spec = split if k.ndim == q.ndim else P()
-    if k.ndim != q.ndim:
-        k, v, inside = _replicated_context(k, v, platform or jax.default_backend())
-    else:
-        inside = lambda x: x  # noqa: E731
+    k, v, inside = _replicated_context(k, v, kv_spec, platform or jax.default_backend())
     return jax.shard_map(
         lambda q, k, v, mask: fn(q, inside(k), inside(v), mask, local),
         mesh=jax.sharding.get_abstract_mesh(),
@@ -279,8 +274,7 @@ def over_frames(
         out_specs=split,
         axis_names={axis_name},
         # The attend kernel may be a shard_map of its own (splash: Mosaic kernels are not
-        # auto-partitioned) that is built with check_vma=False; nested in a checked region its
-        # cotangents would lose their type. Unchecked, the transposes are still exact
-        # (tests/test_sequence_parallel.py: gradients equal the 1-device ones).
+        # auto-partitioned, check_vma=False); nested in a checked region its cotangents would
+        # lose their type. Unchecked, the transposes are still exact (gradients equal 1-device).
         check_vma=False,
     )(q, k, v, mask)
