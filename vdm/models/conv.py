@@ -75,6 +75,12 @@ class CausalConv3d(nn.Module):
             x = jnp.concatenate([self.get_variable("cache", "frames").astype(x.dtype), x], axis=1)
         if keep > 0 and self.is_mutable_collection("cache"):
             self.put_variable("cache", "frames", x[:, x.shape[1] - keep :])
+        # The conv's input whole in time (never split over a mesh axis), whatever the rule for
+        # "frames": XLA's SPMD partitioner (jax 0.10.2) computes a time-valid conv over an input
+        # split in time wrongly in some shapes (e.g. 4 frames over 4 devices, kernel 3: errors
+        # of order 1; `lax.conv_general_dilated` alone, no flax), which made a streaming decode
+        # of frame-split latents wrong. A no-op without a mesh and logical rules.
+        x = nn.with_logical_constraint(x, ("batch", None, "height", "width", None))
         y = nn.Conv(
             self.features,
             self.kernel_size,

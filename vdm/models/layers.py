@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm.models.attention import attention
+from vdm.models.attention import attention, current_platform
 from vdm.parallel import sequence
 
 Dtype = Any
@@ -426,6 +426,7 @@ class Attention(nn.Module):
             method=self.sequence_parallel,
             spans_frames=mode in ("temporal", "full"),
             attend=lambda q, k, v, mask: attention(q, k, v, mask=mask, kernel=self.kernel),
+            platform=current_platform(),
         )
         y = constrain(y, head_names)
         return constrain(self._out(y), ACT_5D)

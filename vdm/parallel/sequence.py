@@ -181,6 +181,29 @@ def axis_size(axis_name: str = AXIS) -> int:
     return int(mesh.shape[axis_name])
 
 
+def _replicated_context(k: jax.Array, v: jax.Array, spec: P, platform: str):
+    """(k, v, inside): the keys / values to pass to the sequence split with `spec` (P() for a
+    replicated text context), and what the shard_map body applies to get them back.
+
+    The gradient of an input replicated over the manual axis is a `psum` of its cotangent over
+    that axis. In bfloat16 on the XLA CPU compiler (jax 0.10.2) a psum inside a shard_map that
+    is manual over some mesh axes only aborts the process: its reduction computation is lowered
+    with a sharding annotation at the root, which becomes a `copy`, and the CPU pipeline's
+    AllReducePromotion pass (bfloat16 all-reduce -> float32) rebuilds the reducer from the root
+    opcode: `F hlo_instruction.cc:1615] Invalid binary instruction opcode copy`. Minimal repro:
+    `jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, "s"), mesh=mesh, in_specs=P(None, "s"),
+    out_specs=P(), axis_names={"s"}))` on a bfloat16 array with a ("d", "s") mesh of 2 x 4 CPU
+    devices (fine in float32 / float16, or manual over every axis). So on CPU a bfloat16
+    context enters the shard_map in float32 and is cast back inside: the forward values are
+    the same (bfloat16 -> float32 -> bfloat16 is exact), the cotangent is summed in float32
+    (then rounded to bfloat16 once). Float32 (and other platforms) pass through unchanged.
+    """
+    if spec != P() or platform != "cpu" or k.dtype != jnp.bfloat16:
+        return k, v, lambda x: x
+    dtype = k.dtype
+    return k.astype(jnp.float32), v.astype(jnp.float32), lambda x: x.astype(dtype)
+
+
 def sequence_attend(method: str, attend: Attend = dense_attend, axis_name: str = AXIS) -> Attend:
     """`attend(q, k, v, mask)` over a sequence split across `axis_name`, by `method`."""
     if method == "ulysses":
@@ -206,6 +229,7 @@ def over_frames(
     spans_frames: bool,
     attend: Attend = dense_attend,
     axis_name: str = AXIS,
+    platform: str | None = None,
 ) -> jax.Array:
     """Runs the attention `fn(q, k, v, mask, attend)` with q split over its frames dim.
 
@@ -220,6 +244,7 @@ def over_frames(
         `fn` gets the sequence-parallel attend; else (spatial, cross) the local one.
       attend: the per-device attention kernel.
       axis_name: the mesh axis of the frame split.
+      platform: the target platform (default `jax.default_backend()`; see `_replicated_context`).
 
     Returns:
       `fn`'s output `[B, t, h, w, H, K]`, split over frames like q.
@@ -241,15 +266,15 @@ def over_frames(
     local = sequence_attend(method, attend, axis_name) if spans_frames else attend
     split = P(None, axis_name)
     kv_spec = split if k.ndim == q.ndim else P()
+    k, v, inside = _replicated_context(k, v, kv_spec, platform or jax.default_backend())
     return jax.shard_map(
-        lambda q, k, v, mask: fn(q, k, v, mask, local),
+        lambda q, k, v, mask: fn(q, inside(k), inside(v), mask, local),
         mesh=jax.sharding.get_abstract_mesh(),
         in_specs=(split, kv_spec, kv_spec, P()),
         out_specs=split,
         axis_names={axis_name},
         # The attend kernel may be a shard_map of its own (splash: Mosaic kernels are not
-        # auto-partitioned) that is built with check_vma=False; nested in a checked region its
-        # cotangents would lose their type. Unchecked, the transposes are still exact
-        # (tests/test_sequence_parallel.py: gradients equal the 1-device ones).
+        # auto-partitioned, check_vma=False); nested in a checked region its cotangents would
+        # lose their type. Unchecked, the transposes are still exact (gradients equal 1-device).
         check_vma=False,
     )(q, k, v, mask)
