@@ -179,6 +179,12 @@ def test_bad_sizes_are_named(unipc):
     assert pipe.resize(num_frames=9).latent_shape == (3, 4, 4, 4)
 
 
+def test_hub_id_not_in_the_cache_is_named(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="'Wan-AI/not-a-model-xyz' is not a local directory"):
+        vdm.load_pipeline("Wan-AI/not-a-model-xyz")
+
+
 def test_vdm_models_refuse_another_size():
     with pytest.raises(UserError, match=r"--num_frames 9 \(the model's: .*Wan"):
         load.load_pipeline(num_frames=9)
