@@ -57,7 +57,15 @@ def load_pipeline(
             raise UserError("--vae swaps the VAE of vdm's own models, not Wan's.")
         d = wan_pipeline  # the size is checked before the (large) weights load
         d.check_size(num_frames or d.NUM_FRAMES, height or d.HEIGHT, width or d.WIDTH)
-        pipe = wan.load_wan_pipeline(path, devices=devices)
+        try:
+            pipe = wan.load_wan_pipeline(path, devices=devices)
+        except UserError as e:
+            if os.path.exists(os.path.expanduser(path)):
+                raise
+            raise UserError(
+                f"'{path}' is no local path (a vdm workdir, checkpoint or exported model dir), "
+                f"so it was taken for the hub id of a Wan pipeline: {e}"
+            ) from None
     else:
         pipe = pipeline.load_pipeline(path, item=item, vae=vae, devices=devices)
     return pipe.resize(num_frames=num_frames, height=height, width=width)

@@ -61,10 +61,11 @@ def run(
     """
     sampling = dict(sampling or {})
     _check_request(prompts, sampling, num_samples, formats, batch_size)
+    size = _size(size)
     paths.check_output_dir(output_dir, "--output_dir", create=False)  # made when writing
     t0 = time.perf_counter()
     print(f"Loading model from {checkpoint or pipeline.DEFAULT_MODEL} ...", flush=True)
-    pipe = load.load_pipeline(checkpoint, **_size(size))
+    pipe = load.load_pipeline(checkpoint, **size)
     _check_size(pipe, len(prompts) * num_samples, num_samples, formats, output_dir)
     chosen = pipe.settings.override(**sampling)
     # What each record states: the settings with the shift the sampler used (unset = training's).
