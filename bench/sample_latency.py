@@ -1,21 +1,24 @@
 """Latency of `python sample.py` as a user runs it: cold and warm compilation cache, 40 prompts.
 
-  python bench/sample_latency.py [--runs 3] [--num_prompts 40] [--skip_breakdown]
+  python bench/sample_latency.py [--runs 3] [--num_prompts 40] [--skip_breakdown] [--root DIR]
 
 Every figure is one `sample.py --prompt ... --output_dir TMP` subprocess (the bundled model, its
 default settings), timed by wall clock around the process:
   * first: one video with an empty compilation cache (`VDM_COMPILATION_CACHE=` a new temporary
-    directory), so everything compiles;
+    directory, which also holds the kept traced programs), so everything traces and compiles;
   * second: the same command again, `--runs` times (warm cache): best and median;
   * many: `--num_prompts` prompts (warm cache), videos/s = prompts / wall;
-  * breakdown: one warm run in-process, phase by phase (imports, model files, text encoder,
-    prompt encoding, the first sampling call with its trace + cache load, a second sampling call,
-    file writing).
+  * breakdown: one warm run in-process, phase by phase, wall and CPU seconds (imports, model
+    files, text encoder, prompt encoding, the first sampling call with its program and
+    compilation-cache loads, a second sampling call, file writing).
+`--root DIR` times another checkout's sample.py (e.g. an older commit, unpacked with `git archive`)
+the same way, for a before / after comparison.
 One JSON line per measurement, each with the load average (`os.getloadavg`) before it: on a shared
 machine the wall clock mostly measures the contention, so compare best-of-N on a quiet machine.
 """
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -32,22 +35,22 @@ WAYS = ["up", "down", "to the left", "to the right"]
 
 BREAKDOWN = r"""
 import sys, time, json
-t0 = t = time.perf_counter(); laps = {}
+t, c = time.perf_counter(), time.process_time(); laps = {}
 def lap(name):
-    global t
-    now = time.perf_counter(); laps[name] = round(now - t, 3); t = now
+    global t, c
+    now, cpu = time.perf_counter(), time.process_time()
+    laps[name] = [round(now - t, 3), round(cpu - c, 3)]; t, c = now, cpu
 import jax; lap("import jax")
 from vdm import cli; from vdm.inference import pipeline, writer; lap("import vdm")
 cli.enable_compilation_cache()
 from vdm.models.text import encoder as te
-te.import_transformers(); lap("import transformers")
 from vdm.io import bundle
-b = bundle.read(pipeline.DEFAULT_MODEL); lap("read model files (orbax)")
+b = bundle.read(pipeline.DEFAULT_MODEL); lap("read model files")
 te.load_text_encoder(b.text_encoder, max_length=b.config["text_encoder"]["max_length"])
 lap("load text encoder (config, weights, tokenizer)")
 pipe = pipeline.load_pipeline(); lap("load_pipeline (all of the above again)")
 pipe.encode_prompts([sys.argv[1]]); lap("encode the prompt")
-v = pipe([sys.argv[1]]); lap("first call: trace + compile-cache load + sample + decode")
+v = pipe([sys.argv[1]]); lap("first call: program + compile-cache load, sample, decode")
 v = pipe([sys.argv[1]]); lap("second call: sample + decode")
 writer.write_videos(v, [sys.argv[1]], 1, sys.argv[2], writer.FORMATS, pipe.config.data.fps, {})
 lap("write mp4, gif, npy, png")
@@ -70,11 +73,11 @@ def _run(args, env, cwd=ROOT) -> tuple[float, float, str]:
     return wall, _cpu() - cpu, proc.stdout
 
 
-def _sample(env, prompts, out_dir) -> tuple[float, float]:
+def _sample(env, prompts, out_dir, root=ROOT) -> tuple[float, float]:
     args = [sys.executable, "sample.py", "--output_dir", out_dir]
     for p in prompts:
         args += ["--prompt", p]
-    return _run(args, env)[:2]
+    return _run(args, env, cwd=root)[:2]
 
 
 def _emit(name, **fields):
@@ -87,15 +90,18 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="warm single-video runs")
     parser.add_argument("--num_prompts", type=int, default=40)
     parser.add_argument("--skip_breakdown", action="store_true")
+    parser.add_argument("--root", default=ROOT, help="the checkout whose sample.py is timed")
     args = parser.parse_args()
+    root = os.path.abspath(args.root)
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "VDM_COMPILATION_CACHE": os.path.join(tmp, "cache")}
-        env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        sample = functools.partial(_sample, env, root=root)
         load = os.getloadavg()
-        first, cpu = _sample(env, [PROMPT], os.path.join(tmp, "first"))
-        _emit("first_run_cold_cache", wall_s=round(first, 2), cpu_s=round(cpu, 2),
+        first, cpu = sample([PROMPT], os.path.join(tmp, "first"))
+        _emit("first_run_cold_cache", root=root, wall_s=round(first, 2), cpu_s=round(cpu, 2),
               load_avg_before=[round(x, 2) for x in load])  # fmt: skip
-        runs = [_sample(env, [PROMPT], os.path.join(tmp, f"warm{i}")) for i in range(args.runs)]
+        runs = [sample([PROMPT], os.path.join(tmp, f"warm{i}")) for i in range(args.runs)]
         walls = [w for w, _ in runs]
         _emit(
             "second_run_warm_cache",
@@ -107,7 +113,7 @@ def main():
         prompts = [
             f"the digit {DIGITS[k % 10]} moving {WAYS[k % 4]}" for k in range(args.num_prompts)
         ]
-        wall, cpu = _sample(env, prompts, os.path.join(tmp, "many"))
+        wall, cpu = sample(prompts, os.path.join(tmp, "many"))
         _emit(
             "many_prompts_warm_cache",
             videos=len(prompts),
@@ -118,16 +124,8 @@ def main():
         if not args.skip_breakdown:
             out = os.path.join(tmp, "breakdown")
             os.makedirs(out)
-            stdout = _run([sys.executable, "-c", BREAKDOWN, PROMPT, out], env)[2]
-            _emit("breakdown_warm_cache_s", **json.loads(stdout.strip().splitlines()[-1]))
-            # Part of "load text encoder" where torch is installed (the test extra): transformers'
-            # AutoConfig imports it. A user install without torch does not pay it.
-            code = "import time; t = time.time(); import torch; print(time.time() - t)"
-            try:
-                torch_s = float(_run([sys.executable, "-c", code], env)[2])
-                _emit("import_torch_s", seconds=round(torch_s, 2))
-            except SystemExit:
-                _emit("import_torch_s", seconds=None, note="torch is not installed")
+            stdout = _run([sys.executable, "-c", BREAKDOWN, PROMPT, out], env, cwd=root)[2]
+            _emit("breakdown_warm_cache_wall_cpu_s", **json.loads(stdout.strip().splitlines()[-1]))
 
 
 if __name__ == "__main__":

@@ -153,3 +153,31 @@ def test_quickstart_trains_from_a_fresh_clone_with_the_bundled_vae(capsys):
     assert stats == shipped.meta["latent_stats"]
     same = jax.tree.map(np.array_equal, params, shipped.vae_params)
     assert all(jax.tree.leaves(same))
+
+
+def test_plain_parts_are_read_without_orbax_as_orbax_reads_them(tmp_path):
+    """`bundle.restore_tree` reads a plain part (the bundle's) with tensorstore directly: the same
+    tree, dtypes and values as orbax's restore; a layout it does not cover goes through orbax."""
+    import shutil
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    from vdm.io import bundle
+
+    for part in bundle.PARTS:
+        path = os.path.join(ASSET, part)
+        direct = bundle._read_plain(path)
+        assert direct is not None
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(path)
+        assert jax.tree.structure(direct) == jax.tree.structure(restored)
+        for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(restored), strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, np.asarray(b))
+    copy = str(tmp_path / "vae")
+    shutil.copytree(os.path.join(ASSET, "vae"), copy)
+    with open(os.path.join(copy, "_METADATA")) as f:
+        meta = json.load(f)
+    with open(os.path.join(copy, "_METADATA"), "w") as f:
+        json.dump({**meta, "use_zarr3": True}, f)  # not the layout it reads: orbax's turn
+    assert bundle._read_plain(copy) is None

@@ -341,3 +341,77 @@ def test_torch_free_install_gets_no_pytorch_notice(quiet):
     )
     assert out.returncode == 0, out.stderr
     assert ("PyTorch was not found" in out.stderr) is not quiet, out.stderr
+
+
+FAST_PROMPTS = [
+    "", " ", "a 7 moving left", "A HANDWRITTEN Four drifting UP", "naïve café, Ünïcödé", "中文 字",
+    "[CLS] x [SEP] [MASK] [PAD] [UNK]", "emoji 😀 tab\tnewline\n", "\x00\x07 control", "x" * 150,
+    "supercalifragilisticexpialidocious " * 4, "a digit moves " * 20, "##ing don't (3) {4}!",
+]  # fmt: skip
+
+
+def test_fast_tokenizer_and_config_equal_transformers():
+    """MiniLM's tokenizer.json through `tokenizers` alone gives transformers' token ids and masks
+    (untruncated, and padded / truncated to several lengths) and special tokens; its config.json
+    read with json builds the same module as AutoConfig's."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vdm.models.text import fast
+
+    path = hub.minilm_path()
+    tok, ref = fast.load_tokenizer(path), AutoTokenizer.from_pretrained(path)
+    assert isinstance(tok, fast.Tokenizer)
+    for length in (4, 16, 64):
+        kw = dict(padding="max_length", truncation=True, max_length=length, return_tensors="np")
+        got, want = tok(FAST_PROMPTS, **kw), ref(FAST_PROMPTS, **kw)
+        for key in ("input_ids", "attention_mask"):
+            np.testing.assert_array_equal(got[key], want[key])
+    full = dict(truncation=False, verbose=False)
+    assert tok(FAST_PROMPTS, **full)["input_ids"] == ref(FAST_PROMPTS, **full)["input_ids"]
+    for name in ("cls_token_id", "sep_token_id", "pad_token_id", "unk_token_id", "eos_token"):
+        assert getattr(tok, name) == getattr(ref, name), name
+    assert len(tok) == len(ref)
+    config = fast.read_config(path)
+    module = te.build_module(config, jnp.float32, None)
+    assert not config.missing
+    assert module == te.build_module(AutoConfig.from_pretrained(path), jnp.float32, None)
+
+
+def test_fast_path_falls_back_to_transformers(tmp_path):
+    """A tokenizer_config.json that asks for anything tokenizer.json does not say, or a config.json
+    without a field the module reads, goes through transformers (which knows the defaults)."""
+    import json
+
+    from vdm.models.text import fast
+
+    src = hub.minilm_path()
+    for name in (*TOKENIZER_FILES, "config.json"):
+        shutil.copy(os.path.join(src, name), tmp_path / name)
+    with open(tmp_path / "tokenizer_config.json") as f:
+        tok_config = json.load(f)
+    for change in ({"padding_side": "left"}, {"do_lower_case": False}, {"add_bos_token": True}):
+        with open(tmp_path / "tokenizer_config.json", "w") as f:
+            json.dump({**tok_config, **change}, f)
+        assert fast.load_tokenizer(str(tmp_path)) is None, change
+        assert not isinstance(te.load_tokenizer(str(tmp_path)), fast.Tokenizer)
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
+    del config["layer_norm_eps"]  # BertConfig's default: 1e-12
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    hf_config, module = te._read_config(str(tmp_path), jnp.float32, None)
+    assert not isinstance(hf_config, fast._Config) and module.layer_norm_eps == 1e-12
+
+
+def test_minilm_loads_without_transformers_or_torch():
+    import subprocess
+
+    code = (
+        "import sys; from vdm.models.text import encoder as te; "
+        "enc = te.load_text_encoder('minilm', max_length=8); enc(['a 7 moving left']); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'torch'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -110,10 +110,10 @@ def test_pipeline_equals_diffusers_given_the_same_latents(tiny):
         diffusion_config=pipe.sampling_spec(), time_grid=s.time_grid,
     )  # fmt: skip
     want_latents = _diffusers(torch_pipe, noise, "latent").transpose(0, 2, 3, 4, 1)
-    video = pipe.generate_float(
+    video = pipe.generate(
         pipe.params, pipe.vae_params, *cond, *null, jnp.asarray(noise),
         jnp.float32(s.guidance), jnp.float32(0.0), None, sampler=s.sampler,
-        num_steps=STEPS, spec=pipe.sampling_spec(), time_grid=s.time_grid,
+        num_steps=STEPS, spec=pipe.sampling_spec(), time_grid=s.time_grid, uint8=False,
     )  # fmt: skip
     got = (np.asarray(video) + 1.0) / 2.0  # diffusers' postprocess: x / 2 + 0.5
     want = _diffusers(torch_pipe, noise)

@@ -15,6 +15,7 @@ import jax
 
 from vdm.config import get_key, load_config_file, unknown_key_message
 from vdm.errors import ConfigError, UserError
+from vdm.io import programs
 
 
 @contextlib.contextmanager
@@ -48,10 +49,13 @@ def compilation_cache_dir() -> str | None:
 
 def enable_compilation_cache() -> None:
     """Turns on JAX's persistent compilation cache (`compilation_cache_dir`): a second run of the
-    same program loads it instead of compiling it again. Results are the same either way."""
+    same program loads it instead of compiling it again; and beside it (`exported/`) the traced
+    programs of `vdm.io.programs`, so a second run does not trace them again either. Results are
+    the same either way."""
     path = compilation_cache_dir()
     if path is None:
         return
+    programs.set_directory(os.path.join(path, "exported"))
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         # Small programs too: sampling is a few dozen of them, most well under JAX's 1 s default.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -36,7 +37,7 @@ from vdm import encoders, parallel, rng
 from vdm.diffusion import samplers, schedules
 from vdm.errors import UserError
 from vdm.inference.settings import SamplingSettings
-from vdm.io import bundle, checkpoint
+from vdm.io import bundle, checkpoint, programs
 from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
 from vdm.models.text import encoder as te
@@ -57,6 +58,19 @@ PREVIEW_PROMPTS = (
     "an 8 moving down and to the right",
     "the digit 9 moving to the left",
 )
+
+
+def _example_key_data(p_idx: jax.Array, i_idx: jax.Array, *, seed: int) -> tuple[jax.Array, ...]:
+    """The raw key data of each example's noise key and sampler-noise key (`rng.example_keys` of
+    the seed and of its "sampler" stream, the latter used only when eta > 0)."""
+    eta_key = rng.stream(jax.random.key(seed), "sampler")
+    keys = (rng.example_keys(seed, p_idx, i_idx), rng.example_keys(eta_key, p_idx, i_idx))
+    return tuple(jax.random.key_data(k) for k in keys)
+
+
+# One program, kept between runs like the sampling one, instead of a dozen op-by-op dispatches
+# and a vmap trace per call; the keys are the same bits either way (integer hashing).
+_EXAMPLE_KEYS = programs.Cached(jax.jit(_example_key_data, static_argnames="seed"), "keys", "")
 
 
 @dataclasses.dataclass
@@ -83,8 +97,21 @@ class Pipeline:
         self._replicated = parallel.replicated(self.mesh)
         self._null_cache: dict[str, tuple] = {}
         self._placed = None  # (the weights as given, the same weights on the mesh)
+        # Traced once per model and kept between runs where the mains enable it (vdm.io.programs):
+        # the key holds all the programs close over besides their arguments.
         static = ("sampler", "num_steps", "spec", "time_grid")
-        self._program = jax.jit(self._sharded, static_argnames=static)
+        sample_fn = jax.jit(self._sharded, static_argnames=static)
+        self._program = programs.Cached(sample_fn, "sample", self._closure_key())
+        self._encode = programs.Cached(jax.jit(self.text.encode), "text", repr(self.text.module))
+
+    def _closure_key(self) -> str:
+        """What the sampling program closes over: the config, modules, latent statistics and
+        mesh (vdm.io.programs adds the arguments, the code and the environment)."""
+        config = self.config.to_dict() if hasattr(self.config, "to_dict") else self.config
+        parts = [type(self).__name__, config, repr(self.model), repr(self.vae), self.latent_shape]
+        parts.append(repr(self.mesh))
+        parts += [repr(np.asarray(self._shift)), repr(np.asarray(self._scale))]
+        return json.dumps(parts, sort_keys=True, default=repr)
 
     def _latent_shape(self) -> tuple[int, ...]:
         """(t, h, w, c) of the config's video size (a model family with another VAE overrides
@@ -114,24 +141,9 @@ class Pipeline:
         return self
 
     # -- sampling --------------------------------------------------------------------------------
-    def generate(
-        self,
-        params,
-        vae_params,
-        ctx,
-        mask,
-        null_ctx,
-        null_mask,
-        noise,
-        guidance,
-        eta,
-        key,
-        *,
-        sampler,
-        num_steps,
-        spec=None,
-        time_grid="uniform",
-    ):
+    def generate(self, params, vae_params, ctx, mask, null_ctx, null_mask, noise, guidance, eta,
+                 key, *, sampler, num_steps, spec=None, time_grid="uniform",
+                 uint8=True):  # fmt: skip
         """The whole sampling program, pure and jit-able (what `__call__` runs and `vdm.tools.aot`
         compiles): `num_steps` guided denoiser calls from `noise`, then the streaming VAE decode.
 
@@ -143,21 +155,11 @@ class Pipeline:
             keys [B] (used by stochastic samplers).
           sampler, num_steps, spec, time_grid: static sampler settings (`spec`: the sampling
             DiffusionSpec; `time_grid`: `schedules.TIME_GRIDS`).
+          uint8: False returns the decoded floats instead (what the parity tests compare).
 
         Returns:
-          uint8 videos [B, T, H, W, 3].
+          uint8 videos [B, T, H, W, 3] (uint8=False: float32 in [-1, 1]).
         """
-        video = self.generate_float(
-            params, vae_params, ctx, mask, null_ctx, null_mask, noise, guidance, eta, key,
-            sampler=sampler, num_steps=num_steps, spec=spec, time_grid=time_grid,
-        )  # fmt: skip
-        return ae.to_uint8(video)
-
-    def generate_float(self, params, vae_params, ctx, mask, null_ctx, null_mask, noise,
-                       guidance, eta, key, *, sampler, num_steps, spec=None,
-                       time_grid="uniform"):  # fmt: skip
-        """`generate` before the uint8 conversion: the decoded videos in [-1, 1], float32
-        [B, T, H, W, 3] (what the parity tests compare)."""
         z = samplers.sample(
             self.model_fn(params, time_grid),
             noise,
@@ -171,7 +173,8 @@ class Pipeline:
             key=key,
             time_grid=time_grid,
         )
-        return self.decode(vae_params, z * self._scale + self._shift)
+        video = self.decode(vae_params, z * self._scale + self._shift)
+        return ae.to_uint8(video) if uint8 else video
 
     def model_fn(self, params, time_grid: str = "uniform"):
         """`model_fn(x, t, (ctx, mask)) -> raw output` of the denoiser with `params` (what the
@@ -219,13 +222,18 @@ class Pipeline:
     def encode_one(self, prompt: str):
         """(hidden [1, L, D], mask [1, L]) of one prompt (a model family that encodes prompts
         otherwise overrides it)."""
-        return self.text([prompt])
+        return self._encode_text([prompt])
 
     def _null(self, negative_prompt: str):
         """The encoding of the negative (or empty) prompt, [1, L, D] and [1, L], cached."""
         if negative_prompt not in self._null_cache:
             self._null_cache[negative_prompt] = self.encode_one(negative_prompt)
         return self._null_cache[negative_prompt]
+
+    def _encode_text(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        """`self.text(prompts)` through the kept text program: (hidden [B, L, D], mask [B, L])."""
+        ids, mask = self.text.tokenize(prompts)
+        return self._encode(self.text.params, ids, mask), jnp.asarray(mask)
 
     def _placed_weights(self):
         """(params, vae_params) replicated on the mesh; placed again only when they change."""
@@ -314,15 +322,13 @@ class Pipeline:
         pairs = pairs + [pairs[-1]] * (self.num_devices - len(pairs))
         p_idx = np.array([p for p, _ in pairs], np.int32)
         i_idx = np.array([i for _, i in pairs], np.int32)
-        eta_key = rng.stream(jax.random.key(seed), "sampler")  # used only when eta > 0
-        keys = (rng.example_keys(seed, p_idx, i_idx), rng.example_keys(eta_key, p_idx, i_idx))
         ctx, mask = cond
         return self._program(
             *weights,
             ctx[p_idx],
             mask[p_idx],
             *null,
-            *(jax.random.key_data(k) for k in keys),
+            *_EXAMPLE_KEYS(p_idx, i_idx, seed=seed),
             jnp.float32(settings.guidance),
             jnp.float32(settings.eta),
             sampler=settings.sampler,

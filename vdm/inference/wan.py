@@ -68,8 +68,10 @@ class WanPipeline(Pipeline):
         return wan_vae.decode(self.vae, vae_params, z)
 
     def encode_one(self, prompt: str):
-        """Wan's prompt encoding: cleaned, UMT5 hidden states, zeros past the prompt."""
-        return wan_text.encode_prompts_and_mask(self.text, [prompt])
+        """Wan's prompt encoding (`vdm.models.wan.text.encode_prompts_and_mask`, through the
+        pipeline's kept text program): cleaned, UMT5 hidden states, zeros past the prompt."""
+        hidden, mask = self._encode_text([wan_text.prompt_clean(str(prompt))])
+        return wan_text.zero_past_prompt(hidden, mask), mask
 
 
 def load_wan_pipeline(

@@ -19,7 +19,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from vdm.errors import UserError
 from vdm.io.manager import describe_error
@@ -125,6 +127,8 @@ def restore_tree(path: str, make_target: Callable[[PyTree], PyTree] | None = Non
     path = _abs(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"The exported model has no weights directory '{path}'.")
+    if make_target is None and (arrays := _read_plain(path)) is not None:
+        return jax.device_put(arrays)
     with ocp.StandardCheckpointer() as ckptr:
         target = None
         if make_target is not None:
@@ -137,6 +141,49 @@ def restore_tree(path: str, make_target: Callable[[PyTree], PyTree] | None = Non
             return ckptr.restore(path, target)
         except Exception as e:  # noqa: BLE001 - truncated or garbage array files
             raise UserError(_damaged(path, e)) from e
+
+
+def _plain_keys(meta: dict) -> list[list[str]] | None:
+    """The key paths of a `_METADATA` whose tree `_read_plain` can read: OCDBT + zarr v2
+    storage, every leaf an array, every key a dict key without "." (orbax joins them with ".")."""
+    if not meta.get("use_ocdbt") or meta.get("use_zarr3"):
+        return None
+    paths = []
+    for leaf in meta["tree_metadata"].values():
+        value, keys = leaf["value_metadata"], leaf["key_metadata"]
+        if value["value_type"] not in ("jax.Array", "np.ndarray") or value["skip_deserialize"]:
+            return None
+        if any(k["key_type"] != 2 or "." in str(k["key"]) for k in keys):  # 2: a dict key
+            return None
+        paths.append([k["key"] for k in keys])
+    return paths
+
+
+def _read_plain(path: str) -> PyTree | None:
+    """A bundle part's arrays (numpy) read with tensorstore directly, as orbax stores them
+    (`_plain_keys`): all at once, without orbax's per-array asyncio and type checks (a fifth of
+    its CPU time for the bundled model's 576 small arrays). None for any other layout, and on
+    any read problem: orbax then reads the part, or names what is wrong with it."""
+    try:
+        with open(os.path.join(path, "_METADATA"), encoding="utf-8") as f:
+            paths = _plain_keys(json.load(f))
+        if paths is None:
+            return None
+        kvstore = {"driver": "ocdbt", "base": {"driver": "file", "path": path}}
+        specs = [{"driver": "zarr", "kvstore": {**kvstore, "path": ".".join(p)}} for p in paths]
+        context = ts.Context()  # one for all: one OCDBT manifest read and one thread pool
+        stores = [ts.open(spec, open=True, read=True, context=context) for spec in specs]
+        reads = [store.result().read() for store in stores]
+        arrays = [r.result() for r in reads]
+    except Exception:  # noqa: BLE001 - orbax reads it instead, and reports damage
+        return None
+    tree: dict = {}
+    for keys, array in zip(paths, arrays, strict=True):
+        node = tree
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = array
+    return tree
 
 
 def _damaged(path: str, e: BaseException) -> str:

@@ -39,8 +39,6 @@ from collections.abc import Iterator
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
 from vdm.errors import ConfigError
@@ -194,12 +192,24 @@ def splash_blocks(seq: int) -> tuple[int, int]:
     return 128, -(-seq // 128) * 128
 
 
+def _splash_modules():
+    """(splash_attention_kernel, splash_attention_mask), imported on first use: Pallas' TPU
+    modules take a fifth of a second to import, which a CPU run (sample.py) never needs."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel,
+        splash_attention_mask,
+    )
+
+    return splash_attention_kernel, splash_attention_mask
+
+
 def _splash_kernel(heads: int, sq: int, sk: int, bq: int, bkv: int, interpret: bool):
     """A splash MHA kernel for `[heads, sq, D]` x `[heads, sk, D]` (full mask, padded lengths).
 
     Built per trace (not cached): the kernel holds its block-mask tables as arrays, which inside
     a trace are that trace's values.
     """
+    splash, splash_mask = _splash_modules()
     full = splash_mask.MultiHeadMask([splash_mask.FullMask((sq, sk))] * heads)
     blocks = splash.BlockSizes(
         block_q=bq,
@@ -243,7 +253,8 @@ def _splash(q, k, v, mask, *, interpret: bool) -> jax.Array:
         q_ids = jnp.broadcast_to((jnp.arange(sq_pad) < sq).astype(jnp.int32), (b, sq_pad))
         kv_ok = jnp.ones((b, sk), bool) if mask is None else mask
         kv_ids = jnp.pad(kv_ok, ((0, 0), (0, sk_pad - sk))).astype(jnp.int32)
-        y = jax.vmap(kernel)(qh, kh, vh, splash.SegmentIds(q=q_ids, kv=kv_ids))
+        segment_ids = _splash_modules()[0].SegmentIds(q=q_ids, kv=kv_ids)
+        y = jax.vmap(kernel)(qh, kh, vh, segment_ids)
     return y[:, :, :sq].transpose(0, 2, 1, 3)
 
 

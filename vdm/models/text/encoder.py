@@ -9,8 +9,10 @@
 `model.safetensors` (or a sharded index) and tokenizer files (or a diffusers-style folder with
 `text_encoder/` and `tokenizer/`), or a Hugging Face hub id (only where the hub is reachable).
 The config's `model_type` picks the family from `FAMILIES` (BERT, T5/mT5/UMT5, CLIP text);
-configs and tokenizers are read by transformers (`AutoConfig`, `AutoTokenizer`), weights by
-safetensors, and the modules are ours (transformers 5 has no Flax models).
+configs and tokenizers are read by transformers (`AutoConfig`, `AutoTokenizer`), or with `json`
+and the `tokenizers` package where that gives the same (`vdm.models.text.fast`: BERT, so the
+default MiniLM loads without importing transformers or torch), weights by safetensors, and the
+modules are ours (transformers 5 has no Flax models).
 
 The output is the last hidden state of every token, not pooled: the denoiser cross-attends to
 `hidden [B, L, D]` under `mask [B, L]`. Classifier-free guidance's null context is the encoding
@@ -38,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from vdm.models.text import bert, clip, hub, t5
+from vdm.io import programs
+from vdm.models.text import bert, clip, fast, hub, t5
 from vdm.models.text.weights import Weights
 
 Dtype = Any
@@ -101,12 +104,20 @@ def get_family(model_type: str) -> Family:
     return FAMILIES[model_type]
 
 
-def _check_params(params: dict, expected: dict, source: str) -> None:
-    """Raises ValueError if converted params differ from the module's in structure or shape."""
-    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    want = {
-        jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)
-    }
+def _param_shapes(module: nn.Module, max_length: int) -> dict[str, list[int]]:
+    """{key path: shape} of the params `module.init` makes (abstractly: nothing is computed)."""
+    ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
+    expected = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), ids, ids)["params"])
+    leaves = jax.tree_util.tree_leaves_with_path(expected)
+    return {jax.tree_util.keystr(k): list(v.shape) for k, v in leaves}
+
+
+def _check_params(params: dict, want: dict[str, list[int]], source: str) -> None:
+    """Raises ValueError if converted params differ from the module's (`want`, from
+    `_param_shapes`) in structure or shape."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in leaves}
+    want = {k: tuple(v) for k, v in want.items()}
     problems = [f"missing {k}" for k in want.keys() - got.keys()]
     problems += [f"unexpected {k}" for k in got.keys() - want.keys()]
     both = want.keys() & got.keys()
@@ -124,7 +135,8 @@ class TextEncoder:
     Attributes:
       module: the linen module, `module.apply({"params": params}, ids, mask) -> [B, L, D]`.
       params: pytree of jnp arrays (plain, unboxed).
-      tokenizer: the transformers tokenizer (None for an abstract encoder, which only encodes).
+      tokenizer: the transformers tokenizer, or a `fast.Tokenizer` with the same interface (None
+        for an abstract encoder, which only encodes).
       max_length: L; every batch is padded (or truncated) to exactly L tokens.
       name: where it was loaded from (for messages and checkpoint metadata).
     """
@@ -280,6 +292,37 @@ def build_module(hf_config: Any, dtype: Dtype, param_dtype: Dtype | None) -> nn.
     return get_family(hf_config.model_type).build(hf_config, dtype=dtype, param_dtype=param_dtype)
 
 
+def _read_config(model_dir: str, dtype: Dtype, param_dtype: Dtype | None) -> tuple[Any, nn.Module]:
+    """(config, module) of `model_dir`: from config.json alone where that is the same
+    (`fast.read_config`), else through transformers' AutoConfig."""
+    config = fast.read_config(model_dir)
+    if config is not None:
+        try:
+            module = build_module(config, dtype, param_dtype)
+        except AttributeError:
+            if not config.missing:
+                raise
+        if not config.missing:
+            return config, module
+    import_transformers()
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return config, build_module(config, dtype, param_dtype)
+
+
+def load_tokenizer(tokenizer_dir: str) -> Any:
+    """The tokenizer of `tokenizer_dir`: through `tokenizers` alone where that encodes the same
+    (`fast.load_tokenizer`), else transformers' AutoTokenizer."""
+    tokenizer = fast.load_tokenizer(tokenizer_dir)
+    if tokenizer is None:
+        import_transformers()
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return tokenizer
+
+
 def load_text_encoder(
     name_or_path: str = "minilm",
     max_length: int = 32,
@@ -307,22 +350,20 @@ def load_text_encoder(
       FileNotFoundError: the model cannot be found (path missing, no weights, hub unreachable).
       ValueError: unsupported model_type, weights that do not fit the config, bad max_length.
     """
-    import_transformers()
-    from transformers import AutoConfig, AutoTokenizer
-
     model_dir, tokenizer_dir = hub.resolve_model_dir(name_or_path)
-    hf_config = AutoConfig.from_pretrained(model_dir)
-    module = build_module(hf_config, dtype, param_dtype)
+    hf_config, module = _read_config(model_dir, dtype, param_dtype)
     _check_max_length(module, max_length, name_or_path)  # before reading any weights.
     weights = Weights(model_dir, module.param_dtype)
     try:
         params = get_family(hf_config.model_type).convert(weights, module)
     except KeyError as e:
         raise ValueError(f"Weights of '{model_dir}': {e.args[0]}") from None
-    ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
-    expected = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), ids, ids)["params"])
-    _check_params(params, expected, model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # Tracing the init for its shapes costs more than the rest of the load: kept between runs
+    # like the traced programs (vdm.io.programs), under the module's every field.
+    shapes = functools.partial(_param_shapes, module, max_length)
+    key = f"{module!r} {max_length}"
+    _check_params(params, programs.remembered("text-params", key, shapes), model_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     if mesh is not None:
         if logical_axis_rules is None:
             raise ValueError("load_text_encoder(mesh=...) also needs logical_axis_rules.")

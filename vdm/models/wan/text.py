@@ -46,4 +46,9 @@ def encode_prompts_and_mask(
     """`encode_prompts` and the token mask `[B, max_length]` (1 on each prompt's tokens; Wan's
     DiT takes no mask, vdm's pipeline carries it along)."""
     hidden, mask = encoder([prompt_clean(str(p)) for p in prompts])
-    return jnp.where(mask[..., None] > 0, hidden, jnp.zeros((), hidden.dtype)), mask
+    return zero_past_prompt(hidden, mask), mask
+
+
+def zero_past_prompt(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """The hidden states `[B, L, D]` with zeros where `mask` `[B, L]` is 0 (Wan's padding)."""
+    return jnp.where(mask[..., None] > 0, hidden, jnp.zeros((), hidden.dtype))
