@@ -2,9 +2,12 @@
 
   python sample.py --prompt "the digit 4 moving down" [--prompt ...] [--checkpoint DIR] --seed 0 \
       [--num_samples N] [--num_steps 30] [--sampler euler|ddim|dpmpp2m] [--eta 1] [--guidance 5.0] \
-      [--negative_prompt ...] [--shift 3.0] [--output_dir out/] [--formats mp4,gif,npy,png]
+      [--negative_prompt ...] [--shift 3.0] [--output_dir out/] [--formats mp4,gif,npy,png] \
+      [--num_frames 81 --height 480 --width 832]
 
-With no --checkpoint it uses the bundled default model. Writes
+With no --checkpoint it uses the bundled default model. --checkpoint also takes a Wan 2.1
+Diffusers-format directory or hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers); only Wan models
+take --num_frames / --height / --width (vdm's own make the size they were trained at). Writes
 out/{prompt_idx:03d}_{sample_idx:02d}.{ext} and out/samples.jsonl (one line per file). A later
 (or concurrent) run into the same --output_dir never overwrites those: it claims the next run
 number K there and writes out/run{K}_{prompt_idx:03d}_{sample_idx:02d}.{ext}, its samples.jsonl
@@ -27,7 +30,8 @@ _PROMPT = flags.DEFINE_multi_string("prompt", None, "Text prompt (repeat for sev
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint",
     None,
-    "Denoiser workdir, checkpoint step dir or exported model dir (default: the bundled model).",
+    "Denoiser workdir, checkpoint step dir, exported model dir, or a Wan 2.1 Diffusers-format "
+    "dir / hub id (default: the bundled model).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Base seed; same seed, same videos.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Videos per prompt.")
@@ -43,6 +47,11 @@ _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Prompt to steer away f
 _SHIFT = flags.DEFINE_float(
     "shift", None, "Flow sampling time shift (> 1: more steps near noise; default: the model's)."
 )
+_NUM_FRAMES = flags.DEFINE_integer(
+    "num_frames", None, "Frames per video, 4k + 1 (Wan models only; default: the model's, 81)."
+)
+_HEIGHT = flags.DEFINE_integer("height", None, "Video height, a multiple of 16 (Wan only; 480).")
+_WIDTH = flags.DEFINE_integer("width", None, "Video width, a multiple of 16 (Wan only; 832).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "out", "Where videos and samples.jsonl go.")
 _FORMATS = flags.DEFINE_list("formats", ["mp4", "gif", "npy", "png"], "Output formats.")
 _BATCH = flags.DEFINE_integer(
@@ -73,7 +82,9 @@ def main(argv):
             output_dir=_OUTPUT_DIR.value,
             formats=_FORMATS.value,
             batch_size=_BATCH.value,
-        )
+            size={"num_frames": _NUM_FRAMES.value, "height": _HEIGHT.value,
+                  "width": _WIDTH.value},
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

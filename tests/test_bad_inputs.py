@@ -202,6 +202,19 @@ CASES = [
         ("o",),
     ),
     Case(
+        "sample-size-for-vdm-model",
+        _sample("--num_frames=9", "--output_dir={tmp}/o"),
+        ("--num_frames 9", "trained at that size", "Wan"),
+        ("o",),
+    ),
+    Case(
+        "sample-height-zero",
+        _sample("--height=0", "--output_dir={tmp}/o"),
+        ("--height must be >= 1",),
+        ("o",),
+        True,
+    ),
+    Case(
         "sample-checkpoint-missing",
         _sample("--checkpoint={tmp}/nope", "--output_dir={tmp}/o"),
         ("nope", "does not exist"),

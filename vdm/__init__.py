@@ -47,6 +47,6 @@ jax.config.update("jax_threefry_partitionable", True)
 __version__ = "0.1.0"
 
 # After the jax setting above: everything vdm computes sees it.
-from vdm.inference.pipeline import load_pipeline  # noqa: E402
+from vdm.inference.load import load_pipeline  # noqa: E402
 
 __all__ = ["TPU_PLACEHOLDER_ENV", "__version__", "load_pipeline"]

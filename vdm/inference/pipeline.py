@@ -89,14 +89,7 @@ class Pipeline:
     devices: Sequence[jax.Device] | None = None
 
     def __post_init__(self):
-        self.latent_shape = tuple(
-            ae.latent_shape(
-                self.config.vae,
-                self.config.data.num_frames,
-                self.config.data.height,
-                self.config.data.width,
-            )
-        )
+        self.latent_shape = self._latent_shape()
         self._shift = jnp.asarray(self.latent_stats["shift"], jnp.float32)
         self._scale = jnp.asarray(self.latent_stats["scale"], jnp.float32)
         devices = list(jax.local_devices() if self.devices is None else self.devices)
@@ -121,25 +114,37 @@ class Pipeline:
         parts += [repr(np.asarray(self._shift)), repr(np.asarray(self._scale))]
         return json.dumps(parts, sort_keys=True, default=repr)
 
+    def _latent_shape(self) -> tuple[int, ...]:
+        """(t, h, w, c) of the config's video size (a model family with another VAE overrides
+        it)."""
+        d = self.config.data
+        return tuple(ae.latent_shape(self.config.vae, d.num_frames, d.height, d.width))
+
+    def resize(self, num_frames=None, height=None, width=None) -> Pipeline:
+        """This pipeline making videos of another size (None keeps the config's). vdm's own
+        models are trained at one size, `config.data`'s; a model family that can change it
+        (Wan) overrides this.
+
+        Raises:
+          UserError: a size other than the model's.
+        """
+        d = self.config.data
+        asked = {"num_frames": num_frames, "height": height, "width": width}
+        bad = [
+            f"--{k} {v} (the model's: {d[k]})" for k, v in asked.items() if v not in (None, d[k])
+        ]
+        if bad:
+            raise UserError(
+                f"This model makes videos of {d.num_frames} frames of {d.height}x{d.width} only "
+                f"(its config.data; it was trained at that size): {', '.join(bad)}. Leave out "
+                "--num_frames / --height / --width, or sample a Wan model."
+            )
+        return self
+
     # -- sampling --------------------------------------------------------------------------------
-    def generate(
-        self,
-        params,
-        vae_params,
-        ctx,
-        mask,
-        null_ctx,
-        null_mask,
-        noise,
-        guidance,
-        eta,
-        key,
-        *,
-        sampler,
-        num_steps,
-        spec=None,
-        time_grid="uniform",
-    ):
+    def generate(self, params, vae_params, ctx, mask, null_ctx, null_mask, noise, guidance, eta,
+                 key, *, sampler, num_steps, spec=None, time_grid="uniform",
+                 uint8=True):  # fmt: skip
         """The whole sampling program, pure and jit-able (what `__call__` runs and `vdm.tools.aot`
         compiles): `num_steps` guided denoiser calls from `noise`, then the streaming VAE decode.
 
@@ -151,12 +156,13 @@ class Pipeline:
             keys [B] (used by stochastic samplers).
           sampler, num_steps, spec, time_grid: static sampler settings (`spec`: the sampling
             DiffusionSpec; `time_grid`: `schedules.TIME_GRIDS`).
+          uint8: False returns the decoded floats instead (what the parity tests compare).
 
         Returns:
-          uint8 videos [B, T, H, W, 3].
+          uint8 videos [B, T, H, W, 3] (uint8=False: float32 in [-1, 1]).
         """
         z = samplers.sample(
-            self.model_fn(params),
+            self.model_fn(params, time_grid),
             noise,
             (ctx, mask),
             (null_ctx, null_mask),
@@ -168,11 +174,13 @@ class Pipeline:
             key=key,
             time_grid=time_grid,
         )
-        return ae.to_uint8(self.decode(vae_params, z * self._scale + self._shift))
+        video = self.decode(vae_params, z * self._scale + self._shift)
+        return ae.to_uint8(video) if uint8 else video
 
-    def model_fn(self, params):
+    def model_fn(self, params, time_grid: str = "uniform"):
         """`model_fn(x, t, (ctx, mask)) -> raw output` of the denoiser with `params` (what the
-        sampler calls; a model family with another denoiser overrides it)."""
+        sampler calls on `time_grid`; a model family with another denoiser overrides it)."""
+        del time_grid  # vdm's denoisers take the time as the sampler gives it
         return dn.model_fn(self.model, params)
 
     def decode(self, vae_params, z):
@@ -207,15 +215,20 @@ class Pipeline:
         another batch shape.
         """
         distinct = list(dict.fromkeys(prompts))
-        encoded = [self._encode_text([p]) for p in distinct]
+        encoded = [self.encode_one(p) for p in distinct]
         rows = [distinct.index(p) for p in prompts]
         hidden = np.concatenate([np.asarray(h) for h, _ in encoded])
         return hidden[rows], np.concatenate([np.asarray(m) for _, m in encoded])[rows]
 
+    def encode_one(self, prompt: str):
+        """(hidden [1, L, D], mask [1, L]) of one prompt (a model family that encodes prompts
+        otherwise overrides it)."""
+        return self._encode_text([prompt])
+
     def _null(self, negative_prompt: str):
         """The encoding of the negative (or empty) prompt, [1, L, D] and [1, L], cached."""
         if negative_prompt not in self._null_cache:
-            self._null_cache[negative_prompt] = self._encode_text([negative_prompt])
+            self._null_cache[negative_prompt] = self.encode_one(negative_prompt)
         return self._null_cache[negative_prompt]
 
     def _encode_text(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:

@@ -22,7 +22,7 @@ import numpy as np
 
 from vdm import paths
 from vdm.errors import UserError
-from vdm.inference import pipeline, settings
+from vdm.inference import load, pipeline, settings
 from vdm.io import video
 
 FORMATS = ("mp4", "gif", "npy", "png")
@@ -41,6 +41,7 @@ def run(
     output_dir: str = "out",
     formats: Sequence[str] = FORMATS,
     batch_size: int = 8,
+    size: Mapping[str, int | None] | None = None,
 ) -> list[dict]:
     """Generates and writes videos; returns the records written to samples.jsonl.
 
@@ -51,6 +52,8 @@ def run(
     Args:
       sampling: `SamplingSettings` fields to set instead of the model's defaults (None values
         keep the default), e.g. {"num_steps": 10, "guidance": None}.
+      size: {"num_frames", "height", "width"} of the videos (None values keep the model's; only
+        Wan models can change them).
 
     Raises:
       UserError: a bad format, count, setting, prompt or output directory (before the model
@@ -58,10 +61,11 @@ def run(
     """
     sampling = dict(sampling or {})
     _check_request(prompts, sampling, num_samples, formats, batch_size)
+    size = _size(size)
     paths.check_output_dir(output_dir, "--output_dir", create=False)  # made when writing
     t0 = time.perf_counter()
     print(f"Loading model from {checkpoint or pipeline.DEFAULT_MODEL} ...", flush=True)
-    pipe = pipeline.load_pipeline(checkpoint)
+    pipe = load.load_pipeline(checkpoint, **size)
     _check_size(pipe, len(prompts) * num_samples, num_samples, formats, output_dir)
     chosen = pipe.settings.override(**sampling)
     # What each record states: the settings with the shift the sampler used (unset = training's).
@@ -129,6 +133,18 @@ class _Run:
                 )  # fmt: skip
         _append_records(os.path.join(self.output_dir, "samples.jsonl"), records)
         return records
+
+
+def _size(size: Mapping[str, int | None] | None) -> dict[str, int | None]:
+    """The requested video size, checked to be positive (the model checks the rest)."""
+    size = {k: v for k, v in (size or {}).items() if v is not None}
+    unknown = sorted(set(size) - {"num_frames", "height", "width"})
+    if unknown:
+        raise UserError(f"Unknown video size field(s) {unknown}; valid: num_frames, height, width.")
+    for k, v in size.items():
+        if int(v) < 1:
+            raise UserError(f"--{k} must be >= 1, got {v}.")
+    return size
 
 
 def _check_request(prompts, sampling, num_samples, formats, batch_size) -> None:

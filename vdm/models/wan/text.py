@@ -37,5 +37,18 @@ def load_text_encoder(root: str, max_length: int = MAX_LENGTH, dtype=jnp.float32
 def encode_prompts(encoder: te.TextEncoder, prompts: Sequence[str]) -> jax.Array:
     """`[B, max_length, D]` prompt embeddings as Wan's DiT takes them: the encoder's hidden
     states on each prompt's tokens (its "</s>" included) and zeros after them."""
+    return encode_prompts_and_mask(encoder, prompts)[0]
+
+
+def encode_prompts_and_mask(
+    encoder: te.TextEncoder, prompts: Sequence[str]
+) -> tuple[jax.Array, jax.Array]:
+    """`encode_prompts` and the token mask `[B, max_length]` (1 on each prompt's tokens; Wan's
+    DiT takes no mask, vdm's pipeline carries it along)."""
     hidden, mask = encoder([prompt_clean(str(p)) for p in prompts])
+    return zero_past_prompt(hidden, mask), mask
+
+
+def zero_past_prompt(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """The hidden states `[B, L, D]` with zeros where `mask` `[B, L]` is 0 (Wan's padding)."""
     return jnp.where(mask[..., None] > 0, hidden, jnp.zeros((), hidden.dtype))

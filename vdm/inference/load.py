@@ -1,0 +1,71 @@
+"""`vdm.load_pipeline`: whichever model a path or hub id holds, as a `Pipeline`.
+
+* vdm's own models: an exported model dir (default: the bundled one), a denoiser training workdir
+  or a checkpoint step dir (`vdm.inference.pipeline.load_pipeline`).
+* Wan 2.1 text-to-video: a local Diffusers-format directory whose model_index.json names
+  WanPipeline, or a hub id "org/name" that is not a local path
+  (`vdm.inference.wan.load_wan_pipeline`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax
+
+from vdm.errors import UserError
+from vdm.inference import pipeline, wan
+from vdm.models.text import hub
+from vdm.models.wan import pipeline as wan_pipeline
+
+
+def is_wan(path: str | None) -> bool:
+    """Whether `path` names a Wan pipeline: a local WanPipeline directory, or a hub id of the
+    form "org/name" that is no local path (vdm's own models are never hub ids)."""
+    if not path:
+        return False
+    if os.path.exists(os.path.expanduser(path)):
+        return wan_pipeline.is_wan_pipeline(path)
+    return path.count("/") == 1 and not path.startswith(".") and hub.is_hub_id(path)
+
+
+def load_pipeline(
+    path: str | None = None,
+    *,
+    item: str = "ema",
+    vae: str | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> pipeline.Pipeline:
+    """The pipeline of the model at `path` (module docstring), making videos of `num_frames`
+    x `height` x `width` (None: the model's default; only Wan models can change them).
+
+    Args:
+      path: a vdm model (default: the bundled one) or a Wan pipeline directory / hub id.
+      item, vae: for vdm training checkpoints (`vdm.inference.pipeline.load_pipeline`).
+      devices: the devices to sample on (default: all local devices).
+      num_frames, height, width: the video size (Wan: 4k + 1 frames, multiples of 16).
+
+    Raises:
+      UserError: no model at `path`, a size the model cannot make, or `vae` for a Wan model.
+    """
+    if is_wan(path):
+        if vae is not None:
+            raise UserError("--vae swaps the VAE of vdm's own models, not Wan's.")
+        d = wan_pipeline  # the size is checked before the (large) weights load
+        d.check_size(num_frames or d.NUM_FRAMES, height or d.HEIGHT, width or d.WIDTH)
+        try:
+            pipe = wan.load_wan_pipeline(path, devices=devices)
+        except UserError as e:
+            if os.path.exists(os.path.expanduser(path)):
+                raise
+            raise UserError(
+                f"'{path}' is no local path (a vdm workdir, checkpoint or exported model dir), "
+                f"so it was taken for the hub id of a Wan pipeline: {e}"
+            ) from None
+    else:
+        pipe = pipeline.load_pipeline(path, item=item, vae=vae, devices=devices)
+    return pipe.resize(num_frames=num_frames, height=height, width=width)
