@@ -136,21 +136,31 @@ def test_does_not_fit_names_the_knob(report, aot, tiny_config):
 def test_activation_advice_keeps_videos_per_batch_shard(aot):
     """With block remat and one video per (data x fsdp) shard, the advice is a tensor axis WITH
     half the batch and twice the accumulation: at the same batch a tensor axis doubles the videos
-    per shard (it splits heads / MLP, not the batch). More than one video per shard: fewer."""
+    per shard (it splits heads / MLP, not the batch). More than one video per shard: fewer.
+    When the token frames (and heads, for Ulysses) divide, a sequence axis comes first: it
+    splits the residual stream too; a size that divides neither is never advised."""
     from vdm.config import load_config
 
-    config = load_config(
-        "configs/base.py", {**TINY, "model.remat": "block", "train.batch_size": 64}
-    )
+    base = {**TINY, "model.remat": "block", "train.batch_size": 64}
+    single = load_config("configs/base.py", {**base, "data.num_frames": 1})  # 1 token frame
     gib = aot.GiB
-    one = aot.knob_advice(config, "train_step", 3 * gib, 29 * gib, {"data": 1, "fsdp": 64})
+    one = aot.knob_advice(single, "train_step", 3 * gib, 29 * gib, {"data": 1, "fsdp": 64})
     assert "'fsdp': 32, 'tensor': 2" in one and "batch_size=32" in one, one
-    assert "accumulate_steps=2" in one, one
+    assert "accumulate_steps=2" in one and "sequence" not in one, one
     two = aot.knob_advice(
-        config, "train_step", 3 * gib, 35 * gib, {"data": 1, "fsdp": 32, "tensor": 2}
+        single, "train_step", 3 * gib, 35 * gib, {"data": 1, "fsdp": 32, "tensor": 2}
     )
     assert "2 videos per batch shard" in two and "batch_size=32" in two, two
     assert "'tensor': 4" not in two, two
+    frames2 = load_config("configs/base.py", base)  # 5 frames -> 2 latent / token frames
+    seq = aot.knob_advice(frames2, "train_step", 3 * gib, 29 * gib, {"data": 1, "fsdp": 64})
+    assert "'fsdp': 32, 'sequence': 2}" in seq and "batch_size=32" in seq, seq
+    assert "accumulate_steps=2" in seq and "tensor" in seq, seq
+    # 21 token frames, 12 heads, Ulysses: only 3 (or 21) would do, and 3 divides no axis here.
+    joint = load_config("configs/scale/dit_joint_480p.py")
+    shape = {"data": 4, "fsdp": 16, "sequence": 1, "tensor": 1}
+    none = aot.knob_advice(joint, "train_step", 3 * gib, 40 * gib, shape)
+    assert "'sequence'" not in none and "'tensor': 2" in none, none
 
 
 def test_installed_libtpu_is_quiet_on_a_cpu_host():

@@ -7,6 +7,7 @@ import math
 import re
 
 from vdm.errors import UserError
+from vdm.models import autoencoder
 from vdm.tools.aot.chips import GiB, Topology
 
 # The TPU compiler's out-of-memory line: used, capacity, excess (e.g. "12.5G").
@@ -85,13 +86,21 @@ def knob_advice(config, program: str, arguments: float, temporaries: float, mesh
     return "; ".join(tips) + "."
 
 
+def _mesh_str(shape: dict, **changes) -> str:
+    """A --config.mesh.shape value: `shape` (data as -1) with `changes`, size-1 axes dropped
+    except data and fsdp."""
+    new = {**{a: int(n) for a, n in shape.items()}, **changes, "data": -1}
+    keep = ("data", "fsdp")
+    return "{" + ", ".join(f"'{a}': {n}" for a, n in new.items() if a in keep or n != 1) + "}"
+
+
 def _activation_advice(config, program: str, temporaries: float, shape: dict) -> str:
     """The knob for activations (temporaries) that do not fit."""
     data, fsdp = int(shape.get("data", 1)), int(shape.get("fsdp", 1))
     tensor = int(shape.get("tensor", 1))
     # A tensor axis of twice the size, taken from data if there is one, else from fsdp.
     new_fsdp = fsdp if data >= 2 else max(1, fsdp // 2)
-    mesh = f"{{'data': -1, 'fsdp': {new_fsdp}, 'tensor': {2 * tensor}}}"
+    mesh = _mesh_str(shape, fsdp=new_fsdp, tensor=2 * tensor)
     act = f"activations dominate ({temporaries / GiB:.1f} GiB of temporaries)"
     remat = config.model.get("remat", "none") if "model" in config else "none"
     if program == "train_step" and remat != "block":
@@ -100,7 +109,7 @@ def _activation_advice(config, program: str, temporaries: float, shape: dict) ->
             f"(now {remat!r})"
         )
     if program == "train_step" and data > 0:
-        return _batch_advice(config, act, data * fsdp, mesh)
+        return _batch_advice(config, act, shape, mesh)
     return (
         f"{act}: lower --sample_batch (the default is one video per data x fsdp shard), or "
         "shard them over a tensor axis (mesh.tensor splits heads and MLP widths; the "
@@ -109,10 +118,40 @@ def _activation_advice(config, program: str, temporaries: float, shape: dict) ->
     )
 
 
-def _batch_advice(config, act: str, shards: int, mesh: str) -> str:
+def _token_frames(config) -> int | None:
+    """Token frames of a denoiser config's videos (latent frames / patch t), None otherwise."""
+    if config.get("stage") != "denoiser":
+        return None
+    d = config.data
+    try:
+        t = autoencoder.latent_shape(config.vae, d.num_frames, d.height, d.width)[0]
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return t // int(config.model.patch_size[0])
+
+
+def _sequence_factor(config, shape: dict) -> int | None:
+    """The smallest k > 1 by which the `sequence` axis can grow, taken from data or fsdp: the
+    new size divides the token frames (and the heads, for Ulysses). None if there is none."""
+    frames = _token_frames(config)
+    if not frames:
+        return None
+    seq, heads = int(shape.get("sequence", 1)), int(config.model.num_heads)
+    ulysses = config.model.get("sequence_parallel", "ulysses") == "ulysses"
+    for k in range(2, frames // seq + 1):
+        s = seq * k
+        if frames % s or (ulysses and heads % s):
+            continue
+        if int(shape.get("data", 1)) % k == 0 or int(shape.get("fsdp", 1)) % k == 0:
+            return k
+    return None
+
+
+def _batch_advice(config, act: str, shape: dict, mesh: str) -> str:
     """For a train step with block remat: fewer videos per batch shard, same batch per update."""
     batch = int(config.train.batch_size)
     accumulate = int(config.optim.get("accumulate_steps", 1)) if "optim" in config else 1
+    shards = int(shape.get("data", 1)) * int(shape.get("fsdp", 1))
     per_shard = batch / shards
     if per_shard > 1:
         k = math.ceil(per_shard)
@@ -122,10 +161,23 @@ def _batch_advice(config, act: str, shards: int, mesh: str) -> str:
             f"kept by accumulation: --config.train.batch_size={shards} "
             f"--config.optim.accumulate_steps={k * accumulate}"
         )
+    head = f"{act} of {per_shard:g} video(s) per batch shard (data x fsdp); "
+    k = _sequence_factor(config, shape)
+    if k:
+        seq, data = int(shape.get("sequence", 1)), int(shape.get("data", 1))
+        axis = "data" if data % k == 0 else "fsdp"
+        seq_mesh = _mesh_str(shape, sequence=seq * k, **{axis: int(shape[axis]) // k})
+        return (
+            head + f"split each video's tokens {k} ways more over a sequence axis (it splits "
+            "every token activation, the residual stream included, where a tensor axis keeps "
+            "a replica of it; like tensor it holds a replica of its shard's batch, so keep the "
+            f'batch per update by accumulation): --config.mesh.shape="{seq_mesh}" '
+            f"--config.train.batch_size={max(1, batch // k)} "
+            f"--config.optim.accumulate_steps={k * accumulate}"
+        )
     return (
-        f"{act} of {per_shard:g} video(s) per batch shard (data x fsdp); a bigger "
-        "tensor axis at this batch would put more videos on each shard (it holds a "
-        "replica of its shard's batch), so share each video between devices and keep "
+        head + "a bigger tensor axis at this batch would put more videos on each shard (it "
+        "holds a replica of its shard's batch), so share each video between devices and keep "
         f'the batch per update by accumulation: --config.mesh.shape="{mesh}" '
         f"--config.train.batch_size={max(1, batch // 2)} "
         f"--config.optim.accumulate_steps={2 * accumulate}"
