@@ -163,6 +163,27 @@ def test_activation_advice_keeps_videos_per_batch_shard(aot):
     assert "'sequence'" not in none and "'tensor': 2" in none, none
 
 
+def test_out_of_memory_on_temporaries_is_read_and_points_at_splash(aot):
+    """The compiler's other out-of-memory form (temporaries alone over HBM; what the XLA
+    attention of the joint 480p config gets on v6e:4x4, docs/aot.md) gives the bytes and the
+    kernel: the XLA attention keeps its logits in HBM, splash does not."""
+    from vdm.config import load_config
+    from vdm.tools.aot.advice import is_out_of_memory, oom_message, oom_used_bytes
+
+    text = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (80.07G) exceeds available HBM (31.25G)."
+    )
+    assert is_out_of_memory(RuntimeError(text))
+    assert oom_used_bytes(text) == int(80.07 * aot.GiB)
+    overrides = {"model.attention_kernel": "xla", "train.batch_size": 16}
+    config = load_config("configs/scale/dit_joint_480p.py", overrides)
+    shape = {"data": 1, "fsdp": 16, "sequence": 1, "tensor": 1}
+    msg = oom_message(config, "train_step", aot.get_topology(TOPOLOGY), RuntimeError(text), shape)
+    assert "temporaries alone need 80.07GB of 31.25GB" in msg, msg
+    assert "attention_kernel=auto" in msg and "1 video(s) per batch shard" in msg, msg
+
+
 def test_installed_libtpu_is_quiet_on_a_cpu_host():
     """With libtpu installed (this extra) and no TPU attached, importing vdm and using JAX prints
     none of libtpu's "could not determine TPU accelerator type / worker hostnames" messages."""

@@ -14,6 +14,11 @@ from vdm.tools.aot.chips import GiB, Topology
 OOM = re.compile(
     r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm\. Exceeded hbm capacity by ([\d.]+[KMGT]?)"
 )
+# Its other form, when the temporaries alone exceed HBM (no total is given): temporaries, HBM.
+OOM_TEMPORARIES = re.compile(
+    r"memory required for HLO temporaries \(([\d.]+[KMGT]?)\) exceeds available HBM "
+    r"\(([\d.]+[KMGT]?)\)"
+)
 
 
 class DoesNotFit(UserError):
@@ -35,27 +40,43 @@ def parse_bytes(text: str) -> int:
 
 def oom_used_bytes(message: str) -> int:
     """The bytes the compiler said a program needs, from its out-of-memory message (0 if none)."""
-    m = OOM.search(message)
+    m = OOM.search(message) or OOM_TEMPORARIES.search(message)
     return parse_bytes(m.group(1)) if m else 0
 
 
-def oom_message(config, program: str, topology: Topology, error: Exception) -> str:
-    """The compiler's out-of-memory error as: what did not fit where, by how much, what to do."""
+def oom_message(config, program: str, topology: Topology, error: Exception, mesh_shape=None) -> str:
+    """The compiler's out-of-memory error as: what did not fit where, by how much, what to do.
+
+    `mesh_shape`: the resolved mesh, for the advice when the compiler names the temporaries.
+    """
     text = str(error)
-    m = OOM.search(text)
+    m, temps = OOM.search(text), OOM_TEMPORARIES.search(text)
     head = (
         f"{program} does not fit on {topology.name} ({topology.device_kind}, "
         f"{topology.hbm_per_device / GiB:.1f} GiB HBM per device)"
     )
     if m:
         head += f": the TPU compiler needs {m.group(1)}B of {m.group(2)}B, over by {m.group(3)}B"
-    if program == "train_step":
-        advice = (
+    elif temps:
+        head += f": its temporaries alone need {temps.group(1)}B of {temps.group(2)}B"
+    model = config.get("model") or {}
+    xla = model.get("attention_kernel") == "xla"
+    note = (
+        "The XLA attention (model.attention_kernel=xla) keeps every attention's float32 logits "
+        "[heads, queries, keys] in HBM; the splash kernel (attention_kernel=auto on TPU) never "
+        "writes them: use it first. "
+        if xla
+        else ""
+    )
+    if program == "train_step" and temps:
+        advice = note + knob_advice(config, program, 0, parse_bytes(temps.group(1)), mesh_shape)
+    elif program == "train_step":
+        advice = note + (
             "Raise mesh.fsdp (splits params, optimizer state and frozen weights), set "
             "model.remat=block (recomputes activations) or lower train.batch_size."
         )
     else:
-        advice = "Lower --sample_batch or raise mesh.fsdp."
+        advice = note + "Lower --sample_batch or raise mesh.fsdp."
     detail = "\n".join(ln for ln in text.splitlines()[:12] if ln.strip())
     return f"{head}. {advice}\nCompiler report:\n{detail}"
 
