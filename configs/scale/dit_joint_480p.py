@@ -9,6 +9,9 @@ before booking a slice (no TPU needed; docs/aot.md, "Joint attention and 720p"):
   python -m vdm.tools.aot --config configs/scale/dit_joint_480p.py --topology v6e:4x4 \
       --config.mesh.shape="{'data': -1, 'fsdp': 16, 'sequence': 1, 'tensor': 1}" \
       --config.train.batch_size=16
+(measured, docs/aot.md: 9.94 GiB of 95 per v5p chip with this config's mesh, splash + Ulysses;
+14.13 GiB of 32 per v6e chip, splash, one video per chip; the XLA attention on v6e does not
+fit: 80 GiB of temporaries.)
 
 Sizes:
   video      81 frames x 480 x 832 -> latents 21 x 60 x 104 x 16 -> 21 x 30 x 52 = 32,760 tokens
