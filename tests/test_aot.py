@@ -136,21 +136,52 @@ def test_does_not_fit_names_the_knob(report, aot, tiny_config):
 def test_activation_advice_keeps_videos_per_batch_shard(aot):
     """With block remat and one video per (data x fsdp) shard, the advice is a tensor axis WITH
     half the batch and twice the accumulation: at the same batch a tensor axis doubles the videos
-    per shard (it splits heads / MLP, not the batch). More than one video per shard: fewer."""
+    per shard (it splits heads / MLP, not the batch). More than one video per shard: fewer.
+    When the token frames (and heads, for Ulysses) divide, a sequence axis comes first: it
+    splits the residual stream too; a size that divides neither is never advised."""
     from vdm.config import load_config
 
-    config = load_config(
-        "configs/base.py", {**TINY, "model.remat": "block", "train.batch_size": 64}
-    )
+    base = {**TINY, "model.remat": "block", "train.batch_size": 64}
+    single = load_config("configs/base.py", {**base, "data.num_frames": 1})  # 1 token frame
     gib = aot.GiB
-    one = aot.knob_advice(config, "train_step", 3 * gib, 29 * gib, {"data": 1, "fsdp": 64})
+    one = aot.knob_advice(single, "train_step", 3 * gib, 29 * gib, {"data": 1, "fsdp": 64})
     assert "'fsdp': 32, 'tensor': 2" in one and "batch_size=32" in one, one
-    assert "accumulate_steps=2" in one, one
+    assert "accumulate_steps=2" in one and "sequence" not in one, one
     two = aot.knob_advice(
-        config, "train_step", 3 * gib, 35 * gib, {"data": 1, "fsdp": 32, "tensor": 2}
+        single, "train_step", 3 * gib, 35 * gib, {"data": 1, "fsdp": 32, "tensor": 2}
     )
     assert "2 videos per batch shard" in two and "batch_size=32" in two, two
     assert "'tensor': 4" not in two, two
+    frames2 = load_config("configs/base.py", base)  # 5 frames -> 2 latent / token frames
+    seq = aot.knob_advice(frames2, "train_step", 3 * gib, 29 * gib, {"data": 1, "fsdp": 64})
+    assert "'fsdp': 32, 'sequence': 2}" in seq and "batch_size=32" in seq, seq
+    assert "accumulate_steps=2" in seq and "tensor" in seq, seq
+    # 21 token frames, 12 heads, Ulysses: only 3 (or 21) would do, and 3 divides no axis here.
+    joint = load_config("configs/scale/dit_joint_480p.py")
+    shape = {"data": 4, "fsdp": 16, "sequence": 1, "tensor": 1}
+    none = aot.knob_advice(joint, "train_step", 3 * gib, 40 * gib, shape)
+    assert "'sequence'" not in none and "'tensor': 2" in none, none
+
+
+def test_out_of_memory_on_temporaries_is_read_and_points_at_splash(aot):
+    """The compiler's other out-of-memory form (temporaries alone over HBM; what the XLA
+    attention of the joint 480p config gets on v6e:4x4, docs/aot.md) gives the bytes and the
+    kernel: the XLA attention keeps its logits in HBM, splash does not."""
+    from vdm.config import load_config
+    from vdm.tools.aot.advice import is_out_of_memory, oom_message, oom_used_bytes
+
+    text = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (80.07G) exceeds available HBM (31.25G)."
+    )
+    assert is_out_of_memory(RuntimeError(text))
+    assert oom_used_bytes(text) == int(80.07 * aot.GiB)
+    overrides = {"model.attention_kernel": "xla", "train.batch_size": 16}
+    config = load_config("configs/scale/dit_joint_480p.py", overrides)
+    shape = {"data": 1, "fsdp": 16, "sequence": 1, "tensor": 1}
+    msg = oom_message(config, "train_step", aot.get_topology(TOPOLOGY), RuntimeError(text), shape)
+    assert "temporaries alone need 80.07GB of 31.25GB" in msg, msg
+    assert "attention_kernel=auto" in msg and "1 video(s) per batch shard" in msg, msg
 
 
 def test_installed_libtpu_is_quiet_on_a_cpu_host():
