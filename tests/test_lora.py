@@ -141,13 +141,13 @@ def test_lora_trains_adapters_only_and_resumes_bit_exactly(base_run, tmp_path, c
     meta = ckpt_lib.load_metadata(work)
     assert meta["lora"]["base"] == os.path.abspath(base_run) and meta["lora"]["rank"] == 4
     step_dir = os.path.join(work, "checkpoints", "12")
-    # 1,024 adapter values (+ 2 AdamW moments) against 6,276 weights (+ moments). The array items
-    # only: the JSON items (config, metadata, data state) are the same size for both, and orbax's
-    # per-array overhead dominates at this size; a real model's ratio is ~ adapters / weights.
-    arrays = ("params", "opt_state", "ema")
+    # The checkpoint stores the adapters, not the weights: its params item restores to the 1,024
+    # adapter values (the base's to all its weights), and it is smaller on disk. At this toy
+    # size orbax's per-array overhead dominates the bytes; a real model's ratio is ~ r / width.
     base_dir = os.path.join(base_run, "checkpoints", "8")
-    sizes = [sum(dir_size(os.path.join(d, a)) for a in arrays) for d in (step_dir, base_dir)]
-    assert 0 < sizes[0] < 0.5 * sizes[1], sizes
+    assert count_params(ckpt_lib.load_params(step_dir, item="params")) == 1024
+    assert count_params(ckpt_lib.load_params(base_dir, item="params")) == count_params(base_params)
+    assert 0 < dir_size(step_dir) < dir_size(base_dir)
     # Resume: drop the last checkpoint; steps 7..12 again from step 6 give the same bits.
     shutil.rmtree(step_dir)
     again = train(config, work)

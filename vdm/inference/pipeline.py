@@ -36,6 +36,7 @@ from vdm import config as config_lib
 from vdm import encoders, parallel, rng
 from vdm.diffusion import samplers, schedules
 from vdm.errors import UserError
+from vdm.inference import vae_swap
 from vdm.inference.settings import SamplingSettings
 from vdm.io import bundle, checkpoint, programs
 from vdm.models import autoencoder as ae
@@ -381,7 +382,8 @@ def load_pipeline(
     Args:
       path: the model (default: the bundled one).
       item: "ema" or "params" weights of a training checkpoint.
-      vae: another VAE checkpoint to decode with (see `swap_vae`), e.g. a decoder fine-tune.
+      vae: another VAE checkpoint to decode with (see `vae_swap.swap_vae`), e.g. a decoder
+        fine-tune.
       devices: the devices to sample on, one video per device at a time (default: all local
         devices); the videos are the same whichever and however many.
 
@@ -424,7 +426,7 @@ def load_pipeline(
         params=params,
         devices=devices,
     )
-    return swap_vae(pipe, vae) if vae else pipe
+    return vae_swap.swap_vae(pipe, vae) if vae else pipe
 
 
 def _load_checkpoint(path: str, item: str, vae: str | None = None):
@@ -465,49 +467,3 @@ def _merge_lora(config, meta, adapters, path: str):
         return lora.merge(params, adapters, config.optim)
     except ValueError as e:
         raise UserError(f"'{path}': the LoRA adapters do not fit the base '{base}': {e}") from None
-
-
-def _trees_equal(a, b) -> bool:
-    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    return [k for k, _ in la] == [k for k, _ in lb] and all(
-        np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(la, lb, strict=True)
-    )
-
-
-def swap_vae(pipe: Pipeline, vae_path: str) -> Pipeline:
-    """`pipe` decoding with the VAE of checkpoint `vae_path` instead of its own.
-
-    For a decoder-only fine-tune (`optim.freeze="^encoder/"`, configs/vae_quickstart_decoder.py):
-    the denoiser knows only the latent space, so the new VAE must encode exactly as the old
-    one: the same architecture, latent statistics and bit-identical encoder weights.
-
-    Raises:
-      UserError: no VAE checkpoint at `vae_path`, or one that encodes differently (named).
-    """
-    try:
-        vae_config = checkpoint.load_config(vae_path)
-        stats = checkpoint.load_metadata(vae_path).get("latent_stats")
-        params = checkpoint.load_params(vae_path, item="ema")
-    except FileNotFoundError as e:
-        raise UserError(f"No VAE checkpoint at '{vae_path}': {e}") from None
-    if vae_config.stage != "autoencoder":
-        raise UserError(f"'{vae_path}' is a '{vae_config.stage}' checkpoint, not a VAE.")
-    problems = []
-    if ae.resolve_vae_config(vae_config.vae) != ae.resolve_vae_config(pipe.config.vae):
-        problems.append("its architecture (config.vae) differs")
-    elif not _trees_equal(params["encoder"], pipe.vae_params["encoder"]):
-        problems.append("its encoder weights differ (train it with optim.freeze='^encoder/')")
-    if stats is None or not np.allclose(
-        [stats["shift"], stats["scale"]],
-        [pipe.latent_stats["shift"], pipe.latent_stats["scale"]],
-        rtol=1e-6,
-    ):
-        problems.append("its latent statistics differ")
-    if problems:
-        raise UserError(
-            f"VAE '{vae_path}' cannot replace this model's VAE: {'; '.join(problems)}. The "
-            "denoiser was trained on the latents of its own VAE, so only the decoder may change."
-        )
-    config = pipe.config.copy_and_resolve_references()
-    config.vae.checkpoint = os.path.abspath(vae_path)
-    return dataclasses.replace(pipe, config=config, vae_params=params)

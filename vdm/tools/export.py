@@ -144,7 +144,7 @@ def export(
     """Writes a compact, self-contained model dir (EMA denoiser + EMA VAE + config + stats).
 
     The text encoder is referenced by name (e.g. "minilm"), not copied. `vae` replaces the
-    denoiser's VAE with a decoder fine-tune of it (see `pipeline.swap_vae`). `sample` sets
+    denoiser's VAE with a decoder fine-tune of it (see `vae_swap.swap_vae`). `sample` sets
     sampling defaults the bundle records instead of the training config's (`config.sample`, e.g.
     a guidance scale chosen after training), each set like `--config.sample.KEY=VALUE` and then
     checked as `SamplingSettings`.
@@ -210,7 +210,7 @@ def export_with_logs(
       checkpoint: a denoiser training workdir (or checkpoint step dir).
       output: the bundle directory (created; existing weights and logs in it are replaced, other
         files such as a README are kept).
-      vae: a decoder fine-tune of the denoiser's VAE to bundle instead (`pipeline.swap_vae`).
+      vae: a decoder fine-tune of the denoiser's VAE to bundle instead (`vae_swap.swap_vae`).
       sample: sampling defaults to record instead of the run's `config.sample` (`export`).
 
     Returns:
