@@ -167,7 +167,7 @@ def test_decoder_fine_tune_replaces_the_vae_of_a_bundle(trained, tmp_path):
     """configs/vae_quickstart_decoder.py on the tiny VAE, then `export --vae`: the bundle decodes
     with the new decoder; a VAE whose encoder changed is refused (the denoiser's latents differ)."""
     from vdm.errors import UserError
-    from vdm.inference import pipeline
+    from vdm.inference import pipeline, vae_swap
     from vdm.io import checkpoint
     from vdm.tools import export
     from vdm.train import loop
@@ -182,8 +182,8 @@ def test_decoder_fine_tune_replaces_the_vae_of_a_bundle(trained, tmp_path):
     out = export.export_with_logs(trained["dit"], str(tmp_path / "bundle"), vae=ft_dir)
     assert os.path.exists(out["vae_init_train_log"])  # the original VAE's log rides along
     old, new = checkpoint.load_params(trained["vae"]), pipeline.load_pipeline(out["bundle"])
-    assert pipeline._trees_equal(new.vae_params["encoder"], old["encoder"])
-    assert not pipeline._trees_equal(new.vae_params["decoder"], old["decoder"])
+    assert vae_swap.trees_equal(new.vae_params["encoder"], old["encoder"])
+    assert not vae_swap.trees_equal(new.vae_params["decoder"], old["decoder"])
     video = new(["six moving to the right"], seed=0, settings=_two_steps(new))
     c = trained["config"].data
     assert video.shape == (1, c.num_frames, c.height, c.width, 3)

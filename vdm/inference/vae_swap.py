@@ -14,7 +14,7 @@ from vdm.io import checkpoint
 from vdm.models import autoencoder as ae
 
 
-def _trees_equal(a, b) -> bool:
+def trees_equal(a, b) -> bool:
     la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
     return [k for k, _ in la] == [k for k, _ in lb] and all(
         np.array_equal(np.asarray(x), np.asarray(y)) for (_, x), (_, y) in zip(la, lb, strict=True)
@@ -42,7 +42,7 @@ def swap_vae(pipe: Any, vae_path: str) -> Any:  # a vdm.inference.pipeline.Pipel
     problems = []
     if ae.resolve_vae_config(vae_config.vae) != ae.resolve_vae_config(pipe.config.vae):
         problems.append("its architecture (config.vae) differs")
-    elif not _trees_equal(params["encoder"], pipe.vae_params["encoder"]):
+    elif not trees_equal(params["encoder"], pipe.vae_params["encoder"]):
         problems.append("its encoder weights differ (train it with optim.freeze='^encoder/')")
     if stats is None or not np.allclose(
         [stats["shift"], stats["scale"]],
