@@ -28,9 +28,9 @@ _FIELDS = ("p_x", "p_m", "p_d", "c_x", "c_m", "c_d", "c_t")
 
 def _alpha_sigma(t: np.ndarray, spec: DiffusionSpec) -> tuple[np.ndarray, np.ndarray]:
     """float64 (alpha, sigma) of the objective's path (`schedules.alpha_sigma` in numpy)."""
-    alpha, sigma = schedules.alpha_sigma(t.astype(np.float32), spec)
     if spec.is_flow:  # exact in float64, as diffusers' flow sigmas are.
         return 1.0 - t, t.copy()
+    alpha, sigma = schedules.alpha_sigma(t.astype(np.float32), spec)
     return np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
 
 
