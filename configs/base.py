@@ -313,7 +313,7 @@ def get_config() -> ConfigDict:
     # vdm.config.upgrade brings an older one (from a checkpoint or a bundle) to the current schema.
     c.version = 4
     c.seed = 0  # every random draw is fold_in(key(seed), stream, step, ...).
-    c.stage = "denoiser"  # "autoencoder" | "denoiser"
+    c.stage = "denoiser"  # "autoencoder" | "denoiser" | "wan" (configs/wan_finetune.py)
     c.parallel = "jit"  # "jit" (mesh + NamedSharding) | "pmap" (data-parallel)
     c.data = _data()
     c.vae = _vae()

@@ -203,7 +203,7 @@ def _split(override: str) -> tuple[str, str]:
 
 
 _CHOICES = {
-    "stage": ("autoencoder", "denoiser"),
+    "stage": ("autoencoder", "denoiser", "wan"),
     "parallel": PARALLEL_MODES,
     "model.attention": ("factorized", "full", "spatial_only"),
     "model.remat": ("none", "block", "dots"),

@@ -3,10 +3,12 @@
 from vdm.tasks.autoencoder import AutoencoderTask
 from vdm.tasks.base import Task
 from vdm.tasks.denoiser import DenoiserTask
+from vdm.tasks.wan import WanTask
 
 _STAGES: dict[str, type[Task]] = {
     "autoencoder": AutoencoderTask,
     "denoiser": DenoiserTask,
+    "wan": WanTask,
 }
 
 

@@ -41,6 +41,20 @@ class Task(abc.ABC):
         (from `nn.with_logical_partitioning`); the training setup maps them to mesh
         shardings."""
 
+    def pretrained(self, abstract_params: PyTree) -> PyTree | None:
+        """The weights a fresh run starts from when this stage fine-tunes a pretrained model
+        (stage "wan": `model.pretrained`), placed with `abstract_params`' shardings (unboxed
+        `jax.ShapeDtypeStruct`s with `.sharding`); None (the default): `init`'s.
+
+        The loop puts them into a fresh state (params and EMA, optimizer from step 0); LoRA
+        (`vdm.tasks.lora`) takes them as its frozen base when `train.init_from` is unset."""
+        return None
+
+    @property
+    def pretrained_source(self) -> str:
+        """Where `pretrained` reads from (recorded in checkpoints); "" when it returns None."""
+        return ""
+
     def frozen(self) -> PyTree:
         """Frozen weights the loss needs (VAE, text encoder, latent statistics); {} if none.
 

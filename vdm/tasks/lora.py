@@ -2,7 +2,8 @@
 
 `wrap(task, config)` returns a Task whose trainable parameters are the adapters
 (`vdm.models.lora`) and whose frozen inputs are the wrapped task's plus the base weights, read
-from `train.init_from` (EMA weights). The train state, the optimizer state, the EMA and therefore
+from `train.init_from` (EMA weights) or, when that is unset, the wrapped task's own pretrained
+weights (`Task.pretrained`, e.g. stage "wan"'s `model.pretrained`). The train state, the optimizer state, the EMA and therefore
 the checkpoints hold adapters only; the base is referenced (its absolute path recorded in each
 checkpoint's metadata under "lora"), not copied. Sampling, evaluation, export and
 `load_pipeline` see the merged weights W + (alpha / r) A B.
@@ -36,10 +37,12 @@ def enabled(config) -> bool:
     return rank > 0
 
 
-def check_config(config) -> None:
-    """ConfigError for a LoRA config that cannot work, naming the field and the fix."""
+def check_config(config, pretrained_source: str = "") -> None:
+    """ConfigError for a LoRA config that cannot work, naming the field and the fix
+    (`pretrained_source`: the wrapped task's `Task.pretrained_source`, a base without init_from).
+    """
     train, optim = config.train, config.optim
-    if not train.get("init_from", ""):
+    if not train.get("init_from", "") and not pretrained_source:
         raise ConfigError(
             "optim.lora_rank > 0 fine-tunes a trained model: set train.init_from to its "
             "checkpoint (a training workdir, a step dir or an exported model's denoiser/)."
@@ -64,7 +67,7 @@ def wrap(task: Task, config) -> Task:
     """`task` itself when LoRA is off, else its `LoraTask` (the config checked first)."""
     if not enabled(config) or isinstance(task, LoraTask):
         return task
-    check_config(config)
+    check_config(config, task.pretrained_source)
     return LoraTask(task, config)
 
 
@@ -77,7 +80,10 @@ class LoraTask(Task):
         self.rank = int(config.optim.lora_rank)
         self.targets = config.optim.get("lora_targets", "")
         self.factor = lora.scale(self.rank, config.optim.get("lora_alpha", 0.0))
-        self.base_path = os.path.abspath(config.train.init_from)
+        init_from = config.train.get("init_from", "")
+        # The base: a vdm checkpoint (train.init_from), else the task's pretrained weights.
+        self.base_path = os.path.abspath(init_from) if init_from else base.pretrained_source
+        self.from_checkpoint = bool(init_from)
         self._boxed = jax.eval_shape(  # the base's parameter shapes and logical axis names
             base.init, jax.random.key(0), jax.tree.map(jnp.asarray, base.dummy_batch(1))
         )
@@ -104,11 +110,16 @@ class LoraTask(Task):
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
             parallel.unbox(self._boxed),
         )
-        self._check_base_is_not_lora()
-        try:
-            params, _ = ckpt_lib.load_params_like(self.base_path, abstract, item="ema")
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"train.init_from={self.base_path!r} (the LoRA base): {e}") from None
+        if self.from_checkpoint:
+            self._check_base_is_not_lora()
+            try:
+                params, _ = ckpt_lib.load_params_like(self.base_path, abstract, item="ema")
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(
+                    f"train.init_from={self.base_path!r} (the LoRA base): {e}"
+                ) from None
+        else:
+            params = self.base.pretrained(abstract)
         boxed = parallel.box(params, nn.get_partition_spec(self._boxed))
         return {TASK: self.base.frozen(), BASE: boxed}
 

@@ -9,6 +9,9 @@ Loads the frozen encoders the config names (`vdm.encoders.load_vae`: the EMA par
 `vdm.data.cache.build.build_cache`. `--latent_dtype float32` stores float32 latents instead of
 float16; `--zero_padding` stores zeros at padded context positions (exact for the denoiser, which
 ignores them), which compress away.
+
+Stage "wan" configs (configs/wan_finetune.py) cache with the Wan VAE and UMT5 of
+`config.model.pretrained`; the manifest records that pipeline's directory.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from vdm import cli, encoders
 from vdm.config import load_config
 from vdm.data import sources
 from vdm.data.cache import build
+from vdm.models.wan import files as wan_files
+from vdm.models.wan import finetune as wan_finetune
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +51,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_encoders(config) -> build.Encoders:
-    """The frozen VAE (with its latent statistics) and text encoder `config` names."""
+    """The frozen VAE (with its latent statistics) and text encoder `config` names (stage "wan":
+    those of the Wan pipeline `config.model.pretrained`)."""
+    if config.stage == "wan":
+        root = wan_files.pipeline_dir(str(config.model.pretrained))
+        text, vae, vae_params, stats = wan_finetune.load_encoders(
+            root, int(config.text_encoder.max_length)
+        )
+        return build.Encoders(text, vae, vae_params, stats, wan_finetune.encode_video)
     vae, vae_params, stats = encoders.load_vae(config)
     return build.Encoders(
         text=encoders.load_text(config), vae=vae, vae_params=vae_params, latent_stats=stats

@@ -10,8 +10,10 @@ data-iterator position are all checkpointed; keys derive from the step).
 
 Fine-tuning: `train.init_from` starts a fresh run from another checkpoint's (EMA) weights
 (`vdm.train.state.init_params_from`), usually with `optim.freeze` (see `vdm.train.optim`).
-With `optim.lora_rank > 0` it trains low-rank adapters on the `train.init_from` weights instead
-(`vdm.tasks.lora`): the state and checkpoints hold the adapters, the base is a frozen input.
+A stage that fine-tunes a pretrained model (stage "wan") starts from `Task.pretrained` instead.
+With `optim.lora_rank > 0` it trains low-rank adapters on the `train.init_from` (else the
+pretrained) weights instead (`vdm.tasks.lora`): the state and checkpoints hold the adapters, the
+base is a frozen input.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from vdm.train import hooks, say
 from vdm.train import setup as setup_lib
 from vdm.train.optim import check_freeze
 from vdm.train.setup import TrainSetup
-from vdm.train.state import TrainState, init_params_from
+from vdm.train.state import TrainState, init_params_from, start_from
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -152,6 +154,11 @@ def _initial_state(
                 keep_new=train.get("init_new_params", False),
                 skip=train.get("init_skip", ""),
             )
+        elif not lora:
+            pretrained = setup.task.pretrained(setup.abstract_state.params)
+            if pretrained is not None:
+                state = start_from(state, pretrained)
+                say(f"Initialised the parameters from {setup.task.pretrained_source}.")
     elif init_from and not lora:
         say(f"train.init_from is ignored: {workdir} has its own checkpoint (resumed).")
     return start, setup.layout.put_state(state), data_state

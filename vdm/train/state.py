@@ -167,6 +167,11 @@ def init_params_from(
             + (" ..." if len(blocks) > 8 else "")
         )
         params = flax.traverse_util.unflatten_dict({**fresh, **flat}, sep="/")
+    return start_from(state, params)
+
+
+def start_from(state: TrainState, params: PyTree) -> TrainState:
+    """`state` with params and EMA set to `params` (the optimizer state stays fresh)."""
     # A copy: params and EMA are donated to the step separately, so they must not share buffers.
     ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
     return state.replace(params=params, ema_params=ema)

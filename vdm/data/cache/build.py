@@ -48,21 +48,27 @@ class Encoders:
       vae: the `VideoAutoencoder` module.
       vae_params: its (EMA) params.
       latent_stats: {"shift": [c], "scale": [c]}, recorded in the manifest.
+      encode_video: `(vae, vae_params, video in [-1, 1]) -> (mean, logvar)`; None = the vdm
+        `VideoAutoencoder`'s `encode_moments` (`vdm.models.wan.finetune.encode_video` for Wan).
     """
 
     text: Any
     vae: Any
     vae_params: Any
     latent_stats: dict
+    encode_video: Any = None
 
 
 # ----------------------------------------------------------------------------- encoding
 
 
-def _encode_videos(module, latent_dtype: str, params, video):
+def _moments(module, params, x):
+    return module.apply({"params": params}, x, method=module.encode_moments)
+
+
+def _encode_videos(module, latent_dtype: str, encode, params, video):
     """uint8 video [B, T, H, W, 3] -> posterior (mean, logvar) in `latent_dtype`."""
-    x = ae.from_uint8(video)
-    mean, logvar = module.apply({"params": params}, x, method=module.encode_moments)
+    mean, logvar = encode(module, params, ae.from_uint8(video))
     return mean.astype(latent_dtype), logvar.astype(latent_dtype)
 
 
@@ -158,8 +164,9 @@ class _VideoEncoder:
     """uint8 videos [n <= batch_size, T, H, W, 3] -> device posteriors (mean, logvar) of a batch
     padded to `batch_size` (one jit shape; the caller keeps the first n)."""
 
-    def __init__(self, vae, vae_params, latent_dtype: str, batch_size: int):
-        self._fn = functools.partial(_jitted(_encode_videos, 2), vae, latent_dtype)
+    def __init__(self, vae, vae_params, latent_dtype: str, batch_size: int, encode=None):
+        encode = encode or _moments
+        self._fn = functools.partial(_jitted(_encode_videos, 3), vae, latent_dtype, encode)
         self._params = vae_params
         self._batch_size = batch_size
 
@@ -427,7 +434,13 @@ def build_cache(
     output = os.path.abspath(os.path.expanduser(str(output)))
     os.makedirs(output, exist_ok=True)
     _check_text(encoders.text, config)
-    encode = _VideoEncoder(encoders.vae, encoders.vae_params, latent_dtype, batch_size)
+    encode = _VideoEncoder(
+        encoders.vae,
+        encoders.vae_params,
+        latent_dtype,
+        batch_size,
+        getattr(encoders, "encode_video", None),
+    )
     captions = _CaptionEncoder(encoders.text, batch_size)
     null_context, null_mask = captions([""])
     latent = [int(s) for s in ident["latent_shape"]]

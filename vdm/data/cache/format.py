@@ -32,6 +32,8 @@ import numpy as np
 
 from vdm.io import checkpoint
 from vdm.models import autoencoder as ae
+from vdm.models.wan import files as wan_files
+from vdm.models.wan import finetune as wan_finetune
 
 FORMAT = "vdm-latent-cache"
 VERSION = 1
@@ -119,8 +121,17 @@ def _abs_checkpoint(path: str) -> str:
 
 
 def identity(config) -> dict:
-    """The parts of a config the cached arrays depend on (compared by `check_compatible`)."""
+    """The parts of a config the cached arrays depend on (compared by `check_compatible`).
+
+    Stage "wan" caches are encoded by the VAE and UMT5 of the Wan pipeline `config.model.pretrained`
+    (`vdm.models.wan.finetune.cache_identity`): its real directory is what is recorded.
+    """
     d = config.data
+    if config.get("stage") == "wan":
+        root = wan_files.pipeline_dir(str(config.model.pretrained))
+        return wan_finetune.cache_identity(
+            root, d.num_frames, d.height, d.width, config.text_encoder.max_length
+        )
     ckpt = _abs_checkpoint(str(config.vae.checkpoint))
     return {
         "data.num_frames": int(d.num_frames),
