@@ -3,10 +3,10 @@
 `wrap(task, config)` returns a Task whose trainable parameters are the adapters
 (`vdm.models.lora`) and whose frozen inputs are the wrapped task's plus the base weights, read
 from `train.init_from` (EMA weights) or, when that is unset, the wrapped task's own pretrained
-weights (`Task.pretrained`, e.g. stage "wan"'s `model.pretrained`). The train state, the optimizer state, the EMA and therefore
-the checkpoints hold adapters only; the base is referenced (its absolute path recorded in each
-checkpoint's metadata under "lora"), not copied. Sampling, evaluation, export and
-`load_pipeline` see the merged weights W + (alpha / r) A B.
+weights (`Task.pretrained`, e.g. stage "wan"'s `model.pretrained`). The train state, the
+optimizer state, the EMA and therefore the checkpoints hold adapters only; the base is
+referenced (its absolute path recorded in each checkpoint's metadata under "lora"), not copied.
+Sampling, evaluation, export and `load_pipeline` see the merged weights W + (alpha / r) A B.
 """
 
 from __future__ import annotations
