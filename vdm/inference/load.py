@@ -4,7 +4,8 @@
   or a checkpoint step dir (`vdm.inference.pipeline.load_pipeline`).
 * Wan 2.1 text-to-video: a local Diffusers-format directory whose model_index.json names
   WanPipeline, or a hub id "org/name" that is not a local path
-  (`vdm.inference.wan.load_wan_pipeline`).
+  (`vdm.inference.wan.load_wan_pipeline`); a Wan fine-tuning run's workdir or step dir (stage
+  "wan", `vdm.inference.wan.load_wan_checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 
 from vdm.errors import UserError
 from vdm.inference import pipeline, wan
+from vdm.io import bundle, checkpoint
 from vdm.models.text import hub
 from vdm.models.wan import pipeline as wan_pipeline
 
@@ -28,6 +30,16 @@ def is_wan(path: str | None) -> bool:
     if os.path.exists(os.path.expanduser(path)):
         return wan_pipeline.is_wan_pipeline(path)
     return path.count("/") == 1 and not path.startswith(".") and hub.is_hub_id(path)
+
+
+def is_wan_run(path: str | None) -> bool:
+    """Whether `path` is a training workdir or checkpoint of stage "wan" (a Wan fine-tune)."""
+    if not path or not os.path.isdir(os.path.expanduser(path)) or bundle.is_bundle(path):
+        return False
+    try:
+        return checkpoint.stage_of(path) == "wan"
+    except (FileNotFoundError, UserError):
+        return False
 
 
 def load_pipeline(
@@ -66,6 +78,10 @@ def load_pipeline(
                 f"'{path}' is no local path (a vdm workdir, checkpoint or exported model dir), "
                 f"so it was taken for the hub id of a Wan pipeline: {e}"
             ) from None
+    elif is_wan_run(path):
+        if vae is not None:
+            raise UserError("--vae swaps the VAE of vdm's own models, not Wan's.")
+        pipe = wan.load_wan_checkpoint(path, devices=devices)
     else:
         pipe = pipeline.load_pipeline(path, item=item, vae=vae, devices=devices)
     return pipe.resize(num_frames=num_frames, height=height, width=width)

@@ -4,6 +4,9 @@ and files as vdm's own models, with Wan's transformer, VAE and prompt encoding.
     pipe = vdm.load_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")   # or a local directory
     videos = pipe.resize(num_frames=33, height=480, width=832)(["a cat walks on the grass"])
 
+A Wan fine-tuning run (stage "wan", configs/wan_finetune.py) loads with `load_wan_checkpoint`:
+the base pipeline with the run's weights (LoRA adapters merged into the base).
+
 Equal to diffusers' `WanPipeline` given the same initial latents, for its UniPC (Wan's default)
 and FlowMatch Euler schedulers, up to float rounding (tests/test_wan_pipeline.py). Differences in
 form only: guidance is computed as cond + (g - 1)(cond - uncond) in one batched call, and the
@@ -21,6 +24,8 @@ import numpy as np
 
 from vdm.errors import UserError
 from vdm.inference.pipeline import Pipeline
+from vdm.io import checkpoint
+from vdm.models import lora
 from vdm.models.wan import files
 from vdm.models.wan import pipeline as wan
 from vdm.models.wan import text as wan_text
@@ -123,3 +128,36 @@ def load_wan_pipeline(
         params=params,
         devices=devices,
     )
+
+
+def load_wan_checkpoint(path: str, *, devices: Sequence[jax.Device] | None = None) -> WanPipeline:
+    """The pipeline of a Wan fine-tuning run (a workdir or checkpoint step dir of stage "wan"):
+    its base pipeline (`model.pretrained`, recorded in the metadata) with the run's weights, the
+    LoRA adapters of an `optim.lora_rank > 0` run merged into the base's, at the run's video size.
+
+    Raises:
+      UserError: no checkpoint, a base pipeline that cannot be read, or weights that do not fit it.
+    """
+    try:
+        config, meta, params = checkpoint.load_checkpoint(path, item="ema")
+    except FileNotFoundError as e:
+        raise UserError(f"No vdm checkpoint found at '{path}': {e}") from None
+    root = meta.get("wan", {}).get("pretrained") or config.model.pretrained
+    pipe = load_wan_pipeline(root, devices=devices, dtype=str(config.model.param_dtype))
+    try:
+        if int(config.optim.get("lora_rank", 0) or 0) > 0:
+            params = lora.merge(pipe.params, params, config.optim)
+        jax.tree.map(_check_fits, params, pipe.params)
+    except ValueError as e:
+        raise UserError(
+            f"'{path}': its weights do not fit the Wan pipeline '{root}': {e}"
+        ) from None
+    params = jax.tree.map(lambda x, base: jnp.asarray(x, base.dtype), params, pipe.params)
+    d = config.data
+    pipe = dataclasses.replace(pipe, params=params)
+    return pipe.resize(num_frames=d.num_frames, height=d.height, width=d.width)
+
+
+def _check_fits(x, base) -> None:
+    if tuple(x.shape) != tuple(base.shape):
+        raise ValueError(f"a weight of shape {tuple(x.shape)} for one of {tuple(base.shape)}")

@@ -10,7 +10,8 @@ stages (`train_log.jsonl`, `vae_train_log.jsonl`: each workdir's metrics.jsonl;
 `vae_init_train_log.jsonl` when a stage was started from another run's weights, e.g. a denoiser
 grown from the bundled one, `init_init_train_log.jsonl` for the run before that, and so on) so
 the bundle carries the record of how it was made.
-`sample.py --checkpoint OUT` and `vdm.load_pipeline(OUT)` load it.
+`sample.py --checkpoint OUT` and `vdm.load_pipeline(OUT)` load it. A Wan fine-tuning run
+(stage "wan") is exported as a Diffusers-format Wan pipeline instead (`vdm.tools.export_wan`).
 
 Everything is written into a `.export-*` staging folder beside OUT first and then moved in; a
 failed or interrupted export (Ctrl-C, SIGTERM: exit 130) removes the staging folder, and the
@@ -37,9 +38,10 @@ from vdm import cli, paths
 from vdm import config as config_lib
 from vdm.data import cache
 from vdm.errors import UserError
-from vdm.inference import pipeline
+from vdm.inference import load, pipeline
 from vdm.inference.settings import SamplingSettings
 from vdm.io import bundle, checkpoint, manager
+from vdm.tools import export_wan
 
 
 def _workdir_of(path: str) -> str:
@@ -218,6 +220,10 @@ def export_with_logs(
       another checkpoint (`train.init_from`), "init_train_log" / "vae_init_train_log" (and
       "init_init_train_log", ... along a longer chain).
     """
+    if load.is_wan_run(checkpoint):  # a Wan fine-tune: a Diffusers-format pipeline directory
+        if vae or sample:
+            raise UserError("--vae and --sample apply to vdm's own models, not to a Wan fine-tune.")
+        return export_wan.export(checkpoint, output)
     output = paths.check_output_dir(output, "--output", create=False)
     _check_denoiser(checkpoint)
     vae_run = vae or vae_source(checkpoint)
@@ -274,7 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m vdm.tools.export", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--checkpoint", required=True, help="denoiser training workdir")
+    parser.add_argument(
+        "--checkpoint", required=True, help="denoiser (or stage wan) training workdir"
+    )
     parser.add_argument("--output", required=True, help="bundle directory to write")
     parser.add_argument(
         "--vae",

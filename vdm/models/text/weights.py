@@ -65,6 +65,10 @@ class Weights:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor `name`, read from the file header (no data read)."""
+        return tuple(self._where[name][1].get_slice(name).get_shape())
+
     def get(self, name: str) -> np.ndarray:
         """The tensor `name` as a numpy array of `self.dtype`; KeyError names near misses."""
         if name not in self._where:

@@ -5,6 +5,10 @@ float32 or bfloat16) one tensor at a time, lays each out for flax (`weight_plan`
 shape, casts it to the param's dtype and puts it on the device, or straight onto a mesh with the
 `NamedSharding` its logical axis names give, so no host ever holds all weights at once. Every
 param must be filled and every checkpoint tensor used; errors name the tensor.
+
+`to_diffusers(params, module, like)` is the way back (a fine-tuned model exported in the same
+files, `vdm.tools.export`): each layout function only moves and reshapes values, so its inverse
+is read off by applying it to the indices of the checkpoint tensor's shape.
 """
 
 from __future__ import annotations
@@ -228,3 +232,44 @@ def load_transformer(
 def logical_axes(module: WanTransformer) -> Any:
     """Pytree like the params of `PartitionSpec`s of logical axis names."""
     return nn.get_partition_spec(abstract_params(module))
+
+
+def _invert(layout, torch_shape: tuple[int, ...], array: np.ndarray) -> np.ndarray:
+    """The tensor of `torch_shape` that `layout` maps to `array` (layouts permute and reshape)."""
+    index = np.asarray(layout(np.arange(int(np.prod(torch_shape))).reshape(torch_shape)))
+    if index.shape != array.shape:
+        raise ValueError(f"a param of shape {array.shape} for a tensor of shape {torch_shape}")
+    out = np.empty(index.size, array.dtype)
+    out[index.ravel()] = array.ravel()
+    return out.reshape(torch_shape)
+
+
+def to_diffusers(params: dict, module: WanTransformer, like) -> dict[str, np.ndarray]:
+    """The checkpoint tensors (diffusers names and layouts) of `params`, the inverse of
+    `fill_params`.
+
+    Args:
+      params: the module's params (host or device arrays).
+      module: the module.
+      like: the `Weights` of a checkpoint of the same config (tensor shapes; tensors diffusers
+        ignores on loading, e.g. `norm_added_q`, are copied from it).
+
+    Returns:
+      {tensor name: float32 numpy array}.
+    """
+    flat = _flat(params)
+    out: dict[str, np.ndarray] = {}
+    for path, (name, layout) in weight_plan(module.config).items():
+        if name not in like:
+            raise ValueError(f"The reference checkpoint has no tensor {name!r}.")
+        shape = like.shape(name)
+        array = np.asarray(jax.device_get(flat[path]), np.float32)
+        try:
+            out[name] = _invert(layout, tuple(shape), array)
+        except ValueError as e:
+            raise ValueError(f"Param {'/'.join(path)} -> tensor {name!r}: {e}") from None
+    names = like.keys()  # a Weights is not iterable
+    for name in names:
+        if name not in out and any(i in name for i in IGNORED):
+            out[name] = np.asarray(like.get(name), np.float32)
+    return out
