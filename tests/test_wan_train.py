@@ -5,6 +5,7 @@ the pipeline's weights, lowers the loss, resumes bit-exactly, samples through `l
 exports as a Diffusers-format pipeline; LoRA starts as the base, trains and checkpoints adapters
 only, and its merged weights compute what the adapters on the base compute."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -51,7 +52,9 @@ def _clips(path):
     ramp = np.linspace(0, 1, 32, dtype=np.float32)
     with open(os.path.join(path, "captions.jsonl"), "w") as f:
         for i, caption in enumerate(CAPTIONS):
-            frames = [np.roll(np.outer(ramp, ramp[::-1]), 3 * t * (i + 1), axis=1) for t in range(5)]
+            frames = [
+                np.roll(np.outer(ramp, ramp[::-1]), 3 * t * (i + 1), axis=1) for t in range(5)
+            ]
             video = np.repeat((np.stack(frames) * 255).astype(np.uint8)[..., None], 3, -1)
             np.save(os.path.join(path, f"c{i}.npy"), video)
             f.write(json.dumps({"file": f"c{i}.npy", "caption": caption}) + "\n")
@@ -69,6 +72,7 @@ def wan_config(root, source, overrides=None):
             "data.fps": 8,
             "model.dtype": "float32",
             "model.remat": "none",
+            "text_encoder.max_length": 64,  # Wan's 512 works too; 64 is faster on a CPU
             **(overrides or {}),
         },
     )
@@ -116,7 +120,7 @@ def test_cache_holds_the_wan_vae_posterior_and_refuses_another_model(tiny):
     clip = np.load(f"{root}/clips/c0.npy")[None].astype(np.float32) / 127.5 - 1.0
     mean, _ = wan_vae.encode(vae, vae_params, jnp.asarray(clip))
     np.testing.assert_allclose(record["latent_mean"], np.asarray(mean[0]), atol=2e-3, rtol=2e-3)
-    assert 1 < record["context_mask"].sum() < 512
+    assert 1 < record["context_mask"].sum() < 64
     shutil.copytree(f"{root}/pipe", f"{root}/other")
     other = wan_config(root, f"cache:{root}/cache", {"model.pretrained": f"{root}/other"})
     with pytest.raises(ConfigError, match="vae.checkpoint: cache has"):
@@ -165,7 +169,8 @@ def test_finetuned_model_samples_and_exports_as_a_diffusers_pipeline(tiny, full_
     _, workdir, state = full_run
     pipe = vdm.load_pipeline(workdir, devices=jax.devices()[:1])
     jax.tree.map(np.testing.assert_array_equal, pipe.params, state.params)
-    video = pipe(["a cat walks on the grass"], seed=0)
+    settings = dataclasses.replace(pipe.settings, num_steps=4)
+    video = pipe(["a cat walks on the grass"], seed=0, settings=settings)
     assert video.shape == (1, 5, 32, 32, 3) and video.dtype == np.uint8 and video.std() > 0
     out = export.export_with_logs(workdir, str(tmp_path / "exported"))["bundle"]
     exported = vdm.load_pipeline(out, devices=jax.devices()[:1], num_frames=5, height=32, width=32)

@@ -164,10 +164,11 @@ class _VideoEncoder:
     """uint8 videos [n <= batch_size, T, H, W, 3] -> device posteriors (mean, logvar) of a batch
     padded to `batch_size` (one jit shape; the caller keeps the first n)."""
 
-    def __init__(self, vae, vae_params, latent_dtype: str, batch_size: int, encode=None):
-        encode = encode or _moments
-        self._fn = functools.partial(_jitted(_encode_videos, 3), vae, latent_dtype, encode)
-        self._params = vae_params
+    def __init__(self, encoders, latent_dtype: str, batch_size: int):
+        encode = getattr(encoders, "encode_video", None) or _moments
+        fn = _jitted(_encode_videos, 3)
+        self._fn = functools.partial(fn, encoders.vae, latent_dtype, encode)
+        self._params = encoders.vae_params
         self._batch_size = batch_size
 
     def __call__(self, video: np.ndarray):
@@ -434,13 +435,7 @@ def build_cache(
     output = os.path.abspath(os.path.expanduser(str(output)))
     os.makedirs(output, exist_ok=True)
     _check_text(encoders.text, config)
-    encode = _VideoEncoder(
-        encoders.vae,
-        encoders.vae_params,
-        latent_dtype,
-        batch_size,
-        getattr(encoders, "encode_video", None),
-    )
+    encode = _VideoEncoder(encoders, latent_dtype, batch_size)
     captions = _CaptionEncoder(encoders.text, batch_size)
     null_context, null_mask = captions([""])
     latent = [int(s) for s in ident["latent_shape"]]
