@@ -56,8 +56,6 @@ def get_config(arg: str | None = None):
     t.eval_every_steps = 0  # no in-training previews (sample the checkpoint with sample.py)
     c.checkpoint.every_steps = 250
     c.checkpoint.max_to_keep = 2
-    c.sample.sampler = "euler"
-    c.sample.shift = 3.0
     if arg == "lora":
         o.lora_rank = 32
         o.lora_alpha = 32.0
