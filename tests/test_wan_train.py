@@ -14,6 +14,7 @@ import flax
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import wan_tiny
 
@@ -217,6 +218,12 @@ def test_lora_starts_as_the_base_trains_adapters_only_and_merges(tiny, tmp_path)
     assert np.abs(tuned - np.einsum("nd,dhk->nhk", x, w)).max() > 1e-4  # the adapters trained
     pipe = vdm.load_pipeline(workdir, devices=jax.devices()[:1])
     jax.tree.map(np.testing.assert_array_equal, pipe.params, merged)
+    # The export holds the merged weights in diffusers' layout ([heads * head_dim, D] for to_q).
+    out = export.export_with_logs(workdir, str(tmp_path / "exported"))["bundle"]
+    part = os.path.join(out, "transformer", "diffusion_pytorch_model.safetensors")
+    q = safetensors.numpy.load_file(part)["blocks.0.attn1.to_q.weight"]
+    kernel = np.asarray(merged["blocks_0"]["attn1"]["to_q"]["kernel"])
+    np.testing.assert_array_equal(q, kernel.reshape(kernel.shape[0], -1).T)
 
 
 def test_bad_wan_configs_are_named(tiny):

@@ -128,7 +128,10 @@ def identity(config) -> dict:
     """
     d = config.data
     if config.get("stage") == "wan":
-        root = wan_files.pipeline_dir(str(config.model.pretrained))
+        try:
+            root = wan_files.pipeline_dir(str(config.model.pretrained))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"model.pretrained={config.model.pretrained!r}: {e}") from None
         return wan_finetune.cache_identity(
             root, d.num_frames, d.height, d.width, config.text_encoder.max_length
         )
