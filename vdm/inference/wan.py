@@ -16,6 +16,7 @@ latents are un-normalised as z * std + mean (diffusers: z / (1 / std) + mean).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import jax
@@ -146,7 +147,7 @@ def load_wan_checkpoint(path: str, *, devices: Sequence[jax.Device] | None = Non
     pipe = load_wan_pipeline(root, devices=devices, dtype=str(config.model.param_dtype))
     try:
         if int(config.optim.get("lora_rank", 0) or 0) > 0:
-            params = lora.merge(pipe.params, params, config.optim)
+            params = lora.merge(_lora_base(meta, root, pipe.params), params, config.optim)
         jax.tree.map(_check_fits, params, pipe.params)
     except ValueError as e:
         raise UserError(
@@ -156,6 +157,20 @@ def load_wan_checkpoint(path: str, *, devices: Sequence[jax.Device] | None = Non
     d = config.data
     pipe = dataclasses.replace(pipe, params=params)
     return pipe.resize(num_frames=d.num_frames, height=d.height, width=d.width)
+
+
+def _lora_base(meta, root: str, pipeline_params):
+    """The weights a LoRA run's adapters apply to: the pipeline's, or (a run with
+    `train.init_from`) that checkpoint's EMA weights."""
+    base = str(meta.get("lora", {}).get("base") or root)
+    if os.path.realpath(base) == os.path.realpath(root):
+        return pipeline_params
+    try:
+        return checkpoint.load_params(base, item="ema")
+    except FileNotFoundError as e:
+        raise UserError(
+            f"The LoRA adapters' base checkpoint '{base}' cannot be read ({e}). Put it back there."
+        ) from None
 
 
 def _check_fits(x, base) -> None:

@@ -2,8 +2,10 @@
 
 The parameters start from the Diffusers-format pipeline `config.model.pretrained` (a directory or
 a hub id already in the local cache): `pretrained` reads its `transformer/` weights straight onto
-the mesh, each with the sharding its logical axis names give. With `optim.lora_rank > 0` the
-same weights are LoRA's frozen base (`vdm.tasks.lora`) and only adapters train.
+the mesh, each with the sharding its logical axis names give; `train.init_from` (an earlier
+"wan" run) replaces them. With `optim.lora_rank > 0` the same weights are LoRA's frozen base
+(`vdm.tasks.lora`) and only adapters train. Sampling and export: `vdm.inference.wan` and
+`vdm.tools.export_wan`.
 
 Data: `config.data.source = "cache:DIR"` only, a latent cache built with the pipeline's own VAE
 and UMT5 (`python -m vdm.tools.cache --config configs/wan_finetune.py ...`); its manifest records
@@ -16,11 +18,13 @@ The objective is Wan's flow matching, as diffusers' WanPipeline samples it:
   x_t  = (1 - t) z0 + t eps, t = shift(u) = s u / (1 + (s - 1) u), u ~ `diffusion.time_sampling`;
   loss = || v(x_t, 1000 t, ctx) - (eps - z0) ||^2, v the DiT (diffusers' timestep units).
 The default is u ~ U(0, 1) shifted with the pipeline scheduler's `flow_shift` (3.0 for the 1.3B
-480p model): the training times then follow the same shifted schedule the sampler's steps visit,
-the recipe of the public Wan fine-tuning code (DiffSynth-Studio trains on the shifted schedule);
-`diffusion.time_sampling = "logit_normal"` (SD3's) is available too. `ctx` is UMT5's hidden states
-with zeros past each prompt (Wan's padding); with probability `diffusion.cfg_dropout` it is the
-empty prompt's (the cache's null context), which classifier-free guidance needs.
+480p model): training times then follow the shifted schedule the sampler's steps visit, so the
+noise levels that decide layout and motion get the most updates (public Wan fine-tuning code,
+e.g. DiffSynth-Studio, likewise draws uniform steps of a shifted schedule; stated from memory).
+`diffusion.time_sampling = "logit_normal"` (SD3's, mass mid-path) is the alternative.
+`ctx` is UMT5's hidden states with zeros past each prompt (Wan's padding); with probability
+`diffusion.cfg_dropout` it is the empty prompt's (the cache's null context), which
+classifier-free guidance needs.
 """
 
 from __future__ import annotations
