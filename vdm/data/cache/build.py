@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from vdm import paths
 from vdm.config import to_dict
-from vdm.data import loader
+from vdm.data import loader, provenance
 from vdm.data.cache import format as fmt
 from vdm.data.sources import get_source
 from vdm.models import autoencoder as ae
@@ -185,6 +185,7 @@ class _SplitWriter:
         self._layout = layout  # latent_dtype, latent, zero_padding
         self.features = None
         self.written = 0
+        self.examples: list[tuple[str, str]] = []  # (content hash, origin id) of each record
 
     def fix_features(self, batch: dict) -> None:
         """Fixes the record features from the first batch."""
@@ -215,6 +216,11 @@ class _SplitWriter:
                 caption=str(batch["caption"][i]),
             )
             self._writer.write(fmt.pack_record(example, self.features))
+        if provenance.HASH_FIELD in batch:
+            ids = batch[provenance.ID_FIELD][:n]
+            self.examples += [
+                (str(h), str(i)) for h, i in zip(batch[provenance.HASH_FIELD][:n], ids, strict=True)
+            ]
         self.written += n
 
     def abort(self) -> None:
@@ -447,5 +453,24 @@ def build_cache(
     manifest = _manifest(existing, ident, config, encoders, layout, null_mask)
     entry = _split_entry(split, writer, total, limit)
     manifest["splits"] = {**manifest.get("splits", {}), split: entry}
+    _write_provenance(output, split, source, writer.examples)
     fmt.write_manifest(output, manifest)
     return manifest
+
+
+def _write_provenance(output: str, split: str, source, written: list[tuple[str, str]]) -> None:
+    """The data manifest of the cached records (their source manifest's entries, record order)."""
+    path = os.path.join(output, fmt.provenance_file(split))
+    selection = getattr(source, "selection", None)
+    if selection is None:  # a source without provenance: no manifest (exclusions are refused)
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    by_hash = {(e["hash"], e["id"]): e for e in selection.manifest["examples"]}
+    examples = [
+        {k: v for k, v in by_hash[key].items() if k not in ("size", "mtime_ns")} for key in written
+    ]
+    built = selection.summary()
+    provenance.write_manifest(
+        path, provenance.make_manifest(selection.manifest["dataset"], examples, built_from=built)
+    )
