@@ -182,3 +182,49 @@ def test_cache_built_before_an_exclusion_never_serves_it(config, encoders, tmp_p
     os.remove(os.path.join(out, "train.provenance.json"))
     with pytest.raises(ConfigError, match="Rebuild the cache"):
         sources.get_source(cached.data, "train")
+
+
+def _toy_factory(data_provenance):
+    """The toy task's data iterator, carrying a real data set's provenance like grain's loader."""
+    from tests.toy_task import iterator_factory
+
+    make = iterator_factory()
+
+    def factory(*args, **kw):
+        it = make(*args, **kw)
+        it.provenance = data_provenance
+        return it
+
+    return factory
+
+
+def test_checkpoints_record_provenance_and_a_resume_on_other_data(config, tmp_path, capsys):
+    from tests.toy_task import ToyTask, toy_config
+    from vdm import provenance as run_provenance
+    from vdm.io import checkpoint
+    from vdm.train import loop
+
+    full = sources.get_source(config.data, "train").selection
+    c = copy.deepcopy(config)
+    c.data.exclude = _exclude_file(tmp_path, [full.manifest["examples"][3]["hash"]])
+    first = sources.get_source(c.data, "train").selection.summary()
+    workdir = str(tmp_path / "run")
+    toy = toy_config({"train.num_steps": 4, "seed": 7})
+    loop.train_and_evaluate(toy, workdir, task=ToyTask(toy), make_iterator=_toy_factory(first))
+    assert "1 of 24 examples dropped" in capsys.readouterr().out
+    record = checkpoint.load_metadata(workdir)["provenance"]
+    assert record["data"] == first and record["data"]["dropped"] == 1
+    assert record["data"]["exclude_lists"][0]["sha256"] == first["exclude_lists"][0]["sha256"]
+    assert record["seed"] == 7 and record["config_hash"] == run_provenance.config_hash(toy)
+    assert record["code_version"].startswith(("git:", "vdm==")) and record["history"] == []
+    # Resumed on the full data set: a warning, and both records kept.
+    longer = toy_config({"train.num_steps": 8, "seed": 7})
+    again = _toy_factory(full.summary())
+    loop.train_and_evaluate(longer, workdir, task=ToyTask(longer), make_iterator=again)
+    assert "different training data" in capsys.readouterr().out
+    record = checkpoint.load_metadata(workdir)["provenance"]
+    assert record["data"]["dropped"] == 0 and record["history"][0]["data"] == first
+    assert record["history"][0]["until"] == 4
+    run_provenance.main([workdir])
+    out = capsys.readouterr().out
+    assert full.manifest["manifest_hash"] in out and "until step 4 trained on other data" in out

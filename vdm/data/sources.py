@@ -148,6 +148,8 @@ class TfdsSource:
         path = os.path.join(directory, f"vdm_manifest_{name}.json")
         manifest = provenance.cached_manifest(path, dataset, self._examples)
         self.selection = provenance.select(manifest, data_config, what=f"{self._name} {name}")
+        self._keep = self.selection.keep.tolist()  # python ints: the per-record lookup is cheap
+        self._examples_list = manifest["examples"]
         return self
 
     def _convert(self, example: dict) -> dict:
@@ -178,11 +180,11 @@ class TfdsSource:
     def _record(self, index: int, example: dict) -> dict:
         out = self._convert(example)
         if self.selection is not None:
-            provenance.tag(out, self.selection.manifest["examples"][index])
+            provenance.tag(out, self._examples_list[index])
         return out
 
     def _index(self, index: int) -> int:
-        return int(index if self.selection is None else self.selection.keep[index])
+        return index if self.selection is None else self._keep[index]
 
     def __getitem__(self, index: int) -> dict:
         index = self._index(index)

@@ -56,6 +56,7 @@ class CacheSource:
                 "missing; rebuild that split."
             )
         self.selection = self._select(data_config or {})
+        self._keep = None if self.selection is None else self.selection.keep.tolist()
 
     def _select(self, data_config) -> provenance.Selection | None:
         manifest = provenance.read_manifest(
@@ -77,7 +78,7 @@ class CacheSource:
         return provenance.select(manifest, data_config, what=f"Latent cache {self._path}")
 
     def _index(self, index: int) -> int:
-        return int(index if self.selection is None else self.selection.keep[index])
+        return index if self.selection is None else self._keep[index]
 
     @property
     def features(self) -> dict:
