@@ -179,6 +179,7 @@ class _SplitWriter:
 
     def __init__(self, output: str, split: str, captions: _CaptionEncoder, **layout):
         self.path = os.path.join(output, fmt.split_file(split))
+        self.split = split
         self._tmp = self.path + ".tmp"
         self._writer = array_record_module.ArrayRecordWriter(self._tmp, fmt.WRITER_OPTIONS)
         self._captions = captions
@@ -227,9 +228,11 @@ class _SplitWriter:
         self._writer.close()
         os.remove(self._tmp)
 
-    def commit(self) -> None:
+    def commit(self, source) -> None:
+        """Moves the records into place, with the data manifest of the examples they hold."""
         self._writer.close()
         os.replace(self._tmp, self.path)
+        _write_provenance(os.path.dirname(self.path), self.split, source, self.examples)
 
 
 def _encode_and_write(batches, total: int, encode, writer: _SplitWriter, bar) -> None:
@@ -448,12 +451,11 @@ def build_cache(
     if writer.written == 0:
         writer.abort()
         raise ValueError(f"Split {split!r} of {config.data.source!r} gave no readable examples.")
-    writer.commit()
+    writer.commit(source)
     np.save(os.path.join(output, fmt.NULL_CONTEXT), null_context[0])
     manifest = _manifest(existing, ident, config, encoders, layout, null_mask)
     entry = _split_entry(split, writer, total, limit)
     manifest["splits"] = {**manifest.get("splits", {}), split: entry}
-    _write_provenance(output, split, source, writer.examples)
     fmt.write_manifest(output, manifest)
     return manifest
 
