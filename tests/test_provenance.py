@@ -228,3 +228,37 @@ def test_checkpoints_record_provenance_and_a_resume_on_other_data(config, tmp_pa
     run_provenance.main([workdir])
     out = capsys.readouterr().out
     assert full.manifest["manifest_hash"] in out and "until step 4 trained on other data" in out
+
+
+def test_resume_after_a_new_optout_list_restarts_the_data_order(config, tmp_path, capsys):
+    """grain refuses a saved position over another number of examples; a run resumed after an
+    opt-out list was added restarts its data order instead of failing (and never serves them)."""
+    from types import SimpleNamespace
+
+    from vdm import provenance as run_provenance
+    from vdm.train import loop
+
+    def make(cfg, split, **kw):
+        return pipeline.make_loader(cfg, split, **kw)
+
+    before = make(config, "train", batch_size=4, shuffle=True, seed=0, process_index=0,
+                  process_count=1)  # fmt: skip
+    it = iter(before)
+    next(it)
+    meta = tmp_path / "checkpoints" / "3" / "metadata"
+    meta.mkdir(parents=True)
+    (meta.parent / "params").mkdir()  # what makes it a step directory
+    previous = run_provenance.run_record(config, before.provenance)
+    (meta / "metadata").write_text(json.dumps({"provenance": previous}))
+    full = sources.get_source(config.data, "train")
+    optout = [e["hash"] for e in full.selection.manifest["examples"][:6]]
+    c = copy.deepcopy(config)
+    c.data.exclude = _exclude_file(tmp_path, optout)
+    c.train.batch_size = 4
+    saver = SimpleNamespace(manager=SimpleNamespace(directory=str(meta.parent.parent)))
+    setup = SimpleNamespace(config=c)
+    resumed = loop._open_data(setup, make, it.get_state(), 3, saver)
+    assert "data order restarts" in capsys.readouterr().out
+    assert saver.provenance["history"][0]["data"] == before.provenance
+    seen = {h for _ in range(10) for h in next(resumed)[provenance.HASH_FIELD]}
+    assert not seen & set(optout)

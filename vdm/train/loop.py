@@ -161,9 +161,9 @@ def _initial_state(
     return start, setup.layout.put_state(state), data_state
 
 
-def _record_provenance(saver: hooks.CheckpointSaver, config, data, start: int) -> None:
+def _record_provenance(saver: hooks.CheckpointSaver, config, data, start: int) -> bool:
     """What the checkpoints record about this run's data (`vdm.provenance`); a resumed run whose
-    data differs from its checkpoint's warns and keeps both."""
+    data differs from its checkpoint's warns and keeps both. Returns whether it differs."""
     record = provenance.run_record(config, data)
     if data and data["dropped"]:
         say(
@@ -182,6 +182,7 @@ def _record_provenance(saver: hooks.CheckpointSaver, config, data, start: int) -
     if warning:
         log.warning(warning)
         say(f"Warning: {warning}")
+    return warning is not None
 
 
 def _open_data(
@@ -198,11 +199,17 @@ def _open_data(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    _record_provenance(saver, config, getattr(loader, "provenance", None), start)
+    changed = _record_provenance(saver, config, getattr(loader, "provenance", None), start)
     it = iter(loader)
     if data_state is not None:
         if hasattr(it, "set_state"):
-            it.set_state(data_state)
+            try:
+                it.set_state(data_state)
+            except ValueError:  # grain: another number of examples (e.g. a new opt-out list)
+                if not changed:
+                    raise
+                say("The training data changed: the data order restarts from the beginning.")
+                it = iter(loader)
         else:
             log.warning("The data iterator has no set_state(); data restarts from the beginning.")
     elif start > 0:
