@@ -33,7 +33,7 @@ FIELD = "provenance"  # the key in checkpoint metadata and in model.json
 def config_hash(config) -> str:
     """sha256 of a config's canonical JSON (a ConfigDict or a plain dict)."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    text = json.dumps(d, sort_keys=True, separators=(",", ":"), default=list)
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"), default=repr)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
