@@ -97,6 +97,19 @@ def test_excluded_examples_never_reach_a_batch_tfds(config, tmp_path, caplog):
     assert summary["exclude_lists"][0]["entries"] == 3
 
 
+def test_excluded_examples_never_reach_a_batch_tfds_by_name(config, tmp_path):
+    from vdm.data import moving_digits
+
+    name = moving_digits.config_from_data(config.data).name
+    c = copy.deepcopy(config)
+    c.data.source = f"tfds:moving_digits/{name}"  # the generic tfds path, by name
+    sources.get_source(config.data, "test")  # prepares the data set if needed
+    examples = sources.get_source(c.data, "test").selection.manifest["examples"]
+    c.data.exclude = _exclude_file(tmp_path, [examples[2]["id"], examples[5]["hash"]])
+    seen = _all_hashes(c, "test")
+    assert sorted(seen) == sorted(e["hash"] for i, e in enumerate(examples) if i not in (2, 5))
+
+
 def test_missing_exclude_file_is_a_config_error(config, tmp_path):
     c = copy.deepcopy(config)
     c.data.exclude = str(tmp_path / "nope.txt")
