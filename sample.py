@@ -53,7 +53,11 @@ _NUM_FRAMES = flags.DEFINE_integer(
 _HEIGHT = flags.DEFINE_integer("height", None, "Video height, a multiple of 16 (Wan only; 480).")
 _WIDTH = flags.DEFINE_integer("width", None, "Video width, a multiple of 16 (Wan only; 832).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "out", "Where videos and samples.jsonl go.")
-_FORMATS = flags.DEFINE_list("formats", ["mp4", "gif", "npy", "png"], "Output formats.")
+_FORMATS = flags.DEFINE_list(
+    "formats",
+    ["mp4", "gif", "npy", "png"],
+    "Output formats; also 'latent': the denoised latents (.npz; python -m vdm.decode FILE).",
+)
 _BATCH = flags.DEFINE_integer(
     "batch_size", 8, "Videos dispatched at once, one per device per call (result is unchanged)."
 )

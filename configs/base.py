@@ -47,6 +47,10 @@ def _data() -> ConfigDict:
     d.video_key = "video"  # tfds: sources: the uint8 [T, H, W, C] video feature.
     d.num_workers = 0  # grain worker processes; 0 = read in the main process.
     d.prefetch = 2  # batches read ahead (grain ReadOptions.prefetch_buffer_size = this * batch).
+    # Opt-out (vdm.data.provenance): comma-separated files of content hashes, origin ids or paths,
+    # one a line; every source (latent caches too) drops the examples they name before batching.
+    d.exclude = ""
+    d.allow_no_consent = False  # True: also use folder clips whose captions say consent: false.
     # The moving-digits generator (vdm.data.moving_digits); ignored by other sources.
     d.moving_digits = ConfigDict()
     d.moving_digits.num_train = 20000
@@ -311,7 +315,7 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     # The schema this config follows (= vdm.config.CONFIG_VERSION); saved configs record it, and
     # vdm.config.upgrade brings an older one (from a checkpoint or a bundle) to the current schema.
-    c.version = 4
+    c.version = 5
     c.seed = 0  # every random draw is fold_in(key(seed), stream, step, ...).
     c.stage = "denoiser"  # "autoencoder" | "denoiser" | "wan" (configs/wan_finetune.py)
     c.parallel = "jit"  # "jit" (mesh + NamedSharding) | "pmap" (data-parallel)

@@ -381,3 +381,65 @@ def test_denoiser_lora_trains_exports_merged_and_samples(trained, tmp_path):
     assert not np.allclose(unmerged, jax.jit(fwd)(base), atol=1e-6)
     video = bundled(prompt, seed=0, settings=bundled.settings.override(num_steps=2))
     assert video.shape[:2] == (1, 9) and video.dtype == np.uint8
+
+
+def _mp4_tags(path):
+    """The container tags of a video, read back with the ffmpeg binary imageio-ffmpeg ships."""
+    import re
+
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    tags = {}
+    for line in text.splitlines()[1:]:  # after ";FFMETADATA1"; values escape =;#\ with "\"
+        key, _, value = line.partition("=")
+        tags[key] = re.sub(r"\\(.)", r"\1", value)
+    return tags
+
+
+def test_provenance_travels_to_the_bundle_and_labels_its_videos(trained, tmp_path, capsys):
+    from PIL import Image
+
+    from vdm import provenance
+    from vdm.inference import writer
+    from vdm.io import checkpoint
+    from vdm.tools import export
+
+    trained_on = checkpoint.load_metadata(trained["dit"])["provenance"]
+    assert trained_on["data"]["num_examples"] == 48 and trained_on["data"]["dropped"] == 0
+    model = export.export(trained["dit"], str(tmp_path / "bundle"))
+    recorded = provenance.of_model(model)
+    assert recorded["denoiser"] == trained_on
+    assert recorded["vae"] == checkpoint.load_metadata(trained["vae"])["provenance"]
+    provenance.main([model])
+    assert trained_on["data"]["manifest_hash"] in capsys.readouterr().out
+    out = tmp_path / "out"
+    prompt = "a 7 moving left"
+    records = writer.run(
+        [prompt], checkpoint=model, seed=5, sampling={"num_steps": 2}, output_dir=str(out),
+        formats=["mp4", "png", "npy", "latent"],
+    )  # fmt: skip
+    by_ext = {r["file"].rsplit(".", 1)[1]: r for r in records}
+    label = by_ext["npy"]["provenance"]  # the npy's companion record in samples.jsonl
+    assert label["ai_generated"] is True and label["model"] == os.path.abspath(model)
+    assert label["manifest_hash"] == trained_on["data"]["manifest_hash"]
+    assert label["model_config_hash"] == provenance.config_hash(trained["config"])
+    mp4 = _mp4_tags(out / "000_00.mp4")
+    assert json.loads(mp4["comment"]) == by_ext["mp4"] and "AI-generated" in mp4["description"]
+    png = Image.open(out / "000_00.png").text
+    assert json.loads(png["Comment"]) == by_ext["png"] and prompt in png["Description"]
+    for record in (by_ext["mp4"], by_ext["png"]):
+        assert record["seed"] == 5 and record["num_steps"] == 2 and record["prompt"] == prompt
+        assert record["provenance"] == label
+    # The latent file: the compressed stream, decoded by the model's VAE (vdm.decode).
+    from vdm import decode
+    from vdm.inference import latents
+
+    z, latent_label, shape, fps = latents.load(str(out / "000_00.npz"))
+    assert latent_label == by_ext["npz"] and shape == np.load(out / "000_00.npy").shape
+    frames, _, _ = decode.decode_file(str(out / "000_00.npz"))
+    sampled = np.load(out / "000_00.npy")
+    assert np.abs(frames.astype(int) - sampled).max() <= 3  # float16 latents: rounding only
+    decode.main([str(out / "000_00.npz"), "--output", str(out / "decoded.mp4")])
+    assert json.loads(_mp4_tags(out / "decoded.mp4")["comment"])["prompt"] == prompt

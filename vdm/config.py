@@ -305,7 +305,7 @@ def validate(config: ConfigDict) -> None:
 # -- upgrades of saved configs ---------------------------------------------------------------------
 # A config saved with a checkpoint or a bundle is read back by newer code. `config.version` (absent
 # = 0) says which schema it follows; `upgrade` brings it to CONFIG_VERSION, one step per version.
-CONFIG_VERSION = 4
+CONFIG_VERSION = 5
 
 # Version 1: fields added to configs/base.py after models were saved, at their base.py defaults.
 # A missing field would break `--config` overrides of it (e.g. `export --sample shift=3`) and the
@@ -337,6 +337,9 @@ _V4_FIELDS = {
     "optim.lora_targets": lambda: "",
 }
 
+# Version 5: data opt-out (vdm.data.provenance); older runs had no exclusion lists.
+_V5_FIELDS = {"data.exclude": lambda: "", "data.allow_no_consent": lambda: False}
+
 
 def _add_fields(config: ConfigDict, fields) -> None:
     for key, default in fields.items():
@@ -362,11 +365,16 @@ def _to_v4(config: ConfigDict) -> None:
     _add_fields(config, _V4_FIELDS)
 
 
+def _to_v5(config: ConfigDict) -> None:
+    _add_fields(config, _V5_FIELDS)
+
+
 _UPGRADES = (
     _to_v1,
     _to_v2,
     _to_v3,
     _to_v4,
+    _to_v5,
 )  # _UPGRADES[v] upgrades a version-v config to version v + 1
 
 

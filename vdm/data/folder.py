@@ -8,7 +8,10 @@ Layout:
 
 `file` is relative to the folder. An optional `split` field ("train", "test", ...) assigns a clip
 to one split; clips without it belong to every split. The caption field name is
-`config.data.caption_key` (default "caption").
+`config.data.caption_key` (default "caption"). Optional provenance fields `license`, `source_url`
+and `consent` (true / false) go into the folder's manifest (`vdm_manifest_<split>.json`, written
+beside the captions, `vdm.data.provenance`); a clip with `consent: false` is not used unless
+`config.data.allow_no_consent`, nor one that a `config.data.exclude` list names.
 
 Reading a clip (in `FolderSource.__getitem__`, so in grain workers when there are any):
   * temporal sampling is fps-aware: every `stride = round(file_fps / config.data.fps)`-th frame
@@ -35,6 +38,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from vdm.data import provenance
 from vdm.io import video as video_io
 
 log = logging.getLogger(__name__)
@@ -137,8 +141,50 @@ def _entries(root: str, path: str, rows, caption_key: str) -> list[dict]:
                 f"{path}:{line_no}: file {file!r} is not inside the clip folder '{root}'; "
                 "captions may only name files in it, by paths relative to it."
             )
-        entries.append({"file": file, "caption": str(caption), "split": split})
+        entry = {"file": file, "caption": str(caption), "split": split}
+        for key in provenance.ORIGIN_FIELDS:
+            if row.get(key) not in (None, ""):
+                entry[key] = _consent(row[key], path, line_no) if key == "consent" else row[key]
+        entries.append(entry)
     return entries
+
+
+def _consent(value, path: str, line_no: int) -> bool:
+    text = str(value).strip().lower()
+    if isinstance(value, bool) or text in ("true", "false", "yes", "no", "1", "0"):
+        return value if isinstance(value, bool) else text in ("true", "yes", "1")
+    raise ValueError(f"{path}:{line_no}: consent must be true or false; got {value!r}.")
+
+
+def _manifest(root: str, split: str, entries: list[dict]) -> dict:
+    """The folder's manifest of `entries` (`vdm.data.provenance`), read from its file when every
+    clip's size and modification time are as recorded; the others' bytes are hashed again."""
+    path = os.path.join(root, f"vdm_manifest_{split}.json".replace(os.sep, "_"))
+    old = provenance.read_manifest(path)
+    known = {e["id"]: e for e in (old or {}).get("examples", [])}
+    examples = []
+    for entry in entries:
+        file = os.path.join(root, entry["file"])
+        stat = os.stat(file)
+        seen = known.get(entry["file"])
+        if seen and (seen.get("size"), seen.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+            digest = bytes.fromhex(seen["video_sha256"])
+        else:
+            digest = provenance.file_digest(file)
+        example = {
+            "hash": provenance.example_hash(digest, entry["caption"]),
+            "id": entry["file"],
+            "video_sha256": digest.hex(),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+        }
+        example.update({k: entry[k] for k in provenance.ORIGIN_FIELDS if k in entry})
+        examples.append(example)
+    dataset = {"name": "folder", "split": split}  # not its path: a moved folder is the same data
+    manifest = provenance.make_manifest(dataset, examples)
+    if old is None or old["examples"] != examples:
+        provenance.write_manifest(path, manifest)
+    return manifest
 
 
 class FolderSource:
@@ -150,6 +196,8 @@ class FolderSource:
       height, width: target frame size (frames are resized to cover it; cropping happens later).
       fps: target frame rate for temporal striding.
       caption_key: caption field name in the captions file.
+      data_config: `config.data` for its opt-out fields (`exclude`, `allow_no_consent`); None:
+        no exclusion lists (consent: false entries are still dropped).
     """
 
     def __init__(
@@ -161,6 +209,7 @@ class FolderSource:
         width: int,
         fps: float = 8,
         caption_key: str = "caption",
+        data_config=None,
     ):
         self.root = os.path.abspath(root)
         self.split = split
@@ -182,7 +231,12 @@ class FolderSource:
                 f"Video folder '{root}' has no usable clips for split '{split}' ({len(entries)} "
                 f"listed, {self.missing} missing on disk). Check the captions file and 'split'."
             )
-        self.entries = kept
+        manifest = _manifest(self.root, split, kept)
+        self.selection = provenance.select(
+            manifest, data_config or {}, root=self.root, what=f"Video folder {root} ({split})"
+        )
+        self.entries = [kept[i] for i in self.selection.keep]
+        self._examples = [manifest["examples"][i] for i in self.selection.keep]
         self.skipped = 0  # unreadable files met so far (in this process)
         self._bad: set[str] = set()
 
@@ -216,7 +270,8 @@ class FolderSource:
             frames.close()
         if not kept:
             raise video_io.VideoReadError(f"Video '{path}' contains no frames.")
-        return {"video": np.stack(kept), "caption": entry["caption"], "file": entry["file"]}
+        record = {"video": np.stack(kept), "caption": entry["caption"], "file": entry["file"]}
+        return provenance.tag(record, self._examples[index])
 
     def __getitem__(self, index: int) -> dict:
         try:

@@ -196,7 +196,9 @@ def make_loader(
       source: a ready random-access source (default `vdm.data.sources.get_source`).
 
     Returns:
-      A `grain.DataLoader`; `iter()` of it yields dicts of numpy arrays (module docstring).
+      A `grain.DataLoader`; `iter()` of it yields dicts of numpy arrays (module docstring). Its
+      `provenance` attribute is the source's `vdm.data.provenance.Selection.summary()` (what the
+      data set is, what was dropped), or None for a source without a manifest.
     """
     data = _data_config(config)
     process_index, process_count = _processes(process_index, process_count)
@@ -210,7 +212,7 @@ def make_loader(
     workers = int(data.num_workers) if worker_count is None else int(worker_count)
     if workers > 0:
         _mark_flags_parsed()
-    return grain.DataLoader(
+    data_loader = grain.DataLoader(
         data_source=source,
         sampler=sampler,
         operations=_operations(
@@ -220,3 +222,6 @@ def make_loader(
         shard_options=shard,
         read_options=_read_options(data, local_batch),
     )
+    selection = getattr(source, "selection", None)
+    data_loader.provenance = None if selection is None else selection.summary()
+    return data_loader

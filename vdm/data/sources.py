@@ -13,8 +13,10 @@ Every source is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`, a st
 for iterator checkpoints, picklable for grain workers) whose records are dicts with
   video    uint8 [T', H', W', 3] (shape as stored; `vdm.data.loader` crops / resizes it),
   caption  python str,
-and any other features of the source (bytes become str), e.g. the moving-digits labels.
-Cache sources have no `video`; their records are described in `vdm.data.cache`.
+and any other features of the source (bytes become str), e.g. the moving-digits labels, and
+every source's provenance fields `content_hash` and `origin_id` (`vdm.data.provenance`; examples
+that `config.data.exclude` names are not served). Cache sources have no `video`; their records are
+described in `vdm.data.cache`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vdm.data import moving_digits
+from vdm.data import moving_digits, provenance
 from vdm.data.cache.source import CacheSource
 from vdm.data.folder import FolderSource
 
@@ -84,6 +86,7 @@ class TfdsSource:
         self._video_key = video_key
         self._caption_key = caption_key
         self._label_names = None
+        self.selection: provenance.Selection | None = None  # set by `select`
         if features is not None:
             keys = list(features.keys())
             for key in (video_key, caption_key):
@@ -97,13 +100,57 @@ class TfdsSource:
                 self._label_names = [_label_text(n) for n in feature.names]
 
     def __len__(self) -> int:
-        return len(self._source)
+        return len(self._source) if self.selection is None else len(self.selection.keep)
 
     def __repr__(self) -> str:
         return (
             f"TfdsSource(name={self._name!r}, split={self._split!r}, "
             f"video_key={self._video_key!r}, caption_key={self._caption_key!r}, n={len(self)})"
         )
+
+    def _caption(self, example: dict) -> str:
+        caption = example[self._caption_key]
+        if self._label_names is not None:
+            return self._label_names[int(caption)]
+        return str(_to_text(caption))
+
+    def _examples(self) -> list[dict]:
+        """Every record's content hash and id, read once (`vdm.data.provenance`)."""
+        out, n = [], len(self._source)
+        for start in range(0, n, 256):
+            indices = list(range(start, min(n, start + 256)))
+            if hasattr(self._source, "__getitems__"):
+                records = self._source.__getitems__(indices)
+            else:
+                records = [self._source[i] for i in indices]
+            for i, example in zip(indices, records, strict=True):
+                digest = provenance.array_digest(example[self._video_key])
+                out.append(
+                    {
+                        "hash": provenance.example_hash(digest, self._caption(example)),
+                        "id": f"{self._name}:{self._split}:{i}",
+                    }
+                )
+        return out
+
+    def select(self, data_config, directory: str, version: str) -> TfdsSource:
+        """Attaches the split's manifest (read from, or built once into, `directory`) and serves
+        only the examples `config.data` allows. Returns self."""
+        dataset = {
+            "name": self._name,
+            "version": version,
+            "split": self._split,
+            "records": len(self._source),
+            "video_key": self._video_key,
+            "caption_key": self._caption_key,
+        }
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", self._split)
+        path = os.path.join(directory, f"vdm_manifest_{name}.json")
+        manifest = provenance.cached_manifest(path, dataset, self._examples)
+        self.selection = provenance.select(manifest, data_config, what=f"{self._name} {name}")
+        self._keep = self.selection.keep.tolist()  # python ints: the per-record lookup is cheap
+        self._examples_list = manifest["examples"]
+        return self
 
     def _convert(self, example: dict) -> dict:
         out = {}
@@ -125,21 +172,31 @@ class TfdsSource:
         elif video.shape[-1] == 4:
             video = video[..., :3]
         out["video"] = video
-        caption = example[self._caption_key]
-        if self._label_names is not None:
-            caption = self._label_names[int(caption)]
-        out["caption"] = str(_to_text(caption))
+        out["caption"] = self._caption(example)
         if self._caption_key != "caption":
             out.pop(self._caption_key, None)
         return out
 
+    def _record(self, index: int, example: dict) -> dict:
+        out = self._convert(example)
+        if self.selection is not None:
+            provenance.tag(out, self._examples_list[index])
+        return out
+
+    def _index(self, index: int) -> int:
+        return index if self.selection is None else self._keep[index]
+
     def __getitem__(self, index: int) -> dict:
-        return self._convert(self._source[index])
+        index = self._index(index)
+        return self._record(index, self._source[index])
 
     def __getitems__(self, indices) -> list[dict]:
+        indices = [self._index(i) for i in indices]
         if hasattr(self._source, "__getitems__"):
-            return [self._convert(e) for e in self._source.__getitems__(indices)]
-        return [self[i] for i in indices]
+            examples = self._source.__getitems__(indices)
+        else:
+            examples = [self._source[i] for i in indices]
+        return [self._record(i, e) for i, e in zip(indices, examples, strict=True)]
 
 
 def _tfds_source(spec: str, data_config, split: str) -> TfdsSource:
@@ -177,7 +234,7 @@ def _tfds_source(spec: str, data_config, split: str) -> TfdsSource:
         video_key=data_config.video_key,
         caption_key=data_config.caption_key,
         features=info.features,
-    )
+    ).select(data_config, builder.data_dir, str(builder.version))
 
 
 def get_source(data_config, split: str):
@@ -202,7 +259,7 @@ def get_source(data_config, split: str):
             name=f"moving_digits/{builder.builder_config.name}",
             split=split,
             features=builder.info.features,
-        )
+        ).select(data_config, builder.data_dir, str(builder.version))
     if spec.startswith("folder:"):
         root = os.path.expanduser(spec[len("folder:") :])
         return FolderSource(
@@ -212,6 +269,7 @@ def get_source(data_config, split: str):
             width=data_config.width,
             fps=data_config.fps,
             caption_key=data_config.caption_key,
+            data_config=data_config,
         )
     if spec.startswith("tfds:"):
         return _tfds_source(spec[len("tfds:") :], data_config, split)

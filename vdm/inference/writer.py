@@ -4,7 +4,9 @@ Several runs may write into one output directory, one after another or at the sa
 claims a run number there (`.sample-run-K`, created atomically) and names its files after it,
 `{p:03d}_{i:02d}.{ext}` for the first run into a directory and `run{K}_{p:03d}_{i:02d}.{ext}` for
 later ones, so no run overwrites another's videos; each appends its samples.jsonl lines (with
-`"run": K` and its own `file`) in one write.
+`"run": K` and its own `file`) in one write. Every file is labelled as AI-generated, with the
+model, its training data's manifest hash, the seed, the prompt and the sampler settings
+(`vdm.inference.labels`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import numpy as np
 
 from vdm import paths
 from vdm.errors import UserError
-from vdm.inference import load, pipeline, settings
+from vdm.inference import labels, latents, load, pipeline, settings
 from vdm.io import video
 
 FORMATS = ("mp4", "gif", "npy", "png")
+# Asked for by name only: "latent" writes the denoised latents (.npz, `vdm.inference.latents`).
+OPTIONAL_FORMATS = ("latent",)
 # Requests of at least this many videos are timed on one batch first and warned about (ETA).
 LARGE_REQUEST = 256
 _FIRST_RUN_FILE = re.compile(r"^\d{3}_\d{2}\.")
@@ -73,10 +77,14 @@ def run(
     call = dict(seed=seed, settings=chosen, batch_size=batch_size)
     if len(prompts) * num_samples >= LARGE_REQUEST:
         _warn_eta(pipe, prompts, num_samples, call)
-    out = _Run(output_dir, prompts, formats, pipe.config.data.fps, {"seed": seed, **record})
+    record = {"seed": seed, **record, labels.FIELD: labels.model_label(checkpoint, pipe.config)}
+    out = _Run(output_dir, prompts, formats, pipe.config.data.fps, record)
     records = []  # videos are written batch by batch, as they are made
     for pairs, videos in pipe.iter_videos(prompts, num_samples=num_samples, progress=True, **call):
-        records += out.write(pairs, videos)
+        z = None
+        if "latent" in formats:  # the same keys and sampler, without the decoder
+            z = latents.sample(pipe, prompts, pairs, seed=seed, settings=chosen)
+        records += out.write(pairs, videos, z)
     print(f"Wrote {len(records) // len(formats)} video(s) to {output_dir}/ in "
           f"{time.perf_counter() - t0:.1f} s.")  # fmt: skip
     return records
@@ -117,22 +125,30 @@ class _Run:
         os.makedirs(self.output_dir, exist_ok=True)
         self.id, self.prefix = _claim_run(self.output_dir)
 
-    def write(self, pairs: Sequence[tuple[int, int]], videos: np.ndarray) -> list[dict]:
-        """Writes video n as sample pairs[n] = (prompt index, sample index) in every format."""
+    def write(self, pairs: Sequence[tuple[int, int]], videos: np.ndarray, z=None) -> list[dict]:
+        """Writes video n as sample pairs[n] = (prompt index, sample index) in every format
+        (`z`: the videos' latents, for the "latent" format)."""
         records = []
-        for (p, i), frames in zip(pairs, videos, strict=True):
+        for n, ((p, i), frames) in enumerate(zip(pairs, videos, strict=True)):
             for ext in self.formats:
-                path = os.path.join(self.output_dir, f"{self.prefix}{p:03d}_{i:02d}.{ext}")
-                if ext == "png":
-                    video.contact_sheet(frames[None], captions=[self.prompts[p]], path=path)
+                name = f"{self.prefix}{p:03d}_{i:02d}."
+                path = os.path.join(self.output_dir, name + _EXTENSIONS.get(ext, ext))
+                record = {"prompt": self.prompts[p], "prompt_idx": p, "sample_idx": i,
+                          **self.record, "run": self.id, "file": path}  # fmt: skip
+                if ext == "latent":
+                    latents.save(path, z[n], record, frames.shape, self.fps)
+                elif ext == "png":
+                    text = labels.png_text(record)
+                    video.contact_sheet(frames[None], [self.prompts[p]], path, png_text=text)
                 else:
-                    video.write_video(path, frames, fps=self.fps)
-                records.append(
-                    {"prompt": self.prompts[p], "prompt_idx": p, "sample_idx": i, **self.record,
-                     "run": self.id, "file": path}
-                )  # fmt: skip
+                    tags = labels.container_tags(record)
+                    video.write_video(path, frames, fps=self.fps, metadata=tags)
+                records.append(record)
         _append_records(os.path.join(self.output_dir, "samples.jsonl"), records)
         return records
+
+
+_EXTENSIONS = {"latent": latents.EXTENSION}
 
 
 def _size(size: Mapping[str, int | None] | None) -> dict[str, int | None]:
@@ -149,9 +165,11 @@ def _size(size: Mapping[str, int | None] | None) -> dict[str, int | None]:
 
 def _check_request(prompts, sampling, num_samples, formats, batch_size) -> None:
     """Everything about the request that can be checked before the model loads."""
-    bad = [f for f in formats if f not in FORMATS]
+    bad = [f for f in formats if f not in FORMATS + OPTIONAL_FORMATS]
     if bad:
-        raise UserError(f"Unknown output format(s) {bad}; choose from {list(FORMATS)}.")
+        raise UserError(
+            f"Unknown output format(s) {bad}; choose from {list(FORMATS + OPTIONAL_FORMATS)}."
+        )
     if not formats:
         raise UserError(f"--formats is empty: nothing would be written; choose from {FORMATS}.")
     if num_samples < 1:

@@ -2,7 +2,8 @@
 
     MODEL/model.json     {"config": the denoiser run's config, "latent_stats": {"shift", "scale"},
                           "text_encoder": name (referenced, not copied), "source": the denoiser
-                          run, "vae_source": the VAE run (when known)}
+                          run, "vae_source": the VAE run (when known), "provenance": what each
+                          part was trained on ({"denoiser", "vae"}: `vdm.provenance` records)}
     MODEL/denoiser/      EMA weights of the denoiser (an orbax StandardCheckpointer dir)
     MODEL/vae/           EMA weights of the VAE (the same)
 
@@ -240,6 +241,7 @@ def write(
     vae_params: PyTree,
     source: str,
     vae_source: str | None = None,
+    provenance: dict | None = None,
 ) -> str:
     """Writes an exported model dir: both weight trees and model.json.
 
@@ -250,6 +252,7 @@ def write(
       text_encoder: the text encoder's name (the bundle references it, does not copy it).
       params, vae_params: the denoiser's and the VAE's (EMA) weights.
       source, vae_source: the training runs the weights come from (recorded as absolute paths).
+      provenance: {"denoiser": record, "vae": record} of `vdm.provenance` (None: not recorded).
 
     Returns:
       `out_dir`.
@@ -265,6 +268,8 @@ def write(
     }
     if vae_source:
         meta[_SOURCE_KEY["vae"]] = os.path.abspath(vae_source)
+    if provenance is not None:
+        meta["provenance"] = provenance
     with open(os.path.join(out_dir, MODEL_JSON), "w") as f:
         json.dump(meta, f, indent=1, default=list)
     return out_dir

@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 # imageio-ffmpeg starts ffmpeg with fork + exec; Python warns that forking a multithreaded (JAX)
 # process may deadlock, which cannot happen when the child only execs. Users saw it on every mp4.
@@ -60,7 +60,14 @@ def _extension(path: str) -> str:
     return os.path.splitext(str(path))[1].lower()
 
 
-def write_video(path: str, frames: np.ndarray, fps: float = 8, *, quality: float = 8) -> str:
+def write_video(
+    path: str,
+    frames: np.ndarray,
+    fps: float = 8,
+    *,
+    quality: float = 8,
+    metadata: Mapping[str, str] | None = None,
+) -> str:
     """Writes uint8 `[T, H, W, 3]` frames to `path`; the format follows the extension.
 
     Args:
@@ -68,6 +75,8 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8, *, quality: float
       frames: uint8 array `[T, H, W, 3]`.
       fps: frames per second (mp4 / webm / gif; ignored for npy).
       quality: 0..10 for mp4 / webm (imageio's variable-bitrate scale; 10 is best).
+      metadata: text tags for the container (mp4 / webm: ffmpeg `-metadata key=value`, e.g.
+        comment, description; gif: appended to its comment; npy: none). Frames are unchanged.
 
     Returns:
       `path`, for chaining.
@@ -86,13 +95,13 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8, *, quality: float
     if ext == ".npy":
         np.save(path, frames)
     elif ext == ".gif":
-        _write_gif(path, frames, fps)
+        _write_gif(path, frames, fps, metadata or {})
     else:
-        _write_ffmpeg(path, frames, fps, quality)
+        _write_ffmpeg(path, frames, fps, quality, metadata or {})
     return path
 
 
-def _write_ffmpeg(path: str, frames: np.ndarray, fps: float, quality: float) -> None:
+def _write_ffmpeg(path: str, frames: np.ndarray, fps: float, quality: float, metadata) -> None:
     import imageio.v2 as iio
 
     # 4:2:0 chroma subsampling needs even sizes: pad odd ones by repeating the edge.
@@ -110,6 +119,7 @@ def _write_ffmpeg(path: str, frames: np.ndarray, fps: float, quality: float) -> 
         pixelformat="yuv420p",
         macro_block_size=1,  # do not let imageio resize sizes that are not multiples of 16
         ffmpeg_log_level="error",
+        output_params=[a for k, v in metadata.items() for a in ("-metadata", f"{k}={v}")],
     )
     try:
         for frame in frames:
@@ -118,7 +128,7 @@ def _write_ffmpeg(path: str, frames: np.ndarray, fps: float, quality: float) -> 
         writer.close()
 
 
-def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
+def _write_gif(path: str, frames: np.ndarray, fps: float, metadata) -> None:
     # GIF stores durations in centiseconds; use a whole number so merged frames (see the module
     # docstring) are exact multiples of the base duration.
     frame_ms = max(10, int(round(100.0 / fps)) * 10)
@@ -130,7 +140,9 @@ def _write_gif(path: str, frames: np.ndarray, fps: float) -> None:
         append_images=images[1:],
         duration=frame_ms,
         loop=0,
-        comment=f"vdm:frame_ms={frame_ms}".encode(),
+        comment="\n".join(
+            [f"vdm:frame_ms={frame_ms}", *(f"{k}={v}" for k, v in metadata.items())]
+        ).encode(),
     )
 
 
@@ -370,6 +382,7 @@ def contact_sheet(
     *,
     scale: int = 1,
     gap: int = 2,
+    png_text: Mapping[str, str] | None = None,
 ) -> np.ndarray:
     """A grid image: one row per video (evenly spaced frames across), captions above each row.
 
@@ -382,6 +395,7 @@ def contact_sheet(
         last frame; None = all frames.
       scale: integer upscaling of frames (nearest neighbour), to make tiny frames visible.
       gap: pixels between frames and rows.
+      png_text: PNG text chunks (iTXt) to store with the file, e.g. {"Description": ...}.
 
     Returns:
       The sheet, uint8 `[H_sheet, W_sheet, 3]`.
@@ -411,5 +425,8 @@ def contact_sheet(
     out = np.asarray(sheet)
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        Image.fromarray(out).save(path)
+        info = PngImagePlugin.PngInfo()
+        for key, value in (png_text or {}).items():
+            info.add_itxt(key, str(value))
+        Image.fromarray(out).save(path, pnginfo=info)
     return out

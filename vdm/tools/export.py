@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from absl import logging as absl_logging
 
-from vdm import cli, paths
+from vdm import cli, paths, provenance
 from vdm import config as config_lib
 from vdm.data import cache
 from vdm.errors import UserError
@@ -164,6 +164,7 @@ def export(
     config = pipe.config.to_dict()
     # A bundle must not point at the trainer's local latent cache: record what it was built from.
     config["data"]["source"] = cache.underlying_source(pipe.config.data.source)
+    vae_run = vae or vae_source(denoiser_path)
     return bundle.write(
         out_dir,
         config=config,
@@ -172,8 +173,19 @@ def export(
         params=pipe.params,
         vae_params=pipe.vae_params,
         source=denoiser_path,
-        vae_source=vae or vae_source(denoiser_path),
+        vae_source=vae_run,
+        provenance=_provenance(denoiser_path, vae_run),
     )
+
+
+def _provenance(denoiser_path: str, vae_run: str) -> dict:
+    """The provenance records of both parts' training runs (None where a run has none)."""
+    records = provenance.of_model(denoiser_path)
+    out = {"denoiser": records.get("model", records.get("denoiser"))}
+    if vae_run:
+        vae_records = provenance.of_model(vae_run)
+        out["vae"] = vae_records.get("model", vae_records.get("vae"))
+    return out
 
 
 def _check_denoiser(path: str) -> None:

@@ -243,6 +243,7 @@ class CheckpointSaver:
         config = setup.config
         self.config_json = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         self.last_saved: int | None = None
+        self.provenance: dict | None = None  # `vdm.provenance.run_record`, saved in "metadata"
 
     def __enter__(self) -> CheckpointSaver:
         return self
@@ -288,6 +289,8 @@ class CheckpointSaver:
         state = layout.global_view(state)
         weights = state.ema_params if self.use_ema else state.params
         metadata = self.setup.task.metadata(weights, layout.global_view(frozen))
+        if self.provenance is not None:
+            metadata = {**metadata, "provenance": self.provenance}
         t0 = time.perf_counter()
         self.manager.save(
             step,

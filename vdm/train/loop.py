@@ -28,8 +28,10 @@ from typing import Any, NamedTuple
 
 import jax
 
-from vdm import parallel
+from vdm import parallel, provenance
 from vdm.data import loader as data_loader
+from vdm.errors import UserError
+from vdm.io import checkpoint
 from vdm.models.layers import count_params
 from vdm.rng import base_key
 from vdm.tasks import get_task
@@ -109,7 +111,9 @@ def train_and_evaluate(
     with contextlib.ExitStack() as stack:
         saver = stack.enter_context(hooks.CheckpointSaver(setup, workdir))
         start, state, data_state = _initial_state(setup, saver, workdir)
-        iterator = _open_data(setup, make_iterator or default_iterator_factory, data_state, start)
+        iterator = _open_data(
+            setup, make_iterator or default_iterator_factory, data_state, start, saver
+        )
         parts = _Parts.open(stack, setup, workdir, start, frozen, iterator, saver)
         state = _train(parts, state, start)
         return setup.layout.global_view(state)
@@ -164,25 +168,55 @@ def _initial_state(
     return start, setup.layout.put_state(state), data_state
 
 
+def _record_provenance(saver: hooks.CheckpointSaver, config, data, start: int) -> bool:
+    """What the checkpoints record about this run's data (`vdm.provenance`); a resumed run whose
+    data differs from its checkpoint's warns and keeps both. Returns whether it differs."""
+    record = provenance.run_record(config, data)
+    if data and data["dropped"]:
+        say(
+            f"Data: {data['dropped']} of {data['num_examples']} examples dropped "
+            f"({data['dropped_excluded']} on config.data.exclude lists, "
+            f"{data['dropped_no_consent']} without consent); recorded in each checkpoint."
+        )
+    previous = None
+    if start > 0:
+        step_dir = os.path.join(saver.manager.directory, str(start))
+        try:
+            previous = checkpoint.load_metadata(step_dir).get(provenance.FIELD)
+        except (OSError, ValueError, UserError) as e:  # a damaged JSON item does not stop a run
+            log.warning("Cannot read the provenance of %s: %s", step_dir, e)
+    saver.provenance, warning = provenance.resumed(record, previous, start)
+    if warning:
+        log.warning(warning)
+        say(f"Warning: {warning}")
+    return warning is not None
+
+
 def _open_data(
-    setup: TrainSetup, make_iterator: IteratorFactory, data_state, start: int
+    setup: TrainSetup, make_iterator: IteratorFactory, data_state, start: int, saver
 ) -> Iterator:
     """This process's data iterator, at the restored position when there is one."""
     config = setup.config
-    it = iter(
-        make_iterator(
-            config,
-            config.data.train_split,
-            batch_size=int(config.train.batch_size),
-            shuffle=True,
-            seed=config.seed,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
+    loader = make_iterator(
+        config,
+        config.data.train_split,
+        batch_size=int(config.train.batch_size),
+        shuffle=True,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
+    changed = _record_provenance(saver, config, getattr(loader, "provenance", None), start)
+    it = iter(loader)
     if data_state is not None:
         if hasattr(it, "set_state"):
-            it.set_state(data_state)
+            try:
+                it.set_state(data_state)
+            except ValueError:  # grain: another number of examples (e.g. a new opt-out list)
+                if not changed:
+                    raise
+                say("The training data changed: the data order restarts from the beginning.")
+                it = iter(loader)
         else:
             log.warning("The data iterator has no set_state(); data restarts from the beginning.")
     elif start > 0:

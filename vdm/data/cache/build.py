@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from vdm import paths
 from vdm.config import to_dict
-from vdm.data import loader
+from vdm.data import loader, provenance
 from vdm.data.cache import format as fmt
 from vdm.data.sources import get_source
 from vdm.models import autoencoder as ae
@@ -187,12 +187,14 @@ class _SplitWriter:
 
     def __init__(self, output: str, split: str, captions: _CaptionEncoder, **layout):
         self.path = os.path.join(output, fmt.split_file(split))
+        self.split = split
         self._tmp = self.path + ".tmp"
         self._writer = array_record_module.ArrayRecordWriter(self._tmp, fmt.WRITER_OPTIONS)
         self._captions = captions
         self._layout = layout  # latent_dtype, latent, zero_padding
         self.features = None
         self.written = 0
+        self.examples: list[tuple[str, str]] = []  # (content hash, origin id) of each record
 
     def fix_features(self, batch: dict) -> None:
         """Fixes the record features from the first batch."""
@@ -223,15 +225,22 @@ class _SplitWriter:
                 caption=str(batch["caption"][i]),
             )
             self._writer.write(fmt.pack_record(example, self.features))
+        if provenance.HASH_FIELD in batch:
+            ids = batch[provenance.ID_FIELD][:n]
+            self.examples += [
+                (str(h), str(i)) for h, i in zip(batch[provenance.HASH_FIELD][:n], ids, strict=True)
+            ]
         self.written += n
 
     def abort(self) -> None:
         self._writer.close()
         os.remove(self._tmp)
 
-    def commit(self) -> None:
+    def commit(self, source) -> None:
+        """Moves the records into place, with the data manifest of the examples they hold."""
         self._writer.close()
         os.replace(self._tmp, self.path)
+        _write_provenance(os.path.dirname(self.path), self.split, source, self.examples)
 
 
 def _encode_and_write(batches, total: int, encode, writer: _SplitWriter, bar) -> None:
@@ -450,10 +459,28 @@ def build_cache(
     if writer.written == 0:
         writer.abort()
         raise ValueError(f"Split {split!r} of {config.data.source!r} gave no readable examples.")
-    writer.commit()
+    writer.commit(source)
     np.save(os.path.join(output, fmt.NULL_CONTEXT), null_context[0])
     manifest = _manifest(existing, ident, config, encoders, layout, null_mask)
     entry = _split_entry(split, writer, total, limit)
     manifest["splits"] = {**manifest.get("splits", {}), split: entry}
     fmt.write_manifest(output, manifest)
     return manifest
+
+
+def _write_provenance(output: str, split: str, source, written: list[tuple[str, str]]) -> None:
+    """The data manifest of the cached records (their source manifest's entries, record order)."""
+    path = os.path.join(output, fmt.provenance_file(split))
+    selection = getattr(source, "selection", None)
+    if selection is None:  # a source without provenance: no manifest (exclusions are refused)
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    by_hash = {(e["hash"], e["id"]): e for e in selection.manifest["examples"]}
+    examples = [
+        {k: v for k, v in by_hash[key].items() if k not in ("size", "mtime_ns")} for key in written
+    ]
+    built = selection.summary()
+    provenance.write_manifest(
+        path, provenance.make_manifest(selection.manifest["dataset"], examples, built_from=built)
+    )

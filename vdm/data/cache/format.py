@@ -4,6 +4,8 @@ Directory layout:
   manifest.json          what the cache was built from (`read_manifest`, `check_compatible`)
   <split>.array_record   one record per example (group_size 1: random access; zstd)
   null_context.npy       float16 [L, D] context of the empty prompt (mask in the manifest)
+  <split>.provenance.json  the data manifest of the cached examples, in record order
+                         (`vdm.data.provenance`): what `config.data.exclude` is checked against
 
 A record is a msgpack map, keys sorted, from feature name to either raw little-endian array bytes
 (dtype and shape in `manifest["splits"][split]["features"]`) or a UTF-8 string. Reading it through
@@ -249,6 +251,11 @@ def member(directory: str, name: str) -> str:
 def split_file(split: str) -> str:
     """File name of a split ("train[:10%]" -> "train_10_.array_record")."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", split) + ".array_record"
+
+
+def provenance_file(split: str) -> str:
+    """File name of a split's data manifest ("train" -> "train.provenance.json")."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", split) + ".provenance.json"
 
 
 def _le(dtype: str) -> np.dtype:
