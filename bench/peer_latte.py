@@ -218,26 +218,26 @@ def _vdm_train(model, params, x0, ctx, mask, args, common, fwd_flops) -> None:
     diffusion = quickstart.get_config().diffusion  # flow matching (cfg dropout 0.1)
     tx = optax.adamw(LR)
 
-    def step(params, opt_state, key):
+    def step(params, opt_state, key, x0, ctx, mask):
         null = (jnp.zeros_like(ctx[:1]), jnp.ones_like(mask[:1]))
 
         def loss_fn(p):
-            return losses.diffusion_loss(
-                dn.model_fn(model, p), x0, (ctx, mask), key, diffusion, null
-            ).mean()
+            model_fn = dn.model_fn(model, p)
+            return losses.diffusion_loss(model_fn, x0, (ctx, mask), key, diffusion, null).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    state = [params, tx.init(params)]
+    state, data = [params, tx.init(params)], (x0, ctx, mask)
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*state, jax.random.key(0)).compile()
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    compiled = jitted.lower(*state, jax.random.key(0), *data).compile()
     compile_s = time.perf_counter() - t0
     keys = iter(jax.random.split(jax.random.key(1), args.repeats + 1))
 
     def run():
-        state[0], state[1], loss = compiled(state[0], state[1], next(keys))
+        state[0], state[1], loss = compiled(state[0], state[1], next(keys), *data)
         jax.block_until_ready(loss)
 
     _emit({**common, "what": "train", "variant": "jit", "attention": model.attention,
@@ -432,6 +432,7 @@ def _parse(argv=None):
     )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile'd peer")
+    p.add_argument("--no_peer", action="store_true", help="vdm only (before / after of vdm)")
     p.add_argument("--peer_python", default="", help="python of a venv with torch + diffusers")
     p.add_argument("--peer_venv", default="~/.cache/vdm/peer_latte", help="created if missing")
     p.add_argument("--torch_index", default=TORCH_INDEX, help="pip index of the torch CPU wheel")
@@ -449,20 +450,24 @@ def main(argv=None) -> None:
         args.frames = int(args.frames)
         roles = {"peer": _peer, "vdm": _vdm, "peer_peak": _peer_peak, "vdm_peak": _vdm_peak}
         return roles[args.role](args)
-    peer_py, frames = _peer_python(args), [int(f) for f in args.frames.split(",")]
+    frames = [int(f) for f in args.frames.split(",")]
+    peer_py = "" if args.no_peer else _peer_python(args)
     records: list = []
     t0 = time.time()
     print(f"# start {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load {_load()}, "
           f"{os.cpu_count()} cpus, peer {peer_py}, vdm {args.vdm_python}", flush=True)  # fmt: skip
-    _child(peer_py, "peer_peak", args, records, frames=0)
+    if not args.no_peer:
+        _child(peer_py, "peer_peak", args, records, frames=0)
     _child(args.vdm_python, "vdm_peak", args, records, frames=0)
     for f in frames:
-        _child(peer_py, "peer", args, records, frames=f)
+        if not args.no_peer:
+            _child(peer_py, "peer", args, records, frames=f)
         _child(args.vdm_python, "vdm", args, records, frames=f)
     if "full" in args.only:
         for f in frames:
             _child(args.vdm_python, "vdm", args, records, frames=f, attention="full", only="train")
-    _child(peer_py, "peer_peak", args, records, frames=0)
+    if not args.no_peer:
+        _child(peer_py, "peer_peak", args, records, frames=0)
     _child(args.vdm_python, "vdm_peak", args, records, frames=0)
     print(f"\n# done in {time.time() - t0:.0f} s\n")
     print(_table(records, frames))
