@@ -362,13 +362,18 @@ def _row(label, peer, ours, peak=None, flops_key=None) -> str:
 def _model_line(records, f) -> str:
     pm = _find(records, fw="peer", frames=f, what="model")
     vm = _find(records, fw="vdm", frames=f, what="model", attention="factorized")
-    if not (pm and vm):
-        return ""
-    return (
-        f"{f} latent frames, forward GFLOP (batch {BATCH}): peer {pm['fwd_gflop']} (torch "
-        f"FlopCounterMode, {pm['params'] / 1e6:.1f}M params), vdm {vm['fwd_gflop']} (XLA; "
-        f"analytic {vm['analytic_fwd_gflop']}, {vm['params'] / 1e6:.1f}M params)"
+    peer = (
+        f"peer {pm['fwd_gflop']} (torch FlopCounterMode, {pm['params'] / 1e6:.1f}M params), "
+        if pm
+        else ""
     )
+    ours = (
+        f"vdm {vm['fwd_gflop']} (XLA; analytic {vm['analytic_fwd_gflop']}, "
+        f"{vm['params'] / 1e6:.1f}M params)"
+        if vm
+        else ""
+    )
+    return f"{f} latent frames, forward GFLOP (batch {BATCH}): {peer}{ours}"
 
 
 def _frame_rows(records, f, peak) -> list[str]:
@@ -377,8 +382,8 @@ def _frame_rows(records, f, peak) -> list[str]:
     trains = [r for r in records if r["fw"] == "peer" and r.get("frames") == f]
     trains = [r for r in trains if r["what"] == "train"]
     ours = get("vdm", "train", attention="factorized")
-    for r in sorted(trains, key=lambda r: r["best_ms"]):
-        label = f"train step, {f} frames, vs peer {r['variant']}"
+    for r in sorted(trains, key=lambda r: r["best_ms"]) or [None]:
+        label = f"train step, {f} frames" + (f", vs peer {r['variant']}" if r else "")
         rows.append(_row(label, r, ours, peak, "model_gflop"))
     rows.append(_row(f"30-step guided sampling, {f} frames", get("peer", "sample"),
                      get("vdm", "sample")))  # fmt: skip
