@@ -19,6 +19,7 @@ from configs import base
 from vdm.errors import ConfigError
 from vdm.models import denoiser as dn
 from vdm.models import layers, patches
+from vdm.models.attention import target_platform as A_target
 from vdm.models.layers import count_params
 
 C, D_TXT, L_TXT = 8, 12, 5  # latent channels, text width, text length
@@ -459,3 +460,30 @@ def test_rope_is_relative():
     assert dot((1, 1, 0), (3, 2, 1)) == pytest.approx(dot((3, 2, 2), (5, 3, 3)), rel=1e-5)
     for other in [(4, 2, 1), (3, 3, 1), (3, 2, 2)]:  # a different offset along t, h or w
         assert dot((1, 1, 0), other) != pytest.approx(dot((1, 1, 0), (3, 2, 1)), rel=1e-3)
+
+
+def test_multi_axis_linear_is_one_2d_matmul_on_cpu_with_the_same_values_and_grads():
+    """On CPU `Linear` contracts an (embed, heads, kv) / (heads, kv, embed) kernel as one 2-D
+    matmul (no transposed copies in the backward); values and grads equal the multi-axis
+    dot_general's, which every other platform keeps."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 3, 4, 6)), jnp.float32)  # [..., heads=4, kv=6]
+    kernel = jnp.asarray(rng.normal(size=(4, 6, 5, 2)), jnp.float32)  # (heads, kv) -> (5, 2)
+
+    def general(x, k):
+        return jax.lax.dot_general(x, k, (((2, 3), (0, 1)), ((), ())))
+
+    def loss(fn):
+        return lambda x, k: jnp.sum(jnp.sin(fn(x, k)))
+
+    cpu = functools.partial(layers._contract, n_in=2)
+    np.testing.assert_allclose(cpu(x, kernel), general(x, kernel), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(loss(cpu), (0, 1))(x, kernel), jax.grad(loss(general), (0, 1))(x, kernel)
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(jax.grad(loss(cpu), (0, 1))).lower(x, kernel).as_text()
+    # forward x[.., 24] @ k[24, 10]; dx = dy @ k^T contracts the kernel's 2-D axis 1 in place.
+    assert hlo.count("dot_general") == 3 and "contracting_dims = [2] x [1]" in hlo
+    with A_target("tpu"):  # what an AOT compile for a TPU traces: the multi-axis dot_general
+        tpu = jax.jit(cpu).lower(x, kernel).as_text()
+    assert "contracting_dims = [2, 3] x [0, 1]" in tpu

@@ -87,8 +87,7 @@ class Linear(nn.Module):
             "kernel", nn.with_logical_partitioning(init, self.names), shape, self.param_dtype
         )
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        y = _contract(x, kernel, self.n_in)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -98,6 +97,27 @@ class Linear(nn.Module):
             )
             y = y + bias.astype(self.dtype)
         return y
+
+
+def _contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+    """`x` contracted with `kernel` over `x`'s last `n_in` axes (the kernel's first `n_in`).
+
+    On CPU a multi-axis kernel (attention's `(embed, heads, kv)` and `(heads, kv, embed)`) is
+    contracted as one 2-D matrix: `x [..., prod(in)] @ kernel [prod(in), prod(out)]`, reshaped
+    back (free: both reshapes are bitcasts). The sums are the same; what changes is the backward
+    pass: XLA:CPU's matmul library (YNNPACK) takes a 2-D operand transposed in place, whereas the
+    multi-axis dot_general's transpose is a copy of the kernel (and of the activation for the
+    weight gradient) per use. Other platforms keep the multi-axis dot_general (their sharded
+    layouts are planned on it; bench/README.md, "vdm vs Latte").
+    """
+    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+    if current_platform() == "cpu" and (n_in > 1 or len(out_shape) > 1):
+        lead = x.shape[: x.ndim - n_in]
+        k2 = kernel.reshape(math.prod(in_shape), math.prod(out_shape))
+        y = jnp.dot(x.reshape(*lead, math.prod(in_shape)), k2)
+        return y.reshape(*lead, *out_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ())))
 
 
 def dense(
