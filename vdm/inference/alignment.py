@@ -91,15 +91,19 @@ class Aligner:
         ]
         return np.concatenate(out)
 
-    def embed_videos(self, videos: np.ndarray) -> np.ndarray:
+    def embed_videos(self, videos: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Unit video embeddings `[B, E]` of uint8 videos (VAE-encoded first)."""
-        return self.embed_latents(self.latents(videos))
+        return self.embed_latents(self.latents(videos, batch_size), batch_size)
 
-    def score_videos(self, videos: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        """The alignment score of each video with its prompt, float32 `[B]` in [-1, 1]."""
+    def score_videos(
+        self, videos: np.ndarray, prompts: Sequence[str], batch_size: int = 32
+    ) -> np.ndarray:
+        """The alignment score of each video with its prompt, float32 `[B]` in [-1, 1].
+        `batch_size=1` makes each score independent of the other videos' (XLA may round
+        differently at other batch shapes)."""
         if len(videos) != len(prompts):
             raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts.")
-        return (self.embed_videos(videos) * self.embed_prompts(prompts)).sum(-1)
+        return (self.embed_videos(videos, batch_size) * self.embed_prompts(prompts)).sum(-1)
 
     def latent_score_fn(self):
         """`fn(params, z [B, ...], ctx [B, L, D], mask [B, L]) -> scores [B]`, pure: the score of

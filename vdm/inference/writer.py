@@ -22,7 +22,8 @@ import numpy as np
 
 from vdm import paths
 from vdm.errors import UserError
-from vdm.inference import load, pipeline, settings
+from vdm.inference import alignment as alignment_lib
+from vdm.inference import guidance, load, pipeline, rerank, settings
 from vdm.io import video
 
 FORMATS = ("mp4", "gif", "npy", "png")
@@ -42,6 +43,9 @@ def run(
     formats: Sequence[str] = FORMATS,
     batch_size: int = 8,
     size: Mapping[str, int | None] | None = None,
+    candidates: int = 1,
+    alignment: str | None = None,
+    alignment_guidance: float = 0.0,
 ) -> list[dict]:
     """Generates and writes videos; returns the records written to samples.jsonl.
 
@@ -54,6 +58,11 @@ def run(
         keep the default), e.g. {"num_steps": 10, "guidance": None}.
       size: {"num_frames", "height", "width"} of the videos (None values keep the model's; only
         Wan models can change them).
+      candidates: N > 1 draws N candidates per video and keeps the best-aligned one
+        (`vdm.inference.rerank`); the records then hold every candidate's alignment score.
+      alignment: the alignment model scoring them (default: the model's own, `load_aligner`).
+      alignment_guidance: > 0 steers every sampler step by the alignment score's gradient with
+        this step size (`vdm.inference.guidance`).
 
     Raises:
       UserError: a bad format, count, setting, prompt or output directory (before the model
@@ -61,6 +70,8 @@ def run(
     """
     sampling = dict(sampling or {})
     _check_request(prompts, sampling, num_samples, formats, batch_size)
+    if candidates < 1:
+        raise UserError(f"--candidates must be >= 1 (1 = no reranking), got {candidates}.")
     size = _size(size)
     paths.check_output_dir(output_dir, "--output_dir", create=False)  # made when writing
     t0 = time.perf_counter()
@@ -68,15 +79,29 @@ def run(
     pipe = load.load_pipeline(checkpoint, **size)
     _check_size(pipe, len(prompts) * num_samples, num_samples, formats, output_dir)
     chosen = pipe.settings.override(**sampling)
+    aligner = None
+    if candidates > 1 or alignment_guidance:
+        aligner = alignment_lib.load_aligner(pipe, alignment)
+        pipe = guidance.guided(pipe, aligner, alignment_guidance)
     # What each record states: the settings with the shift the sampler used (unset = training's).
     record = {**dataclasses.asdict(chosen), "shift": pipe.sampling_spec(chosen.shift).shift}
+    if alignment_guidance:
+        record["alignment_guidance"] = float(alignment_guidance)
     call = dict(seed=seed, settings=chosen, batch_size=batch_size)
     if len(prompts) * num_samples >= LARGE_REQUEST:
         _warn_eta(pipe, prompts, num_samples, call)
     out = _Run(output_dir, prompts, formats, pipe.config.data.fps, {"seed": seed, **record})
     records = []  # videos are written batch by batch, as they are made
-    for pairs, videos in pipe.iter_videos(prompts, num_samples=num_samples, progress=True, **call):
-        records += out.write(pairs, videos)
+    if candidates > 1:
+        print(f"Best of {candidates}: scoring candidates with {aligner.source}", flush=True)
+        kw = dict(candidates=candidates, num_samples=num_samples, progress=True, **call)
+        for c in rerank.iter_best_of_n(pipe, aligner, prompts, **kw):
+            pairs = [(c.prompt_idx, i) for i in range(num_samples)]
+            records += out.write(pairs, c.videos, c.records())
+    else:
+        for pairs, videos in pipe.iter_videos(prompts, num_samples=num_samples, progress=True,
+                                              **call):  # fmt: skip
+            records += out.write(pairs, videos)
     print(f"Wrote {len(records) // len(formats)} video(s) to {output_dir}/ in "
           f"{time.perf_counter() - t0:.1f} s.")  # fmt: skip
     return records
@@ -117,10 +142,14 @@ class _Run:
         os.makedirs(self.output_dir, exist_ok=True)
         self.id, self.prefix = _claim_run(self.output_dir)
 
-    def write(self, pairs: Sequence[tuple[int, int]], videos: np.ndarray) -> list[dict]:
-        """Writes video n as sample pairs[n] = (prompt index, sample index) in every format."""
+    def write(
+        self, pairs: Sequence[tuple[int, int]], videos: np.ndarray, extra: Sequence[dict] = ()
+    ) -> list[dict]:
+        """Writes video n as sample pairs[n] = (prompt index, sample index) in every format;
+        `extra[n]` (if given) is added to video n's records."""
         records = []
-        for (p, i), frames in zip(pairs, videos, strict=True):
+        extra = list(extra) or [{}] * len(videos)
+        for (p, i), frames, more in zip(pairs, videos, extra, strict=True):
             for ext in self.formats:
                 path = os.path.join(self.output_dir, f"{self.prefix}{p:03d}_{i:02d}.{ext}")
                 if ext == "png":
@@ -129,7 +158,7 @@ class _Run:
                     video.write_video(path, frames, fps=self.fps)
                 records.append(
                     {"prompt": self.prompts[p], "prompt_idx": p, "sample_idx": i, **self.record,
-                     "run": self.id, "file": path}
+                     **more, "run": self.id, "file": path}
                 )  # fmt: skip
         _append_records(os.path.join(self.output_dir, "samples.jsonl"), records)
         return records
