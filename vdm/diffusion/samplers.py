@@ -402,11 +402,18 @@ def sample(
     kwargs = dict(sampler=sampler, num_steps=int(num_steps), spec=spec, time_grid=time_grid)
     schedules.sampling_grid(int(num_steps), spec, time_grid)  # checks the grid before tracing
     args = (noise, cond, null_cond, guidance, eta, key)
+    return _dispatch(model_fn, args, kwargs, x0_guide)
+
+
+def _dispatch(model_fn, args, kwargs, x0_guide):
+    """`_sample_impl` inlined (inside an outer jit), else through the kept jitted program (a
+    closure `x0_guide` cannot be its argument: then it is traced per call)."""
+    traced = _is_traced(args) or _is_traced(model_fn)
     if x0_guide is not None:
-        kwargs["x0_guide"] = x0_guide
-        if not (_is_traced(args) or _is_traced(model_fn)):  # a closure: traced per call
+        kwargs = {**kwargs, "x0_guide": x0_guide}
+        if not traced:
             return jax.jit(functools.partial(_sample_impl, model_fn, **kwargs))(*args)
-    if _is_traced(args) or _is_traced(model_fn):
+    if traced:
         return _sample_impl(model_fn, *args, **kwargs)
     if not isinstance(model_fn, Partial):
         model_fn = Partial(model_fn)

@@ -77,26 +77,13 @@ def run(
 
     One row per captions x sampler x eta x steps; `etas` (default: the model's `sample.eta`)
     apply to the samplers that take one ("ddim", "dpmpp2m"), "euler" gets a single row.
-    `captions` (default all of CAPTION_SETS) picks caption sets. Every row has the mean
-    alignment score of its videos with their prompts when an alignment model is found
-    (`alignment`, else the model's own); `candidates` > 1 scores best-of-N videos
-    (`vdm.inference.rerank`) and `alignment_guidance` > 0 steers the sampler with it
-    (`vdm.inference.guidance`); both need one.
+    `captions`: caption sets (default all). Rows have the mean alignment score of their videos
+    when an alignment model is found (`alignment`, else the model's own), which `candidates` > 1
+    (best-of-N) and `alignment_guidance` > 0 (`vdm.inference.guidance`) need.
     """
-    captions = _caption_sets(captions)
-    if candidates < 1:
-        raise UserError(f"--candidates must be >= 1 (1 = no reranking), got {candidates}.")
-    if num_videos is not None and num_videos < MIN_VIDEOS:
-        raise UserError(
-            f"--num_videos {num_videos} is too few: the Fréchet distance compares the covariance "
-            f"of two halves of the real videos, which needs at least {MIN_VIDEOS} videos "
-            f"(hundreds for a stable figure; default config.eval.num_videos). Pass "
-            f"--num_videos >= {MIN_VIDEOS}."
-        )
-    paths.check_output_dir(output_dir, "--output_dir", create=False)
+    captions = _check_request(captions, candidates, num_videos, output_dir)
     pipe = _load(checkpoint, random_weights, seed)
-    required = candidates > 1 or alignment is not None or bool(alignment_guidance)
-    aligner = _aligner(pipe, alignment, required=required)
+    aligner = _aligner(pipe, alignment, required=candidates > 1 or bool(alignment_guidance))
     pipe = align_guidance.guided(pipe, aligner, alignment_guidance)
     cfg = pipe.config
     base = pipe.settings.override(guidance=guidance, shift=shift)
@@ -112,24 +99,18 @@ def run(
     results = {
         "checkpoint": checkpoint or pipeline.DEFAULT_MODEL,
         "num_videos": ceilings.pop("num_videos"),
-        "seed": seed,
-        "random_weights": random_weights,
-        "guidance": base.guidance,
+        **dict(seed=seed, random_weights=random_weights, guidance=base.guidance),
         "shift": pipe.sampling_spec(base.shift).shift,
-        "candidates": candidates,
-        "alignment_guidance": alignment_guidance,
+        **dict(candidates=candidates, alignment_guidance=alignment_guidance),
         "alignment": aligner.source if aligner else None,
         **ceilings,
         "settings": [],
     }
-    scoring = (aligner, candidates)
     for caption_set in captions:
         for eta, settings in grid:
-            row = _evaluate_row(
-                pipe, num_videos, settings, eta, seed, caption_set, output_dir, scoring
-            )
+            row = _evaluate_row(pipe, num_videos, settings, eta, seed, caption_set, output_dir,
+                                (aligner, candidates))  # fmt: skip
             results["settings"].append(row)
-            print(json.dumps(row), flush=True)
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(format_table(results))
@@ -152,18 +133,29 @@ def _load(checkpoint: str | None, random_weights: bool, seed: int) -> pipeline.P
     return pipe
 
 
-def _caption_sets(captions: Sequence[str] | None) -> list[str]:
-    """The caption sets asked for (default all), checked."""
+def _check_request(captions, candidates: int, num_videos: int | None, output_dir: str) -> list:
+    """What can be checked before the model loads; returns the caption sets (default all)."""
     captions = list(captions or CAPTION_SETS)
     bad = [c for c in captions if c not in CAPTION_SETS]
     if bad or not captions:
         raise UserError(f"Unknown caption set(s) {bad} (--captions); choose from {CAPTION_SETS}.")
+    if candidates < 1:
+        raise UserError(f"--candidates must be >= 1 (1 = no reranking), got {candidates}.")
+    if num_videos is not None and num_videos < MIN_VIDEOS:
+        raise UserError(
+            f"--num_videos {num_videos} is too few: the Fréchet distance compares the covariance "
+            f"of two halves of the real videos, which needs at least {MIN_VIDEOS} videos "
+            f"(hundreds for a stable figure; default config.eval.num_videos). Pass "
+            f"--num_videos >= {MIN_VIDEOS}."
+        )
+    paths.check_output_dir(output_dir, "--output_dir", create=False)
     return captions
 
 
 def _aligner(pipe, path: str | None, required: bool):
     """The alignment model scoring the rows: `path`, else the model's own; None (with a note)
-    when there is none and none is required."""
+    when there is none and none is required (`path` given = required)."""
+    required = required or path is not None
     try:
         return alignment.load_aligner(pipe, path)
     except UserError as e:
@@ -226,6 +218,7 @@ def _evaluate_row(pipe, num_videos, settings, eta, seed, captions, output_dir, s
     tag = "" if eta is None else f"_eta{eta:g}"
     name = f"{captions}_{settings.sampler}{tag}_{settings.num_steps}.png"
     video.contact_sheet(videos[:8], captions=prompts[:8], path=os.path.join(output_dir, name))
+    print(json.dumps(row), flush=True)
     return row
 
 

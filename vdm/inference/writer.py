@@ -69,9 +69,7 @@ def run(
         loads), or a request whose .npy files would not fit on the disk (before sampling).
     """
     sampling = dict(sampling or {})
-    _check_request(prompts, sampling, num_samples, formats, batch_size)
-    if candidates < 1:
-        raise UserError(f"--candidates must be >= 1 (1 = no reranking), got {candidates}.")
+    _check_request(prompts, sampling, num_samples, formats, batch_size, candidates)
     size = _size(size)
     paths.check_output_dir(output_dir, "--output_dir", create=False)  # made when writing
     t0 = time.perf_counter()
@@ -79,10 +77,7 @@ def run(
     pipe = load.load_pipeline(checkpoint, **size)
     _check_size(pipe, len(prompts) * num_samples, num_samples, formats, output_dir)
     chosen = pipe.settings.override(**sampling)
-    aligner = None
-    if candidates > 1 or alignment_guidance:
-        aligner = alignment_lib.load_aligner(pipe, alignment)
-        pipe = guidance.guided(pipe, aligner, alignment_guidance)
+    pipe, aligner = _with_alignment(pipe, chosen, candidates, alignment, alignment_guidance)
     # What each record states: the settings with the shift the sampler used (unset = training's).
     record = {**dataclasses.asdict(chosen), "shift": pipe.sampling_spec(chosen.shift).shift}
     if alignment_guidance:
@@ -91,19 +86,36 @@ def run(
     if len(prompts) * num_samples >= LARGE_REQUEST:
         _warn_eta(pipe, prompts, num_samples, call)
     out = _Run(output_dir, prompts, formats, pipe.config.data.fps, {"seed": seed, **record})
-    records = []  # videos are written batch by batch, as they are made
+    records = _generate(pipe, aligner, prompts, out, candidates, num_samples, call)
+    print(f"Wrote {len(records) // len(formats)} video(s) to {output_dir}/ in "
+          f"{time.perf_counter() - t0:.1f} s.")  # fmt: skip
+    return records
+
+
+def _with_alignment(pipe, chosen, candidates: int, alignment, scale: float):
+    """(the pipeline, guided when `scale` > 0; the Aligner, or None when neither best-of-N nor
+    guidance needs one)."""
+    if candidates == 1 and not scale:
+        return pipe, None
+    if scale and chosen.sampler == "unipc":
+        raise UserError("--alignment_guidance steers euler, ddim and dpmpp2m, not unipc.")
+    aligner = alignment_lib.load_aligner(pipe, alignment)
+    return guidance.guided(pipe, aligner, scale), aligner
+
+
+def _generate(pipe, aligner, prompts, out, candidates: int, num_samples: int, call) -> list[dict]:
+    """Makes and writes the videos batch by batch (best-of-`candidates` when > 1: one prompt's
+    candidates at a time); returns the records written."""
+    records = []
     if candidates > 1:
         print(f"Best of {candidates}: scoring candidates with {aligner.source}", flush=True)
         kw = dict(candidates=candidates, num_samples=num_samples, progress=True, **call)
         for c in rerank.iter_best_of_n(pipe, aligner, prompts, **kw):
             pairs = [(c.prompt_idx, i) for i in range(num_samples)]
             records += out.write(pairs, c.videos, c.records())
-    else:
-        for pairs, videos in pipe.iter_videos(prompts, num_samples=num_samples, progress=True,
-                                              **call):  # fmt: skip
-            records += out.write(pairs, videos)
-    print(f"Wrote {len(records) // len(formats)} video(s) to {output_dir}/ in "
-          f"{time.perf_counter() - t0:.1f} s.")  # fmt: skip
+        return records
+    for pairs, videos in pipe.iter_videos(prompts, num_samples=num_samples, progress=True, **call):
+        records += out.write(pairs, videos)
     return records
 
 
@@ -176,8 +188,10 @@ def _size(size: Mapping[str, int | None] | None) -> dict[str, int | None]:
     return size
 
 
-def _check_request(prompts, sampling, num_samples, formats, batch_size) -> None:
+def _check_request(prompts, sampling, num_samples, formats, batch_size, candidates=1) -> None:
     """Everything about the request that can be checked before the model loads."""
+    if candidates < 1:
+        raise UserError(f"--candidates must be >= 1 (1 = no reranking), got {candidates}.")
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise UserError(f"Unknown output format(s) {bad}; choose from {list(FORMATS)}.")
