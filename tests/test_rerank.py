@@ -110,3 +110,17 @@ def test_guidance_raises_the_alignment_score_of_the_sampled_latents(pipe, aligne
         guidance.guided(pipe, aligner, -1.0)
     videos = guided_pipe([A], seed=0)  # the whole program traces with the guide inside
     assert videos.shape[0] == 1 and videos.dtype == np.uint8
+
+
+def test_bad_candidates_captions_and_guidance_are_named_before_loading(tmp_path):
+    from vdm.eval import runner
+    from vdm.inference import writer
+
+    out = str(tmp_path / "out")
+    with pytest.raises(UserError, match="--candidates"):
+        writer.run(["a 3 moving up"], candidates=0, output_dir=out)
+    with pytest.raises(UserError, match="--candidates"):
+        runner.run(candidates=0, output_dir=out)
+    with pytest.raises(UserError, match="--captions"):
+        runner.run(captions=["caption_nope"], output_dir=out)
+    assert not (tmp_path / "out").exists()
