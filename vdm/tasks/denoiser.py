@@ -186,7 +186,8 @@ class DenoiserTask(Task):
 
     def evaluate(self, params, frozen, step, workdir):
         """Samples test prompts with the given (EMA) params, scores them with the project's
-        metrics (moving digits only) and writes a contact sheet of previews."""
+        metrics (moving digits only), with the alignment score (`eval/alignment`, any data) when
+        an alignment model fits, and writes a contact sheet of previews."""
         pipe = self.pipeline(params, frozen)
         metrics = {}
         n = self.config.eval.during_training
@@ -196,7 +197,7 @@ class DenoiserTask(Task):
         else:
             prompts = list(pipeline.PREVIEW_PROMPTS)
             videos = pipe(prompts, seed=self.config.seed)
-        aligner = self._aligner(pipe)
+        aligner = self._aligner(pipe) if n else None
         if aligner is not None:  # works on any data: the score of the videos with their prompts
             metrics["alignment"] = float(aligner.score_videos(videos, prompts).mean())
         del aligner
