@@ -1,10 +1,14 @@
 """Scores a text-to-video checkpoint with the project's sample-quality metrics.
 
   python eval.py [--checkpoint DIR] [--num_videos 200] [--samplers euler,ddim,dpmpp2m] \
-      [--num_steps 10,20,50] [--eta 0,1] [--output_dir eval_out/]
+      [--num_steps 10,20,50] [--eta 0,1] [--output_dir eval_out/] \
+      [--captions caption_vocab] [--candidates N] [--alignment DIR] \
+      [--alignment_guidance 0.1]
 
 Prints a table and writes eval_out/metrics.json plus a contact sheet per setting. With no
---checkpoint it evaluates the bundled default model. All logic lives in `vdm.eval.runner`.
+--checkpoint it evaluates the bundled default model. With an alignment model (the bundled model
+has one) every row also has the mean alignment score of its videos with their prompts;
+--candidates N scores best-of-N videos (vdm.inference.rerank). All logic lives in `vdm.eval.runner`.
 """
 
 from absl import app, flags
@@ -26,6 +30,18 @@ _ETA = flags.DEFINE_list(
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "eval_out", "Where metrics.json goes.")
+_CAPTIONS = flags.DEFINE_list(
+    "captions", None, "Caption sets (default all): caption, caption_heldout, caption_vocab."
+)
+_CANDIDATES = flags.DEFINE_integer(
+    "candidates", 1, "Best-of-N: score the best-aligned of N candidates per prompt."
+)
+_ALIGNMENT = flags.DEFINE_string(
+    "alignment", None, "Alignment model for the alignment column (default: the model's own)."
+)
+_ALIGNMENT_GUIDANCE = flags.DEFINE_float(
+    "alignment_guidance", 0.0, "Alignment guidance step for every row (0 = off)."
+)
 _RANDOM = flags.DEFINE_bool(
     "random_weights", False, "Re-initialise the denoiser randomly (shows the metrics can fail)."
 )
@@ -71,6 +87,10 @@ def main(argv):
             seed=_SEED.value,
             output_dir=_OUTPUT_DIR.value,
             random_weights=_RANDOM.value,
+            captions=_CAPTIONS.value,
+            candidates=_CANDIDATES.value,
+            alignment=_ALIGNMENT.value,
+            alignment_guidance=_ALIGNMENT_GUIDANCE.value,
         )
 
 

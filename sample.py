@@ -3,7 +3,8 @@
   python sample.py --prompt "the digit 4 moving down" [--prompt ...] [--checkpoint DIR] --seed 0 \
       [--num_samples N] [--num_steps 30] [--sampler euler|ddim|dpmpp2m] [--eta 1] [--guidance 5.0] \
       [--negative_prompt ...] [--shift 3.0] [--output_dir out/] [--formats mp4,gif,npy,png] \
-      [--num_frames 81 --height 480 --width 832]
+      [--num_frames 81 --height 480 --width 832] [--candidates N] [--alignment DIR] \
+      [--alignment_guidance 0.1]
 
 With no --checkpoint it uses the bundled default model. --checkpoint also takes a Wan 2.1
 Diffusers-format directory or hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers); only Wan models
@@ -58,6 +59,21 @@ _FORMATS = flags.DEFINE_list(
     ["mp4", "gif", "npy", "png"],
     "Output formats; also 'latent': the denoised latents (.npz; python -m vdm.decode FILE).",
 )
+_CANDIDATES = flags.DEFINE_integer(
+    "candidates",
+    1,
+    "Best-of-N: draw N candidates per video (reproducible from the seed) and keep the one the "
+    "alignment model scores highest; samples.jsonl records every candidate's score.",
+)
+_ALIGNMENT = flags.DEFINE_string(
+    "alignment", None, "Alignment model for --candidates (default: the model's own)."
+)
+_ALIGNMENT_GUIDANCE = flags.DEFINE_float(
+    "alignment_guidance",
+    0.0,
+    "Alignment guidance step (> 0: each sampler step moves the predicted clean latents along the "
+    "alignment score's gradient by this many RMS units; try 0.1; 0 = off).",
+)
 _BATCH = flags.DEFINE_integer(
     "batch_size", 8, "Videos dispatched at once, one per device per call (result is unchanged)."
 )
@@ -88,6 +104,9 @@ def main(argv):
             batch_size=_BATCH.value,
             size={"num_frames": _NUM_FRAMES.value, "height": _HEIGHT.value,
                   "width": _WIDTH.value},
+            candidates=_CANDIDATES.value,
+            alignment=_ALIGNMENT.value,
+            alignment_guidance=_ALIGNMENT_GUIDANCE.value,
         )  # fmt: skip
 
 

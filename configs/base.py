@@ -17,6 +17,7 @@ Sections (each built by its own function below):
   checkpoint              orbax CheckpointManager settings
   sample                  defaults of sample.py and of in-training sample previews
   eval                    defaults of eval.py
+  alignment               the text-video alignment model (stage "alignment" trains it)
 """
 
 from ml_collections import ConfigDict
@@ -311,13 +312,38 @@ def _eval() -> ConfigDict:
     return e
 
 
+def _alignment() -> ConfigDict:
+    """The text-video alignment model (vdm.models.alignment): a video tower on normalized VAE
+    latents and a small head on the frozen text encoder's sentence embedding, trained
+    contrastively by stage "alignment" (configs/alignment.py). Its cosine score is eval.py's
+    alignment row, sample.py's --candidates reranker and --alignment_guidance."""
+    a = ConfigDict()
+    a.variant = "S"  # named size: vdm.models.alignment.VARIANTS ("mu" tests, "S" bundled).
+    # Typed placeholders (None = the variant's value), as for the VAE.
+    a.width = placeholder(int)  # video tower token width.
+    a.depth = placeholder(int)  # video tower blocks (joint space-time attention + MLP).
+    a.num_heads = placeholder(int)
+    a.embed_dim = placeholder(int)  # the shared embedding size.
+    a.text_hidden = placeholder(int)  # hidden size of the text head's MLP.
+    a.dtype = "float32"
+    # The trained alignment model eval.py and sample.py score with: a training workdir / step dir
+    # of stage "alignment", or "" = the model's own bundle part alignment/ (the bundled model has
+    # one). It must have been trained on the same VAE and text encoder as the model it scores.
+    a.checkpoint = ""
+    # Stage "alignment": a few in-training retrieval figures on this many test pairs (0 = off).
+    a.eval_pairs = 500
+    return a
+
+
 def get_config() -> ConfigDict:
     c = ConfigDict()
     # The schema this config follows (= vdm.config.CONFIG_VERSION); saved configs record it, and
     # vdm.config.upgrade brings an older one (from a checkpoint or a bundle) to the current schema.
-    c.version = 5
+    c.version = 6
     c.seed = 0  # every random draw is fold_in(key(seed), stream, step, ...).
-    c.stage = "denoiser"  # "autoencoder" | "denoiser" | "wan" (configs/wan_finetune.py)
+    c.stage = (
+        "denoiser"  # "autoencoder" | "denoiser" | "alignment" | "wan" (configs/wan_finetune.py)
+    )
     c.parallel = "jit"  # "jit" (mesh + NamedSharding) | "pmap" (data-parallel)
     c.data = _data()
     c.vae = _vae()
@@ -330,4 +356,5 @@ def get_config() -> ConfigDict:
     c.checkpoint = _checkpoint()
     c.sample = _sample()
     c.eval = _eval()
+    c.alignment = _alignment()
     return c

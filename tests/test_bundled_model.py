@@ -90,8 +90,16 @@ def test_eval_cli_writes_metrics_table_and_contact_sheets(tmp_path, capsys):
         for captions in ("caption", "caption_heldout", "caption_vocab")
         for sampler, eta in (("euler", None), ("ddim", 0.0), ("ddim", 1.0))
     ]
-    for key in ("real", "real_through_vae"):
-        assert set(res[key]) == {"digit_acc", "direction_acc", "consistency", "frechet"}
+    for key in ("real", "real_through_vae"):  # the bundle's alignment model scores them too
+        assert set(res[key]) == {
+            "digit_acc",
+            "direction_acc",
+            "consistency",
+            "frechet",
+            "alignment",
+        }
+    assert res["real"]["alignment"] > 0.5  # real clips match their captions
+    assert all(-1.0 <= r["alignment"] <= 1.0 for r in res["settings"])
     assert res["real"]["consistency"] >= res["real_through_vae"]["consistency"] - 0.05
     assert 15.0 < res["vae_psnr"] < 60.0 and 0.5 < res["vae_ssim"] <= 1.0
     table = capsys.readouterr().out

@@ -203,7 +203,7 @@ def _split(override: str) -> tuple[str, str]:
 
 
 _CHOICES = {
-    "stage": ("autoencoder", "denoiser", "wan"),
+    "stage": ("autoencoder", "denoiser", "alignment", "wan"),
     "parallel": PARALLEL_MODES,
     "model.attention": ("factorized", "full", "spatial_only"),
     "model.remat": ("none", "block", "dots"),
@@ -305,7 +305,7 @@ def validate(config: ConfigDict) -> None:
 # -- upgrades of saved configs ---------------------------------------------------------------------
 # A config saved with a checkpoint or a bundle is read back by newer code. `config.version` (absent
 # = 0) says which schema it follows; `upgrade` brings it to CONFIG_VERSION, one step per version.
-CONFIG_VERSION = 5
+CONFIG_VERSION = 6
 
 # Version 1: fields added to configs/base.py after models were saved, at their base.py defaults.
 # A missing field would break `--config` overrides of it (e.g. `export --sample shift=3`) and the
@@ -341,6 +341,21 @@ _V4_FIELDS = {
 _V5_FIELDS = {"data.exclude": lambda: "", "data.allow_no_consent": lambda: False}
 
 
+# Version 6: the text-video alignment model's section (vdm.models.alignment; configs/base.py
+# `_alignment`, whose defaults these are). Older models have no alignment model of their own.
+_V6_SECTION = {
+    "variant": "S",
+    "width": None,
+    "depth": None,
+    "num_heads": None,
+    "embed_dim": None,
+    "text_hidden": None,
+    "dtype": "float32",
+    "checkpoint": "",
+    "eval_pairs": 500,
+}
+
+
 def _add_fields(config: ConfigDict, fields) -> None:
     for key, default in fields.items():
         section, leaf = key.split(".")
@@ -369,12 +384,23 @@ def _to_v5(config: ConfigDict) -> None:
     _add_fields(config, _V5_FIELDS)
 
 
+def _to_v6(config: ConfigDict) -> None:
+    if "alignment" not in config:
+        sizes = ("width", "depth", "num_heads", "embed_dim", "text_hidden")
+        section = ConfigDict(
+            {k: placeholder(int) if k in sizes else v for k, v in _V6_SECTION.items()}
+        )
+        with config.unlocked():
+            config.alignment = section
+
+
 _UPGRADES = (
     _to_v1,
     _to_v2,
     _to_v3,
     _to_v4,
     _to_v5,
+    _to_v6,
 )  # _UPGRADES[v] upgrades a version-v config to version v + 1
 
 

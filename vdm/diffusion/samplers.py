@@ -256,13 +256,29 @@ def _unipc_impl(model_fn, noise, cond, null_cond, guidance, ts, model_ts, spec):
     return x
 
 
+def steer_output(out, x, t, spec: DiffusionSpec, x0_guide):
+    """The raw output whose x0 prediction is `x0_guide(x0_hat, t)` at the same x_t (alignment
+    guidance). x_t = alpha x0 + sigma eps is held fixed, so moving x0 by d moves eps by
+    -alpha / sigma d, which moves the raw output by: flow (v = eps - x0) -d / t; eps
+    -alpha / sigma d; v (= alpha eps - sigma x0) -d / sigma (alpha^2 + sigma^2 = 1)."""
+    x0 = schedules.predictions(out, x, t, spec)[0]
+    d = x0_guide(x0, t) - x0
+    alpha, sigma = schedules.alpha_sigma(_expand(jnp.asarray(t, jnp.float32), x0), spec)
+    if spec.is_flow or spec.objective == "v":
+        return out - d / sigma
+    return out - alpha / sigma * d
+
+
 def _sample_impl(
-    model_fn, noise, cond, null_cond, guidance, eta, key, *, sampler, num_steps, spec, time_grid
-):
+    model_fn, noise, cond, null_cond, guidance, eta, key, *, sampler, num_steps, spec, time_grid,
+    x0_guide=None,
+):  # fmt: skip
     ts, model_ts = schedules.sampling_grid(num_steps, spec, time_grid)
     if null_cond is not None:
         null_cond = _batch_null(null_cond, cond)
     if sampler == "unipc":
+        if x0_guide is not None:
+            raise ValueError("alignment guidance (x0_guide) is not implemented for unipc.")
         return _unipc_impl(model_fn, noise, cond, null_cond, guidance, ts, model_ts, spec)
     t_prev = np.concatenate([ts[:1], ts[:-2]])  # step i's previous time (step 0: itself, unused)
     xs = (jnp.arange(num_steps), jnp.asarray(t_prev), jnp.asarray(ts[:-1]), jnp.asarray(ts[1:]))
@@ -277,6 +293,8 @@ def _sample_impl(
         i, tp, s, t = inp[:4]
         ms = inp[4] if len(inp) > 4 else s  # the time the model sees (diffusers grids)
         out = guided_output(model_fn, x, ms, cond, null_cond, guidance)
+        if x0_guide is not None:
+            out = steer_output(out, x, s, spec, x0_guide)
         z = None if key is None else _step_noise(key, i, x.shape)
         if sampler == "euler":
             x_new, x0 = euler_step(x, out, s, t, spec), x0_prev
@@ -339,6 +357,7 @@ def sample(
     eta=0.0,
     key: jax.Array | None = None,
     time_grid: str = "uniform",
+    x0_guide: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Integrates from `noise` (t = 1) to data (t = 0) with classifier-free guidance.
 
@@ -366,6 +385,8 @@ def sample(
         "ddim" and "dpmpp2m" unless eta is a concrete 0.
       time_grid: the times visited (`schedules.TIME_GRIDS`): "uniform" (vdm's), or a
         diffusers scheduler's grid ("diffusers_euler", "diffusers_unipc") for pretrained models.
+      x0_guide: `x0_guide(x0_hat, t) -> x0` applied to each step's guided prediction of the
+        clean latents (`steer_output`; e.g. alignment guidance); None = none.
 
     Returns:
       x0, float32, shaped like `noise`.
@@ -381,7 +402,18 @@ def sample(
     kwargs = dict(sampler=sampler, num_steps=int(num_steps), spec=spec, time_grid=time_grid)
     schedules.sampling_grid(int(num_steps), spec, time_grid)  # checks the grid before tracing
     args = (noise, cond, null_cond, guidance, eta, key)
-    if _is_traced(args) or _is_traced(model_fn):
+    return _dispatch(model_fn, args, kwargs, x0_guide)
+
+
+def _dispatch(model_fn, args, kwargs, x0_guide):
+    """`_sample_impl` inlined (inside an outer jit), else through the kept jitted program (a
+    closure `x0_guide` cannot be its argument: then it is traced per call)."""
+    traced = _is_traced(args) or _is_traced(model_fn)
+    if x0_guide is not None:
+        kwargs = {**kwargs, "x0_guide": x0_guide}
+        if not traced:
+            return jax.jit(functools.partial(_sample_impl, model_fn, **kwargs))(*args)
+    if traced:
         return _sample_impl(model_fn, *args, **kwargs)
     if not isinstance(model_fn, Partial):
         model_fn = Partial(model_fn)

@@ -235,6 +235,7 @@ def evaluate_pipeline(
     settings: SamplingSettings | None = None,
     seed: int = 0,
     captions: str = "caption",
+    generate=None,
 ) -> tuple[dict[str, float], np.ndarray, list[str]]:
     """Generates one video per test prompt and scores it against the prompt's labels.
 
@@ -245,13 +246,16 @@ def evaluate_pipeline(
       seed: sampling seed.
       captions: "caption" (training templates), "caption_heldout" (sentence frames never trained
         on) or "caption_vocab" (words and frames never trained on).
+      generate: `generate(prompts, seed=, settings=) -> uint8 videos` instead of `pipe(...)`
+        (e.g. best-of-N, `vdm.inference.rerank`).
 
     Returns:
       (metrics, generated uint8 videos, prompts).
     """
     ex = test_examples(pipe.config.data, num_videos)
     prompts = [str(c) for c in ex[captions]]
-    videos = pipe(prompts, seed=seed, settings=settings, progress=True)
+    generate = generate or functools.partial(pipe, progress=True)
+    videos = generate(prompts, seed=seed, settings=settings)
     clf = classifier_for(pipe.config.data)
     metrics = score_videos(videos, ex["digit"], ex["direction"], clf, reference=ex["video"])
     return metrics, videos, prompts

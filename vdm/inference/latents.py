@@ -41,7 +41,7 @@ def _sample_one(pipe, params, ctx, mask, null_ctx, null_mask, noise_key, eta_key
     z = samplers.sample(
         pipe.model_fn(params, time_grid), noise, (ctx, mask), (null_ctx, null_mask),
         sampler=sampler, num_steps=num_steps, guidance=guidance, diffusion_config=spec, eta=eta,
-        key=eta_key, time_grid=time_grid,
+        key=eta_key, time_grid=time_grid, x0_guide=pipe.x0_guide(ctx, mask),
     )  # fmt: skip
     return z * pipe._scale + pipe._shift
 

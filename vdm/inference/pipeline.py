@@ -174,9 +174,15 @@ class Pipeline:
             eta=eta,
             key=key,
             time_grid=time_grid,
+            x0_guide=self.x0_guide(ctx, mask),
         )
         video = self.decode(vae_params, z * self._scale + self._shift)
         return ae.to_uint8(video) if uint8 else video
+
+    def x0_guide(self, ctx, mask):
+        """The sampler's `x0_guide` for prompts (ctx, mask): None here; alignment guidance
+        (`vdm.inference.guidance.GuidedPipeline`) overrides it."""
+        return None
 
     def model_fn(self, params, time_grid: str = "uniform"):
         """`model_fn(x, t, (ctx, mask)) -> raw output` of the denoiser with `params` (what the

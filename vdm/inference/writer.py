@@ -24,7 +24,8 @@ import numpy as np
 
 from vdm import paths
 from vdm.errors import UserError
-from vdm.inference import labels, latents, load, pipeline, settings
+from vdm.inference import alignment as alignment_lib
+from vdm.inference import guidance, labels, latents, load, pipeline, rerank, settings
 from vdm.io import video
 
 FORMATS = ("mp4", "gif", "npy", "png")
@@ -46,6 +47,9 @@ def run(
     formats: Sequence[str] = FORMATS,
     batch_size: int = 8,
     size: Mapping[str, int | None] | None = None,
+    candidates: int = 1,
+    alignment: str | None = None,
+    alignment_guidance: float = 0.0,
 ) -> list[dict]:
     """Generates and writes videos; returns the records written to samples.jsonl.
 
@@ -58,13 +62,18 @@ def run(
         keep the default), e.g. {"num_steps": 10, "guidance": None}.
       size: {"num_frames", "height", "width"} of the videos (None values keep the model's; only
         Wan models can change them).
+      candidates: N > 1 draws N candidates per video and keeps the best-aligned one
+        (`vdm.inference.rerank`); the records then hold every candidate's alignment score.
+      alignment: the alignment model scoring them (default: the model's own, `load_aligner`).
+      alignment_guidance: > 0 steers every sampler step by the alignment score's gradient with
+        this step size (`vdm.inference.guidance`).
 
     Raises:
       UserError: a bad format, count, setting, prompt or output directory (before the model
         loads), or a request whose .npy files would not fit on the disk (before sampling).
     """
     sampling = dict(sampling or {})
-    _check_request(prompts, sampling, num_samples, formats, batch_size)
+    _check_request(prompts, sampling, num_samples, formats, batch_size, candidates)
     size = _size(size)
     paths.check_output_dir(output_dir, "--output_dir", create=False)  # made when writing
     t0 = time.perf_counter()
@@ -72,21 +81,49 @@ def run(
     pipe = load.load_pipeline(checkpoint, **size)
     _check_size(pipe, len(prompts) * num_samples, num_samples, formats, output_dir)
     chosen = pipe.settings.override(**sampling)
+    pipe, aligner = _with_alignment(pipe, chosen, candidates, alignment, alignment_guidance)
     # What each record states: the settings with the shift the sampler used (unset = training's).
     record = {**dataclasses.asdict(chosen), "shift": pipe.sampling_spec(chosen.shift).shift}
+    if alignment_guidance:
+        record["alignment_guidance"] = float(alignment_guidance)
     call = dict(seed=seed, settings=chosen, batch_size=batch_size)
     if len(prompts) * num_samples >= LARGE_REQUEST:
         _warn_eta(pipe, prompts, num_samples, call)
     record = {"seed": seed, **record, labels.FIELD: labels.model_label(checkpoint, pipe.config)}
     out = _Run(output_dir, prompts, formats, pipe.config.data.fps, record)
-    records = []  # videos are written batch by batch, as they are made
-    for pairs, videos in pipe.iter_videos(prompts, num_samples=num_samples, progress=True, **call):
-        z = None
-        if "latent" in formats:  # the same keys and sampler, without the decoder
-            z = latents.sample(pipe, prompts, pairs, seed=seed, settings=chosen)
-        records += out.write(pairs, videos, z)
+    records = _generate(pipe, aligner, prompts, out, candidates, num_samples, call)
     print(f"Wrote {len(records) // len(formats)} video(s) to {output_dir}/ in "
           f"{time.perf_counter() - t0:.1f} s.")  # fmt: skip
+    return records
+
+
+def _with_alignment(pipe, chosen, candidates: int, alignment, scale: float):
+    """(the pipeline, guided when `scale` > 0; the Aligner, or None when neither best-of-N nor
+    guidance needs one)."""
+    if candidates == 1 and not scale:
+        return pipe, None
+    if scale and chosen.sampler == "unipc":
+        raise UserError("--alignment_guidance steers euler, ddim and dpmpp2m, not unipc.")
+    aligner = alignment_lib.load_aligner(pipe, alignment)
+    return guidance.guided(pipe, aligner, scale), aligner
+
+
+def _generate(pipe, aligner, prompts, out, candidates: int, num_samples: int, call) -> list[dict]:
+    """Makes and writes the videos batch by batch (best-of-`candidates` when > 1: one prompt's
+    candidates at a time); returns the records written."""
+    records = []
+    if candidates > 1:
+        print(f"Best of {candidates}: scoring candidates with {aligner.source}", flush=True)
+        kw = dict(candidates=candidates, num_samples=num_samples, progress=True, **call)
+        for c in rerank.iter_best_of_n(pipe, aligner, prompts, **kw):
+            pairs = [(c.prompt_idx, i) for i in range(num_samples)]
+            records += out.write(pairs, c.videos, c.records())
+        return records
+    for pairs, videos in pipe.iter_videos(prompts, num_samples=num_samples, progress=True, **call):
+        z = None
+        if "latent" in out.formats:  # the same keys and sampler, without the decoder
+            z = latents.sample(pipe, prompts, pairs, seed=call["seed"], settings=call["settings"])
+        records += out.write(pairs, videos, z=z)
     return records
 
 
@@ -125,16 +162,24 @@ class _Run:
         os.makedirs(self.output_dir, exist_ok=True)
         self.id, self.prefix = _claim_run(self.output_dir)
 
-    def write(self, pairs: Sequence[tuple[int, int]], videos: np.ndarray, z=None) -> list[dict]:
-        """Writes video n as sample pairs[n] = (prompt index, sample index) in every format
-        (`z`: the videos' latents, for the "latent" format)."""
+    def write(
+        self,
+        pairs: Sequence[tuple[int, int]],
+        videos: np.ndarray,
+        extra: Sequence[dict] = (),
+        z: np.ndarray | None = None,
+    ) -> list[dict]:
+        """Writes video n as sample pairs[n] = (prompt index, sample index) in every format;
+        `extra[n]` (if given) is added to video n's records; `z[n]` is its latents (for the
+        "latent" format)."""
         records = []
-        for n, ((p, i), frames) in enumerate(zip(pairs, videos, strict=True)):
+        extra = list(extra) or [{}] * len(videos)
+        for n, ((p, i), frames, more) in enumerate(zip(pairs, videos, extra, strict=True)):
             for ext in self.formats:
                 name = f"{self.prefix}{p:03d}_{i:02d}."
                 path = os.path.join(self.output_dir, name + _EXTENSIONS.get(ext, ext))
                 record = {"prompt": self.prompts[p], "prompt_idx": p, "sample_idx": i,
-                          **self.record, "run": self.id, "file": path}  # fmt: skip
+                          **self.record, **more, "run": self.id, "file": path}  # fmt: skip
                 if ext == "latent":
                     latents.save(path, z[n], record, frames.shape, self.fps)
                 elif ext == "png":
@@ -163,8 +208,15 @@ def _size(size: Mapping[str, int | None] | None) -> dict[str, int | None]:
     return size
 
 
-def _check_request(prompts, sampling, num_samples, formats, batch_size) -> None:
+def _check_request(prompts, sampling, num_samples, formats, batch_size, candidates=1) -> None:
     """Everything about the request that can be checked before the model loads."""
+    if candidates < 1:
+        raise UserError(f"--candidates must be >= 1 (1 = no reranking), got {candidates}.")
+    if "latent" in formats and candidates > 1:
+        raise UserError(
+            "--formats latent re-samples each video without reranking; it cannot be combined "
+            f"with --candidates {candidates}. Drop one of them."
+        )
     bad = [f for f in formats if f not in FORMATS + OPTIONAL_FORMATS]
     if bad:
         raise UserError(

@@ -273,3 +273,51 @@ def write(
     with open(os.path.join(out_dir, MODEL_JSON), "w") as f:
         json.dump(meta, f, indent=1, default=list)
     return out_dir
+
+
+# -- the optional alignment part -------------------------------------------------------------------
+# MODEL/alignment/       EMA weights of the text-video alignment model (stage "alignment")
+# MODEL/alignment.json   {"config": its run's config, "text_encoder", "latent_stats", "source",
+#                         "retrieval": figures measured when it was bundled}
+ALIGNMENT = "alignment"
+ALIGNMENT_JSON = "alignment.json"
+
+
+def has_alignment(model_dir: str) -> bool:
+    """Whether an exported model dir has an alignment model part."""
+    return os.path.isfile(os.path.join(_abs(model_dir), ALIGNMENT_JSON))
+
+
+def write_alignment(model_dir: str, params: PyTree, meta: dict) -> str:
+    """Writes (replaces) the alignment part of an exported model dir; returns its weights dir.
+
+    Args:
+      model_dir: the exported model dir.
+      params: the alignment model's (EMA) weights.
+      meta: JSON-able facts (see the comment above); "config" is required.
+    """
+    if "config" not in meta:
+        raise ValueError("The alignment part's meta needs the run's 'config'.")
+    path = os.path.join(_abs(model_dir), ALIGNMENT)
+    save_tree(path, params)
+    with open(os.path.join(_abs(model_dir), ALIGNMENT_JSON), "w") as f:
+        json.dump(meta, f, indent=1, default=list)
+    return path
+
+
+def read_alignment(model_dir: str) -> tuple[dict, PyTree]:
+    """(alignment.json, weights) of an exported model dir's alignment part.
+
+    Raises:
+      FileNotFoundError: the model has no alignment part.
+      UserError: alignment.json is damaged.
+    """
+    file = os.path.join(_abs(model_dir), ALIGNMENT_JSON)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"The exported model '{model_dir}' has no alignment model part.")
+    try:
+        with open(file, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise UserError(f"{file} is damaged ({type(e).__name__}: {e}); bundle it again.") from None
+    return meta, restore_tree(os.path.join(_abs(model_dir), ALIGNMENT))

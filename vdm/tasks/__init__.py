@@ -1,5 +1,6 @@
 """Training stages by name. Each stage module defines one `Task` subclass."""
 
+from vdm.tasks.alignment import AlignmentTask
 from vdm.tasks.autoencoder import AutoencoderTask
 from vdm.tasks.base import Task
 from vdm.tasks.denoiser import DenoiserTask
@@ -9,6 +10,7 @@ _STAGES: dict[str, type[Task]] = {
     "autoencoder": AutoencoderTask,
     "denoiser": DenoiserTask,
     "wan": WanTask,
+    "alignment": AlignmentTask,
 }
 
 

@@ -21,8 +21,9 @@ from vdm import rng
 from vdm.data import cache
 from vdm.diffusion import losses
 from vdm.encoders import FrozenEncoders
+from vdm.errors import UserError
 from vdm.eval import digits
-from vdm.inference import pipeline
+from vdm.inference import alignment, pipeline
 from vdm.io import video as video_io
 from vdm.models import autoencoder as ae
 from vdm.models import denoiser as dn
@@ -167,9 +168,26 @@ class DenoiserTask(Task):
             params=params,
         )
 
+    def _aligner(self, pipe):
+        """An `Aligner` for `pipe` (`config.alignment.checkpoint`, else the bundled one), or None
+        when none fits this model (said once). The weights are read once; the Aligner is made
+        per evaluation because it holds the pipeline, whose params the next step donates."""
+        if not hasattr(self, "_alignment_weights"):
+            try:
+                a = alignment.load_aligner(pipe)
+                self._alignment_weights = (a.model, a.params, a.source)
+            except UserError as e:
+                print(f"In-training evaluation: no alignment score ({e})", flush=True)
+                self._alignment_weights = None
+        if self._alignment_weights is None:
+            return None
+        model, params, source = self._alignment_weights
+        return alignment.Aligner(model, params, pipe, source)
+
     def evaluate(self, params, frozen, step, workdir):
         """Samples test prompts with the given (EMA) params, scores them with the project's
-        metrics (moving digits only) and writes a contact sheet of previews."""
+        metrics (moving digits only), with the alignment score (`eval/alignment`, any data) when
+        an alignment model fits, and writes a contact sheet of previews."""
         pipe = self.pipeline(params, frozen)
         metrics = {}
         n = self.config.eval.during_training
@@ -179,6 +197,10 @@ class DenoiserTask(Task):
         else:
             prompts = list(pipeline.PREVIEW_PROMPTS)
             videos = pipe(prompts, seed=self.config.seed)
+        aligner = self._aligner(pipe) if n else None
+        if aligner is not None:  # works on any data: the score of the videos with their prompts
+            metrics["alignment"] = float(aligner.score_videos(videos, prompts).mean())
+        del aligner
         if jax.process_index() == 0:
             k = self.config.train.num_preview_samples
             path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
