@@ -103,12 +103,17 @@ class WanBuilt:
         return dataclasses.replace(self, arch=arch, compiler_options=COUNTING_OPTIONS)
 
 
-def wan_config(config: ConfigDict) -> ConfigDict:
-    """`config` with Wan's video and sampling defaults (`vdm.models.wan.pipeline.wan_config`'s
-    for the published checkpoints: UniPC, flow shift 3.0 at 480p, 50 steps, guidance 5)."""
+VIDEO = (wan.NUM_FRAMES, wan.HEIGHT, wan.WIDTH)  # Wan's default: 81 x 480 x 832
+
+
+def wan_config(config: ConfigDict, video: tuple[int, int, int] = VIDEO) -> ConfigDict:
+    """`config` with Wan's sampling defaults (`vdm.models.wan.pipeline.wan_config`'s for the
+    published checkpoints: UniPC, flow shift 3.0 at 480p, 50 steps, guidance 5) and `video`
+    (frames, height, width)."""
     c = config.copy_and_resolve_references()
+    frames, height, width = video
     with c.unlocked():
-        c.data.update(num_frames=wan.NUM_FRAMES, height=wan.HEIGHT, width=wan.WIDTH, fps=wan.FPS)
+        c.data.update(num_frames=frames, height=height, width=width, fps=wan.FPS)
         c.diffusion.update(objective="flow", shift=3.0, num_train_timesteps=1000)
         c.sample.update(sampler="unipc", num_steps=wan.NUM_STEPS, guidance=wan.GUIDANCE,
                         shift=3.0, time_grid="diffusers_unipc")  # fmt: skip
@@ -116,12 +121,13 @@ def wan_config(config: ConfigDict) -> ConfigDict:
     return c
 
 
-def build(name: str, config: ConfigDict, topology: Topology) -> WanBuilt:
-    """The Wan preset `name` ("1.3b" | "14b") with `config`'s mesh on `topology`."""
-    if name not in PRESETS:
+def build(name: str, config: ConfigDict, topology: Topology, video=VIDEO, arch=None) -> WanBuilt:
+    """The Wan preset `name` ("1.3b" | "14b"; or any name with `arch`) with `config`'s mesh on
+    `topology`, making `video` (frames, height, width)."""
+    if arch is None and name not in PRESETS:
         raise ConfigError(f"--wan={name!r} is not one of {sorted(PRESETS)}.")
     mesh = make_topology_mesh(config, topology)
-    return WanBuilt(name, PRESETS[name], wan_config(config), topology, mesh)
+    return WanBuilt(name, arch or PRESETS[name], wan_config(config, video), topology, mesh)
 
 
 def compile_program(fn, args, what: str, b: WanBuilt):
@@ -220,8 +226,8 @@ def _pipeline(b: WanBuilt, model: WanTransformer) -> WanPipeline:
                        devices=jax.local_devices()[:1])  # fmt: skip
 
 
-def _sample_program(b: WanBuilt, batch: int):
-    """`WanPipeline.generate` on `batch` videos: (compiled, seconds)."""
+def _sample_jit(b: WanBuilt, batch: int):
+    """(jitted `WanPipeline.generate` on `batch` videos, its abstract arguments)."""
     model = b.model(jnp.bfloat16, jnp.bfloat16)
     pipe = _pipeline(b, model)
     params, p_sh = placed(b, abstract_params(b, model))
@@ -242,7 +248,18 @@ def _sample_program(b: WanBuilt, batch: int):
     key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
     keys = sds(b, key.shape, key.dtype)
     scalar = sds(b, (), jnp.float32, rep)
-    args = (params, vae_params, ctx, mask, ctx, mask, noise, scalar, scalar, keys)
+    return jitted, (params, vae_params, ctx, mask, ctx, mask, noise, scalar, scalar, keys)
+
+
+def lower_sample(b: WanBuilt, batch: int):
+    """The sampler program lowered (traced for the mesh), not compiled."""
+    jitted, args = _sample_jit(b, batch)
+    return jitted.lower(*args)
+
+
+def _sample_program(b: WanBuilt, batch: int):
+    """`WanPipeline.generate` on `batch` videos: (compiled, seconds)."""
+    jitted, args = _sample_jit(b, batch)
     return compile_program(jitted, args, "sample", b)
 
 
