@@ -21,6 +21,9 @@ Modules, lower first:
   programs   compiling train_step, sample and text_encode into ProgramReports.
   runner     `run(config, topology, programs)`: all programs of one topology.
   __main__   the command line.
+  wan, wan_train, wan_cli
+             Wan 2.1 (vdm.models.wan): its sampler and a stand-in full / LoRA fine-tuning step,
+             `python -m vdm.tools.aot.wan_cli --wan 1.3b|14b --topology ...` (docs/aot.md).
 """
 
 from vdm.tools.aot import chips  # noqa: I001  (first: libtpu's environment before it loads)

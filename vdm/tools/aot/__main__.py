@@ -47,7 +47,7 @@ def main(argv: Sequence[str]) -> None:
         for name in F.topology:
             print(f"Compiling {', '.join(programs)} for {name} ...", flush=True)
             report = run(config, name, programs, sample_batch=F.sample_batch,
-                         frozen_sharding=F.frozen_sharding,
+                         frozen_sharding=F.frozen_sharding, count_flops=F.count_flops,
                          progress=lambda m: print(m, flush=True))  # fmt: skip
             print(format_report(report, os.path.basename(F["config"].config_filename or "")))
             reports.append(report)
@@ -71,6 +71,10 @@ def _define_flags() -> None:
     flags.DEFINE_enum(
         "frozen_sharding", "rules", list(FROZEN_SHARDINGS),
         "Frozen VAE / text-encoder weights: sharded by the logical-axis rules or replicated.",
+    )  # fmt: skip
+    flags.DEFINE_bool(
+        "count_flops", True,
+        "Scanned train step: also compile unrolled depth 1 and 2 for FLOPs (else memory only).",
     )  # fmt: skip
     flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
     flags.mark_flags_as_required(["config", "topology"])

@@ -40,6 +40,8 @@ class Built:
     encoders: PyTree  # {"vae", "text"} for the sampler / text encoder ({} for the VAE stage)
     encoder_shardings: PyTree
     compiler_options: dict | None = None  # XLA options of its compiles (unrolled_cost's)
+    # False: no FLOP-counting compiles for scanned blocks (memory only; `--nocount_flops`).
+    count_flops: bool = True
 
     @property
     def config(self):

@@ -99,6 +99,10 @@ def _scanned(config) -> bool:
     return config.stage == "denoiser" and bool(config.model.get("scan_layers", False))
 
 
+# The description of a scanned program whose FLOPs were not counted (`Built.count_flops`).
+NOT_COUNTED = "; FLOPs NOT COUNTED (--nocount_flops): the scanned block's counted once"
+
+
 def unrolled_cost(b: Built, compile_fn) -> tuple[float, float | None, float]:
     """(HLO FLOPs, cost-model seconds, compile seconds) of `b`'s program as if unrolled.
 
@@ -175,7 +179,7 @@ def compile_train_step(b: Built):
     batch_size = int(config.train.batch_size)
     compiled, seconds = _train_step_program(b)
     flops = {}
-    if _scanned(config):
+    if _scanned(config) and b.count_flops:
         hlo_flops, optimal, extra_seconds = unrolled_cost(b, _train_step_program)
         flops = dict(hlo_flops=hlo_flops, optimal=optimal)
         seconds += extra_seconds
@@ -189,6 +193,8 @@ def compile_train_step(b: Built):
     desc = f"{config.stage} train step, batch {batch_size}, {kind}"
     if flops:
         desc += "; scanned blocks: FLOPs from unrolled depth 1 and 2 compiles"
+    elif _scanned(config):
+        desc += NOT_COUNTED
     else:
         desc += _undercount_note(compiled)
     extra = splash_flops(b, batch_size * train_passes(config))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -33,6 +34,7 @@ def run(
     sample_batch: int | None = None,
     frozen_sharding: str = "rules",
     progress=None,
+    count_flops: bool = True,
 ) -> TopologyReport:
     """AOT-compiles `programs` of `config` for `topology`; never runs them.
 
@@ -43,6 +45,7 @@ def run(
       sample_batch: videos per sampler / text-encoder call (default: data x fsdp).
       frozen_sharding: "rules" or "replicated" (see `abstract.build`).
       progress: optional `progress(message)` called as each program is compiled.
+      count_flops: False skips the FLOP-counting compiles of a scanned train step (memory only).
 
     Returns:
       The TopologyReport (its `.compiled` maps program names to the compiled executables).
@@ -56,7 +59,7 @@ def run(
     with attention.target_platform("tpu"):
         topo = topology if isinstance(topology, Topology) else get_topology(topology)
         start = time.perf_counter()
-        b = build(config, topo, frozen_sharding)
+        b = dataclasses.replace(build(config, topo, frozen_sharding), count_flops=count_flops)
         build_seconds = time.perf_counter() - start
         batch = sample_batch or default_sample_batch(b.mesh)
         report = TopologyReport(topo, dict(b.mesh.shape), _params(b), [], frozen_sharding,
