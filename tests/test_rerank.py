@@ -119,6 +119,8 @@ def test_bad_candidates_captions_and_guidance_are_named_before_loading(tmp_path)
     out = str(tmp_path / "out")
     with pytest.raises(UserError, match="--candidates"):
         writer.run(["a 3 moving up"], candidates=0, output_dir=out)
+    with pytest.raises(UserError, match="--formats latent"):
+        writer.run(["a 3 moving up"], candidates=2, formats=["mp4", "latent"], output_dir=out)
     with pytest.raises(UserError, match="--candidates"):
         runner.run(candidates=0, output_dir=out)
     with pytest.raises(UserError, match="--captions"):

@@ -139,6 +139,8 @@ def describe(record: dict | None) -> list[str]:
     lines.append(f"  config.data.source: {record['data_source']}; stage {record['stage']}")
     lines.append(f"  config sha256 {record['config_hash']}; seed {record['seed']}")
     lines.append(f"  code: {record['code_version']}")
+    if record.get("note"):
+        lines.append(f"  note: {record['note']}")
     for old in record.get("history", []):
         used = (old.get("data") or {}).get("used_hash") or "not recorded"
         lines.append(f"  until step {old['until']} trained on other data: examples sha256 {used}")
