@@ -53,6 +53,9 @@ _NUM_FRAMES = flags.DEFINE_integer(
 )
 _HEIGHT = flags.DEFINE_integer("height", None, "Video height, a multiple of 16 (Wan only; 480).")
 _WIDTH = flags.DEFINE_integer("width", None, "Video width, a multiple of 16 (Wan only; 832).")
+_DTYPE = flags.DEFINE_string(
+    "dtype", None, "Wan pipelines only: float32 (default) or bfloat16 text encoder + transformer."
+)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "out", "Where videos and samples.jsonl go.")
 _FORMATS = flags.DEFINE_list(
     "formats",
@@ -107,6 +110,7 @@ def main(argv):
             candidates=_CANDIDATES.value,
             alignment=_ALIGNMENT.value,
             alignment_guidance=_ALIGNMENT_GUIDANCE.value,
+            dtype=_DTYPE.value,
         )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -183,6 +184,21 @@ def test_hub_id_not_in_the_cache_is_named(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="'Wan-AI/not-a-model-xyz' is not a local directory"):
         vdm.load_pipeline("Wan-AI/not-a-model-xyz")
+
+
+def test_dtype_sets_the_wan_weights_and_is_refused_elsewhere(unipc):
+    path = unipc[2]
+    pipe = load.load_pipeline(path, dtype="bfloat16")
+    flat = jax.tree_util.tree_flatten_with_path(pipe.params)[0]
+    kept = {jax.tree_util.keystr(k) for k, x in flat if x.dtype != jnp.bfloat16}
+    assert all(x.dtype in (jnp.bfloat16, jnp.float32) for _, x in flat)
+    # everything is bfloat16 but what diffusers keeps in float32
+    keep = ("scale_shift", "norm2", "time_embedder")
+    assert kept and all(any(n in k for n in keep) for k in kept), kept
+    with pytest.raises(UserError, match="--dtype float16: only a Wan pipeline"):
+        load.load_pipeline(path, dtype="float16")
+    with pytest.raises(UserError, match="--dtype bfloat16: only a Wan pipeline"):
+        load.load_pipeline(dtype="bfloat16")  # the bundled model
 
 
 def test_vdm_models_refuse_another_size():

@@ -21,6 +21,8 @@ from vdm.io import bundle, checkpoint
 from vdm.models.text import hub
 from vdm.models.wan import pipeline as wan_pipeline
 
+DTYPES = ("float32", "bfloat16")  # what --dtype takes (Wan pipelines)
+
 
 def is_wan(path: str | None) -> bool:
     """Whether `path` names a Wan pipeline: a local WanPipeline directory, or a hub id of the
@@ -51,6 +53,7 @@ def load_pipeline(
     num_frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
+    dtype: str | None = None,
 ) -> pipeline.Pipeline:
     """The pipeline of the model at `path` (module docstring), making videos of `num_frames`
     x `height` x `width` (None: the model's default; only Wan models can change them).
@@ -60,17 +63,26 @@ def load_pipeline(
       item, vae: for vdm training checkpoints (`vdm.inference.pipeline.load_pipeline`).
       devices: the devices to sample on (default: all local devices).
       num_frames, height, width: the video size (Wan: 4k + 1 frames, multiples of 16).
+      dtype: a Wan pipeline's text encoder and transformer dtype, "float32" (default) or
+        "bfloat16"; vdm's own models and Wan fine-tuning runs use the dtype they were trained in.
 
     Raises:
-      UserError: no model at `path`, a size the model cannot make, or `vae` for a Wan model.
+      UserError: no model at `path`, a size the model cannot make, `vae` for a Wan model, or
+        `dtype` for a model that does not take one.
     """
+    if dtype is not None and (not is_wan(path) or dtype not in DTYPES):
+        raise UserError(
+            f"--dtype {dtype}: only a Wan pipeline (a directory or hub id) takes a dtype, one of "
+            f"{list(DTYPES)}; vdm's own models and Wan fine-tuning runs sample in the dtype they "
+            "were trained in. Drop --dtype."
+        )
     if is_wan(path):
         if vae is not None:
             raise UserError("--vae swaps the VAE of vdm's own models, not Wan's.")
         d = wan_pipeline  # the size is checked before the (large) weights load
         d.check_size(num_frames or d.NUM_FRAMES, height or d.HEIGHT, width or d.WIDTH)
         try:
-            pipe = wan.load_wan_pipeline(path, devices=devices)
+            pipe = wan.load_wan_pipeline(path, devices=devices, dtype=dtype or "float32")
         except UserError as e:
             if os.path.exists(os.path.expanduser(path)):
                 raise

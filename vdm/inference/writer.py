@@ -50,6 +50,7 @@ def run(
     candidates: int = 1,
     alignment: str | None = None,
     alignment_guidance: float = 0.0,
+    dtype: str | None = None,
 ) -> list[dict]:
     """Generates and writes videos; returns the records written to samples.jsonl.
 
@@ -60,8 +61,8 @@ def run(
     Args:
       sampling: `SamplingSettings` fields to set instead of the model's defaults (None values
         keep the default), e.g. {"num_steps": 10, "guidance": None}.
-      size: {"num_frames", "height", "width"} of the videos (None values keep the model's; only
-        Wan models can change them).
+      size, dtype: {"num_frames", "height", "width"} of the videos (None values keep the
+        model's) and the compute dtype; only Wan models take them (`load.load_pipeline`).
       candidates: N > 1 draws N candidates per video and keeps the best-aligned one
         (`vdm.inference.rerank`); the records then hold every candidate's alignment score.
       alignment: the alignment model scoring them (default: the model's own, `load_aligner`).
@@ -78,7 +79,7 @@ def run(
     paths.check_output_dir(output_dir, "--output_dir", create=False)  # made when writing
     t0 = time.perf_counter()
     print(f"Loading model from {checkpoint or pipeline.DEFAULT_MODEL} ...", flush=True)
-    pipe = load.load_pipeline(checkpoint, **size)
+    pipe = load.load_pipeline(checkpoint, **size, dtype=dtype)
     _check_size(pipe, len(prompts) * num_samples, num_samples, formats, output_dir)
     chosen = pipe.settings.override(**sampling)
     pipe, aligner = _with_alignment(pipe, chosen, candidates, alignment, alignment_guidance)
