@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm.diffusion import samplers
 from vdm.inference import pipeline
 
 EXTENSION = "npz"
@@ -34,16 +33,25 @@ EXTENSION = "npz"
 
 def _sample_one(pipe, params, ctx, mask, null_ctx, null_mask, noise_key, eta_key, guidance, eta,
                 *, sampler, num_steps, spec, time_grid):  # fmt: skip
-    """One example's denoised latents [1, t, h, w, c] in the decoder's units (`Pipeline.generate`
-    without the decode)."""
+    """One example's denoised latents [1, t, h, w, c] in the decoder's units
+    (`Pipeline.denoise`, from the same per-example keys as its video)."""
     noise_key, eta_key = (jax.random.wrap_key_data(k) for k in (noise_key, eta_key))
     noise = jax.vmap(lambda k: jax.random.normal(k, pipe.latent_shape, jnp.float32))(noise_key)
-    z = samplers.sample(
-        pipe.model_fn(params, time_grid), noise, (ctx, mask), (null_ctx, null_mask),
-        sampler=sampler, num_steps=num_steps, guidance=guidance, diffusion_config=spec, eta=eta,
-        key=eta_key, time_grid=time_grid, x0_guide=pipe.x0_guide(ctx, mask),
-    )  # fmt: skip
-    return z * pipe._scale + pipe._shift
+    return pipe.denoise(
+        params,
+        ctx,
+        mask,
+        null_ctx,
+        null_mask,
+        noise,
+        guidance,
+        eta,
+        eta_key,
+        sampler=sampler,
+        num_steps=num_steps,
+        spec=spec,
+        time_grid=time_grid,
+    )
 
 
 def _program(pipe):

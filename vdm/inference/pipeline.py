@@ -162,6 +162,28 @@ class Pipeline:
         Returns:
           uint8 videos [B, T, H, W, 3] (uint8=False: float32 in [-1, 1]).
         """
+        z = self.denoise(
+            params,
+            ctx,
+            mask,
+            null_ctx,
+            null_mask,
+            noise,
+            guidance,
+            eta,
+            key,
+            sampler=sampler,
+            num_steps=num_steps,
+            spec=spec,
+            time_grid=time_grid,
+        )
+        video = self.decode(vae_params, z)
+        return ae.to_uint8(video) if uint8 else video
+
+    def denoise(self, params, ctx, mask, null_ctx, null_mask, noise, guidance, eta, key, *,
+                sampler, num_steps, spec=None, time_grid="uniform"):  # fmt: skip
+        """`generate` without the decode: the denoised latents [B, *latent_shape] in the
+        decoder's units (normalized latents * scale + shift). Same arguments as `generate`."""
         z = samplers.sample(
             self.model_fn(params, time_grid),
             noise,
@@ -176,8 +198,7 @@ class Pipeline:
             time_grid=time_grid,
             x0_guide=self.x0_guide(ctx, mask),
         )
-        video = self.decode(vae_params, z * self._scale + self._shift)
-        return ae.to_uint8(video) if uint8 else video
+        return z * self._scale + self._shift
 
     def x0_guide(self, ctx, mask):
         """The sampler's `x0_guide` for prompts (ctx, mask): None here; alignment guidance
