@@ -66,8 +66,10 @@ def _time(fn, repeats: int) -> dict:
     }
 
 
-def _emit(rec: dict) -> None:
-    print(json.dumps({**rec, "load": _load()}), flush=True)
+def _emit(rec: dict) -> dict:
+    rec = {**rec, "load": _load()}
+    print(json.dumps(rec), flush=True)
+    return rec
 
 
 # ------------------------------------------------------------------------------ the peer (torch)
@@ -240,7 +242,7 @@ def _vdm_train(model, params, x0, ctx, mask, args, common, fwd_flops) -> None:
         state[0], state[1], loss = compiled(state[0], state[1], next(keys), *data)
         jax.block_until_ready(loss)
 
-    _emit({**common, "what": "train", "variant": "jit", "attention": model.attention,
+    return _emit({**common, "what": "train", "variant": "jit", "attention": model.attention,
            "compile_s": round(compile_s, 1), **_time(run, args.repeats),
            "xla_step_gflop": round(_xla_flops(compiled) / 1e9, 2),
            "model_gflop": round(3 * fwd_flops / 1e9, 2)})  # fmt: skip
