@@ -199,3 +199,26 @@ def test_saved_configs_are_upgraded_to_the_current_schema(tmp_path):
     assert loaded.sample.shift == 1.5
     with pytest.raises(ConfigError, match="version 99"):
         config_lib.upgrade(ConfigDict({"version": 99}))
+
+
+def test_interrupted_reads_leave_no_event_loop_tracebacks(monkeypatch):
+    """What an interrupted orbax read leaves behind (callbacks into a closed loop, a loop
+    interrupted mid-construction) is dropped; any other unraisable error still reaches the hook."""
+    import types
+
+    seen = []
+    monkeypatch.setattr(manager, "_previous_unraisablehook", seen.append)
+    monkeypatch.delenv("VDM_TRACEBACK", raising=False)
+    late = [
+        RuntimeError("Event loop is closed"),
+        AttributeError("'_UnixSelectorEventLoop' object has no attribute '_ssock'"),
+    ]
+    for e in late:
+        manager._quiet_closed_loop(types.SimpleNamespace(exc_value=e))
+    assert seen == []
+    other = types.SimpleNamespace(exc_value=AttributeError("'Foo' object has no attribute 'x'"))
+    manager._quiet_closed_loop(other)
+    assert seen == [other]
+    monkeypatch.setenv("VDM_TRACEBACK", "1")
+    manager._quiet_closed_loop(types.SimpleNamespace(exc_value=late[1]))
+    assert len(seen) == 2

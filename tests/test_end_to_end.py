@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
 from vdm import config as config_lib
 
@@ -447,3 +448,55 @@ def test_provenance_travels_to_the_bundle_and_labels_its_videos(trained, tmp_pat
     assert np.abs(frames.astype(int) - sampled).max() <= 3  # float16 latents: rounding only
     decode.main([str(out / "000_00.npz"), "--output", str(out / "decoded.mp4")])
     assert json.loads(_mp4_tags(out / "decoded.mp4")["comment"])["prompt"] == prompt
+
+
+def test_export_bundles_an_alignment_model_checked_against_its_vae(trained, tmp_path):
+    """`--alignment` bundles an alignment model with the export (from a workdir or another
+    export, keeping its recorded figures); one trained on other VAE latents is refused before
+    anything in the output is replaced."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from vdm.errors import UserError
+    from vdm.inference import alignment as aligner_lib
+    from vdm.inference import pipeline
+    from vdm.io import bundle as bundle_lib
+    from vdm.models import alignment as al
+    from vdm.tools import export
+
+    source = str(tmp_path / "source")
+    export.export_with_logs(trained["dit"], source)
+    meta = bundle_lib.read_meta(source)
+    config = config_lib.upgrade(ConfigDict(meta["config"]))
+    config.alignment.variant = "mu"
+    pipe = pipeline.load_pipeline(source)
+    z = jnp.zeros((1, 1, 2, 2, config.vae.latent_channels))  # the tower's params fit any t, h, w
+    params = al.AlignmentModel.from_config(config.alignment).init(
+        jax.random.key(0), z, jnp.zeros((1, 4, pipe.text.dim)), jnp.ones((1, 4), jnp.int32)
+    )["params"]
+    part = {
+        "config": config_lib.to_dict(config),
+        "text_encoder": meta["text_encoder"],
+        "latent_stats": meta["latent_stats"],
+        "retrieval": {"caption": {"t2v": 0.5}},
+    }
+    bundle_lib.write_alignment(source, nn.unbox(params), part)
+
+    out = str(tmp_path / "out")
+    export.export_with_logs(trained["dit"], out, alignment=source)
+    got_meta, got = bundle_lib.read_alignment(out)
+    jax.tree.map(np.testing.assert_array_equal, got, nn.unbox(params))
+    assert got_meta["retrieval"] == part["retrieval"]
+    aligner = aligner_lib.load_aligner(pipeline.load_pipeline(out), out)
+    assert aligner.score_videos(np.zeros((1, 9, 32, 32, 3), np.uint8), ["a 3"]).shape == (1,)
+
+    part["latent_stats"] = {
+        k: (np.asarray(v) * 2).tolist() for k, v in meta["latent_stats"].items()
+    }
+    bundle_lib.write_alignment(source, nn.unbox(params), part)
+    before = sorted(os.listdir(out))
+    with pytest.raises(UserError, match="another VAE's latents"):
+        export.export_with_logs(trained["dit"], out, alignment=source)
+    assert sorted(os.listdir(out)) == before
+    assert bundle_lib.read_alignment(out)[0]["latent_stats"] == meta["latent_stats"]

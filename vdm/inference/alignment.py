@@ -117,7 +117,7 @@ class Aligner:
         return fn
 
 
-def _read(path: str) -> tuple[dict, dict, PyTree]:
+def read(path: str) -> tuple[dict, dict, PyTree]:
     """(alignment config section, facts {text_encoder, latent_stats}, params) from an exported
     model dir's alignment part or a stage "alignment" training checkpoint."""
     if bundle.is_bundle(path):
@@ -150,20 +150,39 @@ def load_aligner(pipe, path: str | None = None) -> Aligner:
             f"No alignment model at '{path}'. Train one (python train.py --config "
             "configs/alignment.py --workdir WD) and pass it (--alignment WD)."
         )
-    config, meta, params = _read(path)
-    want = pipe.config.text_encoder.name
-    if meta.get("text_encoder") != want:
+    config, meta, params = read(path)
+    check_compatible(path, meta, pipe.config.text_encoder.name, pipe.latent_stats)
+    model = al.AlignmentModel.from_config(config.alignment)
+    return Aligner(model=model, params=params, pipe=pipe, source=os.path.abspath(path))
+
+
+def check_compatible(path: str, meta: dict, text_encoder: str, latent_stats: dict) -> None:
+    """Raises UserError unless the alignment model at `path` (its facts `meta`, from `read`) was
+    trained on `text_encoder` and on latents with `latent_stats` (the VAE of the model it would
+    score): otherwise its scores would mean nothing."""
+    if meta.get("text_encoder") != text_encoder:
         raise UserError(
             f"The alignment model '{path}' was trained on text encoder "
-            f"'{meta.get('text_encoder')}', the model it would score uses '{want}'."
+            f"'{meta.get('text_encoder')}', the model it would score uses '{text_encoder}'."
         )
-    stats = meta.get("latent_stats", {})
-    ours = {k: [float(x) for x in np.ravel(v)] for k, v in pipe.latent_stats.items()}
-    theirs = {k: [float(x) for x in np.ravel(v)] for k, v in stats.items()}
+    ours = {k: [float(x) for x in np.ravel(v)] for k, v in latent_stats.items()}
+    theirs = {k: [float(x) for x in np.ravel(v)] for k, v in meta.get("latent_stats", {}).items()}
     if set(ours) != set(theirs) or any(not np.allclose(ours[k], theirs[k]) for k in ours):
         raise UserError(
             f"The alignment model '{path}' was trained on another VAE's latents (its latent "
             "statistics differ from the model's); train one on this model's VAE."
         )
-    model = al.AlignmentModel.from_config(config.alignment)
-    return Aligner(model=model, params=params, pipe=pipe, source=os.path.abspath(path))
+
+
+def bundle_part(path: str) -> tuple[dict, PyTree]:
+    """(alignment.json contents, weights) for bundling the alignment model at `path` (a stage
+    "alignment" workdir / step dir, or an exported model dir with an alignment part, whose
+    recorded figures are kept) into an exported model with `bundle.write_alignment`."""
+    config, meta, params = read(path)
+    part = dict(meta) if bundle.is_bundle(path) else {"source": os.path.abspath(path)}
+    part.update(
+        config=config_lib.to_dict(config),
+        text_encoder=meta["text_encoder"],
+        latent_stats=meta["latent_stats"],
+    )
+    return part, params

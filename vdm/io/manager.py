@@ -113,8 +113,8 @@ _QUIET = _QuietFailedSaves()
 def quiet_closed_event_loop() -> None:
     """Installs a sys.unraisablehook that drops tensorstore's late callbacks into an orbax event
     loop that a failed or interrupted read / write already closed ("RuntimeError: Event loop is
-    closed", one traceback per pending file); anything else goes to the previous hook. Kept with
-    VDM_TRACEBACK=1."""
+    closed", one traceback per pending file) or interrupted while it was being built (no
+    self-pipe socket); anything else goes to the previous hook. Kept with VDM_TRACEBACK=1."""
     if sys.unraisablehook is not _quiet_closed_loop:
         global _previous_unraisablehook
         _previous_unraisablehook = sys.unraisablehook
@@ -124,7 +124,10 @@ def quiet_closed_event_loop() -> None:
 def _quiet_closed_loop(unraisable) -> None:
     e = unraisable.exc_value
     closed = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
-    if not closed or os.environ.get("VDM_TRACEBACK"):
+    # An interrupt that lands while asyncio builds a loop leaves one without its self-pipe, whose
+    # __del__ then fails on the missing socket: the same interrupted read, not a second error.
+    half_built = isinstance(e, AttributeError) and "'_ssock'" in str(e)
+    if not (closed or half_built) or os.environ.get("VDM_TRACEBACK"):
         _previous_unraisablehook(unraisable)
 
 

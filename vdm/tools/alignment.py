@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from vdm import cli
-from vdm import config as config_lib
 from vdm.errors import UserError
 from vdm.eval import alignment as align_eval
 from vdm.inference import alignment as aligner_lib
 from vdm.inference import pipeline
-from vdm.io import bundle, checkpoint
+from vdm.io import bundle
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,15 +47,8 @@ def run(checkpoint_path: str, num_pairs: int, model_dir: str | None = None) -> d
     print(align_eval.format_table(results, num_pairs))
     out = {"num_pairs": num_pairs, "retrieval": results}
     if model_dir:
-        config, meta, params = checkpoint.load_checkpoint(checkpoint_path, item="ema")
-        part = {
-            "config": config_lib.to_dict(config),
-            "text_encoder": meta["text_encoder"],
-            "latent_stats": meta["latent_stats"],
-            "source": os.path.abspath(checkpoint_path),
-            **out,
-        }
-        path = bundle.write_alignment(model_dir, params, part)
+        part, params = aligner_lib.bundle_part(checkpoint_path)
+        path = bundle.write_alignment(model_dir, params, {**part, **out})
         print(f"Bundled the alignment model in {path}")
     return out
 

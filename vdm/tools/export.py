@@ -1,7 +1,7 @@
 """Exports a trained denoiser (and its VAE) as a compact, self-contained model directory.
 
   python -m vdm.tools.export --checkpoint workdirs/quickstart --output vdm/assets/default_model \
-      [--vae workdirs/vae_quickstart_decoder] [--sample guidance=3 ...]
+      [--vae workdirs/vae_quickstart_decoder] [--sample guidance=3 ...] [--alignment WD]
 
 Writes a bundle (`vdm.io.bundle`: EMA weights of the denoiser and the VAE, the config, the
 latent statistics; the text encoder referenced by name) plus the training logs of both
@@ -38,6 +38,7 @@ from vdm import cli, paths, provenance
 from vdm import config as config_lib
 from vdm.data import cache
 from vdm.errors import UserError
+from vdm.inference import alignment as aligner_lib
 from vdm.inference import load, pipeline
 from vdm.inference.settings import SamplingSettings
 from vdm.io import bundle, checkpoint, manager
@@ -210,8 +211,32 @@ def _check_denoiser(path: str) -> None:
 _INTERRUPTED = False  # set by main's SIGTERM handler
 
 
+def _swap_into(staging: str, output: str) -> None:
+    """Moves what `staging` holds into `output`, replacing those names (and stale logs there);
+    a weights dir equal to the one already in `output` keeps its files (orbax names its files
+    anew on every save, which would churn a committed bundle)."""
+    os.makedirs(output, exist_ok=True)
+    produced = set(os.listdir(staging))
+    stale = {n for n in os.listdir(output) if _LOG_NAME.match(n)} - produced
+    for name in produced | stale:
+        target = os.path.join(output, name)
+        weights = (*bundle.PARTS, bundle.ALIGNMENT)
+        if name in weights and _same_weights(target, os.path.join(staging, name)):
+            continue
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        elif os.path.exists(target):
+            os.remove(target)
+        if name in produced:
+            os.replace(os.path.join(staging, name), target)
+
+
 def export_with_logs(
-    checkpoint: str, output: str, vae: str | None = None, sample: dict | None = None
+    checkpoint: str,
+    output: str,
+    vae: str | None = None,
+    sample: dict | None = None,
+    alignment: str | None = None,
 ) -> dict[str, str]:
     """Exports `checkpoint` to `output` and copies both stages' training logs beside it.
 
@@ -226,6 +251,10 @@ def export_with_logs(
         files such as a README are kept).
       vae: a decoder fine-tune of the denoiser's VAE to bundle instead (`vae_swap.swap_vae`).
       sample: sampling defaults to record instead of the run's `config.sample` (`export`).
+      alignment: an alignment model to bundle as the export's `alignment/` part (a stage
+        "alignment" workdir, or an exported model with one); it must have been trained on this
+        model's text encoder and VAE latents (checked before anything is replaced). Without it,
+        an alignment part already in `output` is kept as it is (its use is checked the same way).
 
     Returns:
       {"bundle": output, "train_log": path, "vae_train_log": path} and, for a run started from
@@ -233,8 +262,10 @@ def export_with_logs(
       "init_init_train_log", ... along a longer chain).
     """
     if load.is_wan_run(checkpoint):  # a Wan fine-tune: a Diffusers-format pipeline directory
-        if vae or sample:
-            raise UserError("--vae and --sample apply to vdm's own models, not to a Wan fine-tune.")
+        if vae or sample or alignment:
+            raise UserError(
+                "--vae, --sample and --alignment apply to vdm's own models, not to a Wan fine-tune."
+            )
         return export_wan.export(checkpoint, output)
     output = paths.check_output_dir(output, "--output", create=False)
     _check_denoiser(checkpoint)
@@ -245,30 +276,29 @@ def export_with_logs(
     blocked = None
     try:
         export(checkpoint, staging, vae=vae, sample=sample)
+        if alignment:
+            _add_alignment(staging, alignment)
         for name, source in logs.items():
             shutil.copyfile(source, os.path.join(staging, f"{name}.jsonl"))
         # Ctrl-C / SIGTERM wait until the swap is done: the bundle is never left half replaced.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         if _INTERRUPTED:  # a SIGTERM whose KeyboardInterrupt was swallowed (e.g. in a gc callback)
             raise KeyboardInterrupt
-        os.makedirs(output, exist_ok=True)
-        produced = set(os.listdir(staging))
-        stale = {n for n in os.listdir(output) if _LOG_NAME.match(n)} - produced
-        for name in produced | stale:
-            target = os.path.join(output, name)
-            if name in bundle.PARTS and _same_weights(target, os.path.join(staging, name)):
-                continue  # orbax names its files anew on every save: keep the committed ones
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            elif os.path.exists(target):
-                os.remove(target)
-            if name in produced:
-                os.replace(os.path.join(staging, name), target)
+        _swap_into(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if blocked is not None:  # after the clean-up: a waiting Ctrl-C / SIGTERM lands here
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return {"bundle": output, **{n: os.path.join(output, f"{n}.jsonl") for n in logs}}
+
+
+def _add_alignment(model_dir: str, source: str) -> None:
+    """Bundles the alignment model at `source` into the exported model dir `model_dir`."""
+    part, params = aligner_lib.bundle_part(source)
+    meta = bundle.read_meta(model_dir)
+    text_encoder = meta.get("text_encoder", meta["config"]["text_encoder"]["name"])
+    aligner_lib.check_compatible(source, part, text_encoder, meta["latent_stats"])
+    bundle.write_alignment(model_dir, params, part)
 
 
 def _interrupted(signum, frame):
@@ -287,8 +317,7 @@ def _caused_by_interrupt(e: BaseException | None) -> bool:
     return False
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m vdm.tools.export --checkpoint WORKDIR --output DIR`."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vdm.tools.export", description=__doc__.split("\n")[0]
     )
@@ -310,6 +339,18 @@ def main(argv: list[str] | None = None) -> None:
         help="a sampling default the bundle records instead of the run's config.sample, e.g. "
         "--sample guidance=3 (repeatable)",
     )
+    parser.add_argument(
+        "--alignment",
+        default=None,
+        help="an alignment model to bundle with it (a configs/alignment.py workdir, or an "
+        "exported model with one); trained on this model's text encoder and VAE (checked)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m vdm.tools.export --checkpoint WORKDIR --output DIR`."""
+    parser = _parser()
     args = parser.parse_args(argv)
     bad = [kv for kv in args.sample if "=" not in kv]
     if bad:
@@ -329,7 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.unraisablehook = swallowed_interrupt
     with cli.clear_errors():
         try:
-            out = export_with_logs(args.checkpoint, args.output, vae=args.vae, sample=sample)
+            out = export_with_logs(
+                args.checkpoint, args.output, vae=args.vae, sample=sample, alignment=args.alignment
+            )
         except BaseException as e:  # orbax re-raises an interrupt in its reads as an Exception
             if not (_INTERRUPTED or _caused_by_interrupt(e)):
                 raise
