@@ -94,17 +94,10 @@ def _frames(frames: int, args) -> list[dict]:
     """The four timings at one latent frame count (see the module docstring)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
 
     batch, hw, c, text = peer_latte.BATCH, peer_latte.HW, peer_latte.C, peer_latte.TEXT
-    model = peer_latte._vdm_model()
-    rng = np.random.default_rng(0)
-    x0 = jnp.asarray(rng.normal(size=(batch, frames, hw, hw, c)), jnp.float32)
-    ctx = jnp.asarray(rng.normal(size=(batch, *text)), jnp.float32)
-    mask = jnp.ones((batch, text[0]), jnp.int32)
-    t = jnp.full((batch,), 0.5, jnp.float32)
-    params = jax.jit(model.init)(jax.random.key(0), x0, t, ctx, mask)["params"]
+    model, params, (x0, _, ctx, mask) = peer_latte._vdm_inputs(frames)
     tokens = batch * frames * (hw // 2) ** 2
     common = {"frames": frames}
     recs = []

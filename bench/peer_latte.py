@@ -192,6 +192,22 @@ def _vdm_model(attention: str = "factorized"):
     )  # fmt: skip
 
 
+def _vdm_inputs(frames: int, attention: str = "factorized"):
+    """(model, params, (x0, t, ctx, mask)): the matched model and fixed random inputs."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    model = _vdm_model(attention)
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(rng.normal(size=(BATCH, frames, HW, HW, C)), jnp.float32)
+    ctx = jnp.asarray(rng.normal(size=(BATCH, *TEXT)), jnp.float32)
+    mask = jnp.ones((BATCH, TEXT[0]), jnp.int32)
+    t = jnp.full((BATCH,), 0.5, jnp.float32)
+    params = jax.jit(model.init)(jax.random.key(0), x0, t, ctx, mask)["params"]
+    return model, params, (x0, t, ctx, mask)
+
+
 def _vdm_peak(args) -> None:
     import jax
     import jax.numpy as jnp
@@ -258,13 +274,7 @@ def _vdm(args) -> None:
     from vdm.models import denoiser as dn
 
     f = args.frames
-    model = _vdm_model(args.attention)
-    rng = np.random.default_rng(0)
-    x0 = jnp.asarray(rng.normal(size=(BATCH, f, HW, HW, C)), jnp.float32)
-    ctx = jnp.asarray(rng.normal(size=(BATCH, *TEXT)), jnp.float32)
-    mask = jnp.ones((BATCH, TEXT[0]), jnp.int32)
-    t = jnp.full((BATCH,), 0.5, jnp.float32)
-    params = jax.jit(model.init)(jax.random.key(0), x0, t, ctx, mask)["params"]
+    model, params, (x0, t, ctx, mask) = _vdm_inputs(f, args.attention)
     fwd = jax.jit(lambda p, x, t, c, m: model.apply({"params": p}, x, t, c, m))
     fwd_c = fwd.lower(params, x0, t, ctx, mask).compile()
     fwd_flops = _xla_flops(fwd_c)
