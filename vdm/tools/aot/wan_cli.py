@@ -15,6 +15,7 @@ decode) -- the sampler is `sample.num_steps` x step + decode --, `train` and `lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -67,14 +68,16 @@ def run(name: str, config, topology: str, programs: Sequence[str], *, sample_bat
         report = TopologyReport(topo, dict(b.mesh.shape), params, [], "-",
                                 time.perf_counter() - start)  # fmt: skip
         for program in programs:
+            cpu = time.process_time()
             try:
                 prog = _compile(b, program, sample_batch, full_depth)
+                cpu = time.process_time() - cpu
             except DoesNotFit as e:
                 report.programs.append(failed_report(program, str(e), topo))
                 say(f"  {program}: does not fit")
             else:
-                report.programs.append(prog)
-                say(f"  {program}: compiled in {prog.compile_seconds:.1f} s")
+                report.programs.append(dataclasses.replace(prog, compile_cpu_seconds=cpu))
+                say(f"  {program}: compiled in {prog.compile_seconds:.1f} s ({cpu:.1f} s CPU)")
             done(report)
     return report
 
