@@ -149,6 +149,7 @@ def test_tiny_wan_full_step_guided_call_and_decode_compile_for_tpu(built):
     assert step.fits and step.hlo_flops > 0 and "loop body" in step.description
     assert step.model_flops == pytest.approx(2 * 2 * wan.forward_flops(TINY, 8, wan.TEXT_LENGTH))
     assert decode.fits and decode.hlo_flops > 0 and decode.model_flops == 0
+    assert "scan body counted once" in decode.description
 
 
 def test_cli_reports_each_program_as_it_finishes(monkeypatch):
