@@ -174,3 +174,20 @@ def test_cli_reports_each_program_as_it_finishes(monkeypatch):
         wan_cli.run("1.3b", config, "v5e:2x2", ["train", "lora"],
                     on_program=lambda r: seen.append([p.name for p in r.programs]))  # fmt: skip
     assert seen == [["train"]]
+
+
+def test_splash_flops_leave_out_ring_self_attention():
+    """Ring attention's blocks are XLA einsums (counted by XLA): with a sequence axis > 1 and
+    sequence_parallel=ring only the cross-attention's splash FLOPs are added."""
+    arch = dataclasses.replace(TINY, num_layers=3)
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 4, "sequence": 3, "tensor": 1})
+    topo = types.SimpleNamespace(devices=[0] * 12)
+
+    def built(method):
+        config = load_config("configs/wan_finetune.py", {"model.sequence_parallel": method})
+        return wan.WanBuilt("tiny", arch, wan.wan_config(config, (5, 32, 32)), topo, mesh)
+
+    ulysses, ring = wan.splash_flops(built("ulysses"), 1), wan.splash_flops(built("ring"), 1)
+    tokens, d = 8, arch.dim
+    assert ulysses == pytest.approx(wan.attention_flops(arch, tokens, wan.TEXT_LENGTH) / 12)
+    assert ring == pytest.approx(3 * 4.0 * tokens * wan.TEXT_LENGTH * d / 12)

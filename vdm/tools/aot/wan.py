@@ -182,14 +182,24 @@ def forward_flops(arch: WanTransformerConfig, tokens: int, text_len: int) -> flo
     return arch.num_layers * per_block + attention_flops(arch, n, L) + io + text + time_mlp
 
 
+def ring_self_attention(b: WanBuilt) -> bool:
+    """Whether the self-attention runs as ring attention, whose blocks are XLA einsums
+    (`vdm.parallel.sequence.ring_attention`), not the splash kernel: counted by XLA already."""
+    ring = b.config.model.get("sequence_parallel", "ulysses") == "ring"
+    return ring and int(dict(b.mesh.shape).get("sequence", 1)) > 1
+
+
 def splash_flops(b: WanBuilt, passes: float) -> float:
     """Per-device FLOPs of the splash kernels in `passes` video-forward-passes (0 unless the
-    attention runs on splash on TPU)."""
+    attention runs on splash on TPU; with ring self-attention, the cross-attention's only)."""
     kernel = attention.select_kernel(b.config.model.get("attention_kernel", "auto"), "tpu",
                                      jnp.bfloat16)  # fmt: skip
     if kernel != "splash":
         return 0.0
-    return passes * attention_flops(b.arch, b.tokens, TEXT_LENGTH) / len(b.topology.devices)
+    f = attention_flops(b.arch, b.tokens, TEXT_LENGTH)
+    if ring_self_attention(b):
+        f -= attention_flops(b.arch, b.tokens, 0)  # the self-attention part (text_len 0)
+    return passes * f / len(b.topology.devices)
 
 
 # ---------------------------------------------------------------------------------------------
