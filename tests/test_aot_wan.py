@@ -77,6 +77,7 @@ def test_figures_extrapolate_every_field_linearly_in_depth():
     assert fig.hlo_flops == pytest.approx(30e9 + 5.0)
     assert fig.optimal == pytest.approx(15.1)
     assert "EXTRAPOLATED to 30 blocks" in fig.note and fig.seconds == 2.0
+    assert "FELL" not in fig.note
     seen.clear()
     full = wan.figures(b, compile_fn, full_depth=True)
     assert seen == [(30, None)] and full.memory["arguments"] == 3007 and not full.note
@@ -191,3 +192,27 @@ def test_splash_flops_leave_out_ring_self_attention():
     tokens, d = 8, arch.dim
     assert ulysses == pytest.approx(wan.attention_flops(arch, tokens, wan.TEXT_LENGTH) / 12)
     assert ring == pytest.approx(3 * 4.0 * tokens * wan.TEXT_LENGTH * d / 12)
+
+
+def test_figures_say_when_a_field_falls_with_depth():
+    """Temporaries lower at 2 blocks than at 1 (the compiler scheduled them differently): the
+    note says the line through them is not usable."""
+
+    class Compiled:
+        def __init__(self, depth):
+            self.depth = depth
+
+        def memory_analysis(self):
+            return types.SimpleNamespace(
+                argument_size_in_bytes=100 * self.depth, output_size_in_bytes=0,
+                alias_size_in_bytes=0, temp_size_in_bytes=1000 - 10 * self.depth,
+                generated_code_size_in_bytes=0,
+            )  # fmt: skip
+
+        def cost_analysis(self):
+            return {"flops": 1e9 * self.depth}
+
+    b = wan.WanBuilt("tiny", dataclasses.replace(TINY, num_layers=40), None, None, None)
+    fig = wan.figures(b, lambda b: (Compiled(b.arch.num_layers), 1.0), full_depth=False)
+    assert "temporaries FELL from 1 to 2 blocks" in fig.note
+    assert "arguments FELL" not in fig.note

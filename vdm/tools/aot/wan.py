@@ -338,6 +338,9 @@ def figures(b: WanBuilt, compile_fn, full_depth: bool) -> Figures:
         f"; EXTRAPOLATED to {b.arch.num_layers} blocks from compiles with 1 and 2 blocks "
         f"(temporaries {m1['temporaries'] / GiB:.2f} / {m2['temporaries'] / GiB:.2f} GiB)"
     )
+    fell = [k for k in MEMORY_FIELDS if m2[k] < m1[k]]
+    if fell:  # the compiler scheduled depth 2 differently: a line through them means nothing
+        note += f"; {', '.join(fell)} FELL from 1 to 2 blocks: their extrapolation is not usable"
     return Figures(mem, f1 + n * (f2 - f1), optimal, seconds, note)  # fmt: skip
 
 
