@@ -77,6 +77,7 @@ def test_figures_extrapolate_every_field_linearly_in_depth():
     assert fig.hlo_flops == pytest.approx(30e9 + 5.0)
     assert fig.optimal == pytest.approx(15.1)
     assert "EXTRAPOLATED to 30 blocks" in fig.note and fig.seconds == 2.0
+    assert "FELL" not in fig.note
     seen.clear()
     full = wan.figures(b, compile_fn, full_depth=True)
     assert seen == [(30, None)] and full.memory["arguments"] == 3007 and not full.note
@@ -89,16 +90,29 @@ def built():
     from vdm.tools.aot import chips
 
     config = load_config(
-        "configs/base.py",
-        {
-            "mesh.shape": {"data": 2, "fsdp": 1, "tensor": 2},
-            "model.remat": "block",
-            "train.batch_size": 2,
-        },
+        "configs/wan_finetune.py",
+        {"mesh.shape": {"data": 2, "fsdp": 1, "tensor": 2}, "train.batch_size": 2},
     )
     with wan.attention.target_platform("tpu"):
         topo = chips.get_topology("v5e:2x2")
         yield wan.build("tiny", config, topo, video=(5, 32, 32), arch=TINY)
+
+
+def test_train_programs_are_the_wan_stage_step(built):
+    """The train / lora programs build stage "wan"'s own task and jitted step: WanTask's loss
+    (through vdm.train.setup.build), LoRA by vdm.tasks.lora.wrap with configs/wan_finetune.py:lora's
+    rank; the full program trains every param, the LoRA one adapters only."""
+    from vdm.tasks.lora import LoraTask
+    from vdm.tasks.wan import WanTask
+
+    full = wan_train.step_config(built.config, "train")
+    lora = wan_train.step_config(built.config, "lora")
+    assert full.optim.lora_rank == 0 and lora.optim.lora_rank == 32 and lora.optim.lora_alpha == 32
+    task = wan_train.AbstractWanTask(full, built)
+    assert isinstance(task, WanTask) and task.loss.__func__ is WanTask.loss
+    assert task.module.config == TINY and task.module.remat == "block"
+    wrapped = wan_train.lora_task.wrap(wan_train.AbstractWanTask(lora, built), lora)
+    assert isinstance(wrapped, LoraTask)
 
 
 def test_tiny_wan_lora_step_compiles_for_tpu(built):
@@ -107,7 +121,7 @@ def test_tiny_wan_lora_step_compiles_for_tpu(built):
     with wan.attention.target_platform("tpu"):
         p = wan_train.compile_train(built, "lora", full_depth=True)
     assert p.fits and p.total > 0 and p.hlo_flops > 0
-    assert "LoRA rank 32" in p.description
+    assert "LoRA rank 32" in p.description and "vdm.tasks.lora" in p.description
     assert "analytic splash-attention FLOPs" in p.description  # auto = splash on TPU
     assert built.tokens == 2 * 2 * 2  # 5 frames -> 2 latent, 32 / 8 / 2 = 2 tokens a side
     f = wan.forward_flops(TINY, built.tokens, wan.TEXT_LENGTH)
@@ -120,3 +134,85 @@ def test_wan_sampler_traces_for_tpu(built):
     with wan.attention.target_platform("tpu"):
         lowered = wan.lower_sample(built, 2)
     assert "while" in lowered.as_text()  # the sampler's lax.scan
+
+
+def test_tiny_wan_full_step_guided_call_and_decode_compile_for_tpu(built):
+    """The full fine-tuning step (every param trains: its arguments hold float32 params and two
+    AdamW moments), one guided call and the VAE decode, for v5e 2x2."""
+    with wan.attention.target_platform("tpu"):
+        full = wan_train.compile_train(built, "train", full_depth=True)
+        step = wan.compile_step(built, 2, full_depth=True)
+        decode = wan.compile_decode(built, 2)
+    n = wan.num_params(built)
+    assert "full fine-tuning" in full.description
+    # float32 params + 2 AdamW moments, sharded at most 4 ways.
+    assert full.fits and full.arguments >= 12 * n / 4
+    assert step.fits and step.hlo_flops > 0 and "loop body" in step.description
+    assert step.model_flops == pytest.approx(2 * 2 * wan.forward_flops(TINY, 8, wan.TEXT_LENGTH))
+    assert decode.fits and decode.hlo_flops > 0 and decode.model_flops == 0
+    assert "scan body counted once" in decode.description
+
+
+def test_cli_reports_each_program_as_it_finishes(monkeypatch):
+    """`run` hands the report so far to `on_program` after each program (the CLI rewrites its
+    JSON then), so a run stopped during a later compile keeps the finished ones."""
+    from vdm.tools.aot import wan_cli
+    from vdm.tools.aot.report import ProgramReport
+
+    def fake_compile(b, name, sample_batch, full_depth):
+        if name == "lora":
+            raise KeyboardInterrupt  # stopped during the second compile
+        return ProgramReport(name=name, description="", arguments=1, outputs=0, alias=0,
+                             temporaries=0, code=0, hlo_flops=1.0, model_flops=1.0,
+                             optimal_seconds=1.0, compile_seconds=1.0, hbm_per_device=2,
+                             peak_per_device=1.0, num_devices=4)  # fmt: skip
+
+    monkeypatch.setattr(wan_cli, "_compile", fake_compile)
+    monkeypatch.setattr(wan, "num_params", lambda b: 0)
+    seen = []
+    config = load_config("configs/wan_finetune.py", {"mesh.shape": {"data": 1, "fsdp": 4}})
+    with pytest.raises(KeyboardInterrupt):
+        wan_cli.run("1.3b", config, "v5e:2x2", ["train", "lora"],
+                    on_program=lambda r: seen.append([p.name for p in r.programs]))  # fmt: skip
+    assert seen == [["train"]]
+
+
+def test_splash_flops_leave_out_ring_self_attention():
+    """Ring attention's blocks are XLA einsums (counted by XLA): with a sequence axis > 1 and
+    sequence_parallel=ring only the cross-attention's splash FLOPs are added."""
+    arch = dataclasses.replace(TINY, num_layers=3)
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 4, "sequence": 3, "tensor": 1})
+    topo = types.SimpleNamespace(devices=[0] * 12)
+
+    def built(method):
+        config = load_config("configs/wan_finetune.py", {"model.sequence_parallel": method})
+        return wan.WanBuilt("tiny", arch, wan.wan_config(config, (5, 32, 32)), topo, mesh)
+
+    ulysses, ring = wan.splash_flops(built("ulysses"), 1), wan.splash_flops(built("ring"), 1)
+    tokens, d = 8, arch.dim
+    assert ulysses == pytest.approx(wan.attention_flops(arch, tokens, wan.TEXT_LENGTH) / 12)
+    assert ring == pytest.approx(3 * 4.0 * tokens * wan.TEXT_LENGTH * d / 12)
+
+
+def test_figures_say_when_a_field_falls_with_depth():
+    """Temporaries lower at 2 blocks than at 1 (the compiler scheduled them differently): the
+    note says the line through them is not usable."""
+
+    class Compiled:
+        def __init__(self, depth):
+            self.depth = depth
+
+        def memory_analysis(self):
+            return types.SimpleNamespace(
+                argument_size_in_bytes=100 * self.depth, output_size_in_bytes=0,
+                alias_size_in_bytes=0, temp_size_in_bytes=1000 - 10 * self.depth,
+                generated_code_size_in_bytes=0,
+            )  # fmt: skip
+
+        def cost_analysis(self):
+            return {"flops": 1e9 * self.depth}
+
+    b = wan.WanBuilt("tiny", dataclasses.replace(TINY, num_layers=40), None, None, None)
+    fig = wan.figures(b, lambda b: (Compiled(b.arch.num_layers), 1.0), full_depth=False)
+    assert "temporaries FELL from 1 to 2 blocks" in fig.note
+    assert "arguments FELL" not in fig.note

@@ -43,6 +43,7 @@ class ProgramReport:
     peak_per_device: float
     num_devices: int
     failure: str = ""  # the compiler's out-of-memory message when it refused the program.
+    compile_cpu_seconds: float | None = None  # process CPU time of its compile(s), if measured.
 
     @property
     def total(self) -> int:

@@ -8,15 +8,21 @@ its fine-tuning step (full and LoRA), with per-chip memory, analytic FLOPs and p
 The architecture is a preset (`PRESETS`: the published transformer/config.json of
 Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers, nothing downloaded); the video is Wan's default, 81 x 480
 x 832 (latents 21 x 60 x 104, 32,760 tokens), with 512 UMT5 tokens per prompt. The vdm config
-(`--config`, default configs/base.py) gives the mesh, its logical-axis rules and the optimizer.
+(`--config`, default configs/wan_finetune.py) gives the mesh, its logical-axis rules, the optimizer
+and the batch.
 
   sample  `vdm.inference.wan.WanPipeline.generate`, what sample.py runs for a Wan checkpoint:
           the sampler's lax.scan of `num_steps` guided WanTransformer calls (cond + uncond in one
           batched call), then Wan's streaming VAE decode. The transformer in bfloat16 (params and
           compute, as `load_wan_pipeline(dtype="bfloat16")`), its params sharded by the rules,
           videos over (data, fsdp), the VAE (float32) replicated.
-  train   full fine-tuning (`wan_train`): flow matching + vdm's AdamW over float32 params.
-  lora    LoRA fine-tuning (`wan_train`): adapters of `vdm.models.lora` on a frozen bfloat16 base.
+  step    one guided WanTransformer call (the sampler's loop body) and
+  decode  the VAE decode on their own: the sampler is `num_steps` x step + decode, compiled as
+          two small programs instead of one long one (`compile_step`, `compile_decode`).
+  train   full fine-tuning (`wan_train`): stage "wan"'s own jitted train step
+          (configs/wan_finetune.py, `vdm.tasks.wan.WanTask`).
+  lora    LoRA fine-tuning (`wan_train`): the same step with `vdm.tasks.lora` adapters
+          (configs/wan_finetune.py:lora).
 
 Depth. WanTransformer's blocks are a Python loop (no scan), so the 30 / 40-block programs are
 long, host-RAM-hungry compiles on a small machine (docs/aot.md, Finding 7). By default each program
@@ -42,6 +48,7 @@ from vdm.diffusion import samplers
 from vdm.errors import ConfigError
 from vdm.inference.wan import WanPipeline
 from vdm.models import attention
+from vdm.models.autoencoder import to_uint8
 from vdm.models.layers import count_params
 from vdm.models.text import architectures
 from vdm.models.wan import pipeline as wan
@@ -117,6 +124,7 @@ def wan_config(config: ConfigDict, video: tuple[int, int, int] = VIDEO) -> Confi
         c.diffusion.update(objective="flow", shift=3.0, num_train_timesteps=1000)
         c.sample.update(sampler="unipc", num_steps=wan.NUM_STEPS, guidance=wan.GUIDANCE,
                         shift=3.0, time_grid="diffusers_unipc")  # fmt: skip
+        c.text_encoder.max_length = TEXT_LENGTH
         c.family = "wan"
     return c
 
@@ -174,14 +182,24 @@ def forward_flops(arch: WanTransformerConfig, tokens: int, text_len: int) -> flo
     return arch.num_layers * per_block + attention_flops(arch, n, L) + io + text + time_mlp
 
 
+def ring_self_attention(b: WanBuilt) -> bool:
+    """Whether the self-attention runs as ring attention, whose blocks are XLA einsums
+    (`vdm.parallel.sequence.ring_attention`), not the splash kernel: counted by XLA already."""
+    ring = b.config.model.get("sequence_parallel", "ulysses") == "ring"
+    return ring and int(dict(b.mesh.shape).get("sequence", 1)) > 1
+
+
 def splash_flops(b: WanBuilt, passes: float) -> float:
     """Per-device FLOPs of the splash kernels in `passes` video-forward-passes (0 unless the
-    attention runs on splash on TPU)."""
+    attention runs on splash on TPU; with ring self-attention, the cross-attention's only)."""
     kernel = attention.select_kernel(b.config.model.get("attention_kernel", "auto"), "tpu",
                                      jnp.bfloat16)  # fmt: skip
     if kernel != "splash":
         return 0.0
-    return passes * attention_flops(b.arch, b.tokens, TEXT_LENGTH) / len(b.topology.devices)
+    f = attention_flops(b.arch, b.tokens, TEXT_LENGTH)
+    if ring_self_attention(b):
+        f -= attention_flops(b.arch, b.tokens, 0)  # the self-attention part (text_len 0)
+    return passes * f / len(b.topology.devices)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +338,9 @@ def figures(b: WanBuilt, compile_fn, full_depth: bool) -> Figures:
         f"; EXTRAPOLATED to {b.arch.num_layers} blocks from compiles with 1 and 2 blocks "
         f"(temporaries {m1['temporaries'] / GiB:.2f} / {m2['temporaries'] / GiB:.2f} GiB)"
     )
+    fell = [k for k in MEMORY_FIELDS if m2[k] < m1[k]]
+    if fell:  # the compiler scheduled depth 2 differently: a line through them means nothing
+        note += f"; {', '.join(fell)} FELL from 1 to 2 blocks: their extrapolation is not usable"
     return Figures(mem, f1 + n * (f2 - f1), optimal, seconds, note)  # fmt: skip
 
 
@@ -377,6 +398,67 @@ def compile_sample(b: WanBuilt, batch: int, full_depth: bool = False) -> Program
     extra = splash_flops(b, steps * guided * batch)
     return report("sample", desc, fig, b, extra_flops=extra,
                   model_flops=steps * guided * batch * f)  # fmt: skip
+
+
+def compile_step(b: WanBuilt, batch: int, full_depth: bool = False) -> ProgramReport:
+    """One guided WanTransformer call (cond + uncond batched) on `batch` videos: the program
+    the sampler's loop runs `num_steps` times (its memory, FLOPs and cost-model time)."""
+    parallel.check_batch_size(batch, b.mesh)
+    fig = figures(b, functools.partial(_guided_call_program, batch=batch), full_depth)
+    s = b.config.sample
+    guided = 2 if float(s.guidance) != 1.0 else 1
+    desc = (
+        f"one guided WanTransformer call (guidance {s.guidance}, batch {batch} x {guided}), "
+        f"bfloat16: the sampler's loop body ({s.sampler} x {int(s.num_steps)} of it + decode)"
+    )
+    f = forward_flops(b.arch, b.tokens, TEXT_LENGTH)
+    extra = splash_flops(b, guided * batch)
+    return report("step", desc, fig, b, extra_flops=extra, model_flops=guided * batch * f)
+
+
+def _decode_program(b: WanBuilt, batch: int, frames: int | None = None):
+    """Wan's streaming VAE decode (`WanPipeline.decode`) of `batch` latents (`frames` latent
+    frames, default all) to uint8 videos: (compiled, seconds)."""
+    pipe = _pipeline(b, b.model(jnp.bfloat16, jnp.bfloat16))
+    rep, bs = parallel.replicated(b.mesh), parallel.batch_sharding(b.mesh)
+    vae_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), init_shapes(WanVAE())
+    )
+
+    def decode(vae_params, z):
+        return to_uint8(pipe.decode(vae_params, z))
+
+    fn = parallel.with_sharding_rules(decode, b.mesh, b.rules)
+    jitted = jax.jit(fn, in_shardings=(jax.tree.map(lambda _: rep, vae_params), bs),
+                     out_shardings=bs)  # fmt: skip
+    t, *rest = b.latent_shape
+    z = sds(b, (batch, frames or t, *rest), jnp.float32)
+    return compile_program(jitted, (vae_params, z), "decode", b)
+
+
+def compile_decode(b: WanBuilt, batch: int) -> ProgramReport:
+    """The sampler's VAE decode of `batch` videos on its own (no transformer: no depth).
+
+    The decode is frame 0, then a lax.scan over the other latent frames (`conv.stream`), whose
+    body XLA counts once: the whole program's FLOPs / cost-model time are frame 0 + one chunk.
+    A second compile of frame 0 alone gives the chunk, so d(t) = d + (t - 2) (d - d(frame 0));
+    memory is the whole program's."""
+    parallel.check_batch_size(batch, b.mesh)
+    b = dataclasses.replace(b, compiler_options=COUNTING_OPTIONS)
+    compiled, seconds = _decode_program(b, batch)
+    head, head_seconds = _decode_program(b, batch, frames=1)
+    (f, opt), (f0, opt0) = cost(compiled), cost(head)
+    n = b.latent_shape[0] - 2
+    optimal = None if opt is None or opt0 is None else opt + n * (opt - opt0)
+    fig = Figures(memory(compiled), f + n * (f - f0), optimal, seconds + head_seconds, "")
+    d = b.config.data
+    desc = (
+        f"WanPipeline.decode: Wan's streaming VAE decode of {batch} x {d.num_frames}x{d.height}"
+        f"x{d.width} (float32, replicated params), to uint8; FLOPs and cost-model time = the "
+        f"program's (frame 0 + one chunk: the scan body counted once) + {n} x (it - frame 0 "
+        "alone, a second compile)"
+    )
+    return report("decode", desc, fig, b, extra_flops=0.0, model_flops=0.0)
 
 
 def num_params(b: WanBuilt) -> int:
