@@ -295,9 +295,8 @@ def export_with_logs(
 def _add_alignment(model_dir: str, source: str) -> None:
     """Bundles the alignment model at `source` into the exported model dir `model_dir`."""
     part, params = aligner_lib.bundle_part(source)
-    meta = bundle.read_meta(model_dir)
-    text_encoder = meta.get("text_encoder", meta["config"]["text_encoder"]["name"])
-    aligner_lib.check_compatible(source, part, text_encoder, meta["latent_stats"])
+    facts = bundle.part_item(model_dir, "denoiser", "metadata")  # text encoder, latent stats
+    aligner_lib.check_compatible(source, part, facts["text_encoder"], facts["latent_stats"])
     bundle.write_alignment(model_dir, params, part)
 
 
