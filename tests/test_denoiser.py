@@ -463,27 +463,39 @@ def test_rope_is_relative():
 
 
 def test_multi_axis_linear_is_one_2d_matmul_on_cpu_with_the_same_values_and_grads():
-    """On CPU `Linear` contracts an (embed, heads, kv) / (heads, kv, embed) kernel as one 2-D
-    matmul (no transposed copies in the backward); values and grads equal the multi-axis
-    dot_general's, which every other platform keeps."""
+    """On CPU `Linear` contracts as one 2-D matmul, leading axes flattened into rows, for an
+    (embed, heads, kv) / (heads, kv, embed) kernel and for a plain kernel on a 5-D activation:
+    values and grads equal the dot_general's, which every other platform keeps, and the compiled
+    backward has no transposed copy (the weight gradient of a dot_general over several leading
+    axes transposes a whole activation on XLA:CPU: issue #22)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 3, 4, 6)), jnp.float32)  # [..., heads=4, kv=6]
     kernel = jnp.asarray(rng.normal(size=(4, 6, 5, 2)), jnp.float32)  # (heads, kv) -> (5, 2)
+    x5 = jnp.asarray(rng.normal(size=(2, 3, 2, 2, 8)), jnp.float32)  # [B, T, H, W, embed]
+    k2 = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
 
-    def general(x, k):
-        return jax.lax.dot_general(x, k, (((2, 3), (0, 1)), ((), ())))
+    def general(x, k, n_in):
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        return jax.lax.dot_general(x, k, (contract, ((), ())))
 
     def loss(fn):
-        return lambda x, k: jnp.sum(jnp.sin(fn(x, k)))
+        return lambda x, k: jnp.sum(jnp.sin(fn(x * 1.5, k)))
 
+    for xs, k, n_in in ((x, kernel, 2), (x5, k2, 1)):
+        cpu = functools.partial(layers._contract, n_in=n_in)
+        ref = functools.partial(general, n_in=n_in)
+        np.testing.assert_allclose(cpu(xs, k), ref(xs, k), rtol=1e-5, atol=1e-5)
+        grads = jax.grad(loss(cpu), (0, 1))(xs, k), jax.grad(loss(ref), (0, 1))(xs, k)
+        for a, b in zip(*grads, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        compiled = jax.jit(jax.grad(loss(cpu), (0, 1))).lower(xs, k).compile().as_text()
+        assert " transpose(" not in compiled, n_in
+        old = jax.jit(jax.grad(loss(ref), (0, 1))).lower(xs, k).compile().as_text()
+        assert " transpose(" in old, n_in  # what the check above guards against
+    hlo = jax.jit(jax.grad(loss(cpu), (0, 1))).lower(x5, k2).as_text()
+    # forward x[48, 8] @ k[8, 16]; dx = dy @ k^T contracts the kernel's axis 1 in place.
+    assert hlo.count("dot_general") == 3 and "contracting_dims = [1] x [1]" in hlo
     cpu = functools.partial(layers._contract, n_in=2)
-    np.testing.assert_allclose(cpu(x, kernel), general(x, kernel), rtol=1e-5, atol=1e-5)
-    grads = jax.grad(loss(cpu), (0, 1))(x, kernel), jax.grad(loss(general), (0, 1))(x, kernel)
-    for a, b in zip(*grads, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    hlo = jax.jit(jax.grad(loss(cpu), (0, 1))).lower(x, kernel).as_text()
-    # forward x[.., 24] @ k[24, 10]; dx = dy @ k^T contracts the kernel's 2-D axis 1 in place.
-    assert hlo.count("dot_general") == 3 and "contracting_dims = [2] x [1]" in hlo
     with A_target("tpu"):  # what an AOT compile for a TPU traces: the multi-axis dot_general
         tpu = jax.jit(cpu).lower(x, kernel).as_text()
     assert "contracting_dims = [2, 3] x [0, 1]" in tpu

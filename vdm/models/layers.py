@@ -102,19 +102,22 @@ class Linear(nn.Module):
 def _contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     """`x` contracted with `kernel` over `x`'s last `n_in` axes (the kernel's first `n_in`).
 
-    On CPU a multi-axis kernel (attention's `(embed, heads, kv)` and `(heads, kv, embed)`) is
-    contracted as one 2-D matrix: `x [..., prod(in)] @ kernel [prod(in), prod(out)]`, reshaped
-    back (free: both reshapes are bitcasts). The sums are the same; what changes is the backward
-    pass: XLA:CPU's matmul library (YNNPACK) takes a 2-D operand transposed in place, whereas the
-    multi-axis dot_general's transpose is a copy of the kernel (and of the activation for the
-    weight gradient) per use. Other platforms keep the multi-axis dot_general (their sharded
-    layouts are planned on it; bench/README.md, "vdm vs Latte").
+    On CPU every contraction is one 2-D matmul: `x [rows, prod(in)] @ kernel [prod(in),
+    prod(out)]` with all of `x`'s leading axes flattened into `rows`, reshaped back (free: both
+    reshapes are bitcasts). The sums are the same; what changes is the backward pass. The
+    weight gradient of a dot_general with several leading axes contracts them all, and XLA:CPU
+    canonicalises such a dot by transposing an operand to put the contracted axes last, a
+    strided copy of a whole activation per kernel (a 2560 x 1024 float32 transpose takes 16 ms
+    on one core, the matmul beside it 15 ms); the 2-D dot's weight gradient `x^T dy` goes to the
+    matmul library (YNNPACK) with the transpose folded in. Likewise a multi-axis kernel's copy
+    per use. Other platforms keep the multi-axis dot_general (their sharded layouts are planned
+    on it; bench/README.md, "vdm vs Latte").
     """
     in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
-    if current_platform() == "cpu" and (n_in > 1 or len(out_shape) > 1):
-        lead = x.shape[: x.ndim - n_in]
+    lead = x.shape[: x.ndim - n_in]
+    if current_platform() == "cpu" and (n_in > 1 or len(out_shape) > 1 or len(lead) > 1):
         k2 = kernel.reshape(math.prod(in_shape), math.prod(out_shape))
-        y = jnp.dot(x.reshape(*lead, math.prod(in_shape)), k2)
+        y = jnp.dot(x.reshape(math.prod(lead), math.prod(in_shape)), k2)
         return y.reshape(*lead, *out_shape)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     return jax.lax.dot_general(x, kernel, (contract, ((), ())))
