@@ -4,7 +4,8 @@
       [--max_candidates 8] [--guidance_scales 0.1,0.3] [--output bench_rerank.json]
 
 The bundled model with its own sampling defaults on the first `num_videos` test prompts of one
-caption set (default the held-out vocabulary). Draws `max_candidates` candidates per prompt ONCE
+caption set (`--captions`: caption = training templates, caption_heldout = unseen sentence frames,
+caption_vocab = held-out vocabulary, the default). Draws `max_candidates` candidates per prompt ONCE
 (candidate c = `vdm.inference.rerank.candidate_index(0, c, 1)` = sample index c, exactly what
 `eval.py --candidates N` / `sample.py --candidates N` draw), scores each at batch 1, and reports
 best-of-N for N = 1, 2, 4, ... from the nested candidate sets: the same videos those commands
@@ -12,13 +13,14 @@ keep. Also "any of N": the share of prompts where at least one of the first N ca
 the right way (the ceiling of any reranker). Then one row per alignment-guidance scale (N = 1).
 
 Cost per video = N x (sampling + scoring one candidate), measured here (wall-clock: on a shared
-machine it mostly measures the contention; record `uptime` with it).
+machine it mostly measures the contention; `--output` records the load averages at start and end).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -80,12 +82,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--num_videos", type=int, default=100)
-    parser.add_argument("--captions", default="caption_vocab")
+    sets = ("caption", "caption_heldout", "caption_vocab")
+    parser.add_argument("--captions", default="caption_vocab", choices=sets)
     parser.add_argument("--max_candidates", type=int, default=8)
     parser.add_argument("--guidance_scales", default="0.1,0.3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    load_start = os.getloadavg()
     pipe = pipeline.load_pipeline(args.checkpoint)
     aligner = alignment.load_aligner(pipe)
     ex = digits.test_examples(pipe.config.data, args.num_videos)
@@ -104,7 +108,8 @@ def main() -> None:
               f"{r['seconds_per_video']:.2f} |")  # fmt: skip
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+            load = {"start": load_start, "end": os.getloadavg()}  # 1/5/15-min, with the seconds
+            json.dump({"args": vars(args), "loadavg": load, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
