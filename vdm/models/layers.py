@@ -102,16 +102,13 @@ class Linear(nn.Module):
 def _contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     """`x` contracted with `kernel` over `x`'s last `n_in` axes (the kernel's first `n_in`).
 
-    On CPU every contraction is one 2-D matmul: `x [rows, prod(in)] @ kernel [prod(in),
-    prod(out)]` with all of `x`'s leading axes flattened into `rows`, reshaped back (free: both
-    reshapes are bitcasts). The sums are the same; what changes is the backward pass. The
-    weight gradient of a dot_general with several leading axes contracts them all, and XLA:CPU
-    canonicalises such a dot by transposing an operand to put the contracted axes last, a
-    strided copy of a whole activation per kernel (a 2560 x 1024 float32 transpose takes 16 ms
-    on one core, the matmul beside it 15 ms); the 2-D dot's weight gradient `x^T dy` goes to the
-    matmul library (YNNPACK) with the transpose folded in. Likewise a multi-axis kernel's copy
-    per use. Other platforms keep the multi-axis dot_general (their sharded layouts are planned
-    on it; bench/README.md, "vdm vs Latte").
+    On CPU every contraction is one 2-D matmul, `x [rows, prod(in)] @ kernel [prod(in),
+    prod(out)]` with all leading axes of `x` flattened into rows (reshapes are bitcasts). Same
+    sums; what changes is the backward. A dot_general's weight gradient contracts every leading
+    axis, and XLA:CPU canonicalises it by a transposed copy of the whole activation (2560 x 1024
+    float32: 16 ms on one core, as long as the matmul; likewise a multi-axis kernel per use); the
+    2-D `x^T dy` goes to YNNPACK with the transpose folded in. Other platforms keep the
+    multi-axis dot_general (their sharded layouts are planned on it; bench/README.md).
     """
     in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
     lead = x.shape[: x.ndim - n_in]
