@@ -42,28 +42,11 @@ def dot_general_contract(x, kernel, n_in: int):
 def build(contract, frames: int):
     """(compiled train step, its inputs, transposes in its optimized HLO) with `contract`."""
     import jax
-    import jax.numpy as jnp
-    import optax
 
-    from configs import quickstart
-    from vdm.diffusion import losses
-    from vdm.models import denoiser as dn
     from vdm.models import layers
 
     model, params, (x0, _, ctx, mask) = peer_latte._vdm_inputs(frames)
-    diffusion, tx = quickstart.get_config().diffusion, optax.adamw(peer_latte.LR)
-
-    def step(params, opt_state, key, x0, ctx, mask):
-        null = (jnp.zeros_like(ctx[:1]), jnp.ones_like(mask[:1]))
-
-        def loss_fn(p):
-            model_fn = dn.model_fn(model, p)
-            return losses.diffusion_loss(model_fn, x0, (ctx, mask), key, diffusion, null).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    step, tx = peer_latte.vdm_step(model)
     main_contract = layers._contract
     jax.clear_caches()
     layers._contract = contract

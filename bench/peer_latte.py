@@ -224,7 +224,8 @@ def _xla_flops(compiled) -> float:
     return float(cost["flops"])
 
 
-def _vdm_train(model, params, x0, ctx, mask, args, common, fwd_flops) -> None:
+def vdm_step(model):
+    """(step, tx): vdm's train step (flow loss on a fresh t and noise + backward + AdamW)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -247,6 +248,13 @@ def _vdm_train(model, params, x0, ctx, mask, args, common, fwd_flops) -> None:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    return step, tx
+
+
+def _vdm_train(model, params, x0, ctx, mask, args, common, fwd_flops) -> None:
+    import jax
+
+    step, tx = vdm_step(model)
     state, data = [params, tx.init(params)], (x0, ctx, mask)
     t0 = time.perf_counter()
     jitted = jax.jit(step, donate_argnums=(0, 1))
