@@ -7,6 +7,7 @@ import shutil
 
 import flax
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,10 +31,14 @@ def tiny_denoiser():
         "configs/base.py", {"model.depth": 1, "model.width": 32, "model.num_heads": 2}
     )
     model = dn.Denoiser.from_config(config.model, 4)
-    z, t = jnp.ones((1, 2, 4, 4, 4)), jnp.full((1,), 0.3)
-    ctx, mask = jnp.ones((1, 5, 384)), jnp.ones((1, 5), jnp.int32)
+    # Tokens and text tokens that differ (with identical ones attention's q and k do nothing).
+    z, ctx = (
+        jax.random.normal(jax.random.key(i), s) for i, s in ((3, (1, 2, 4, 4, 4)), (4, (1, 5, 384)))
+    )
+    t, mask = jnp.full((1,), 0.3), jnp.ones((1, 5), jnp.int32)
     boxed = jax.jit(model.init)(jax.random.key(0), z, t, ctx, mask)["params"]
     forward = jax.jit(lambda p: model.apply({"params": p}, z, t, ctx, mask))
+    forward.init = lambda key: model.init(key, z, t, ctx, mask)["params"]
     # adaLN-Zero makes a fresh denoiser output 0: perturb every weight to get a real function.
     leaves, tree = jax.tree.flatten(parallel.unbox(boxed))
     keys = jax.random.split(jax.random.key(2), len(leaves))
@@ -75,6 +80,61 @@ def test_apply_is_the_flattened_low_rank_product():
     assert not np.allclose(forward(merged), forward(params))
     untouched = merged["block_0"]["attn"]["key"]["kernel"]
     np.testing.assert_array_equal(untouched, params["block_0"]["attn"]["key"]["kernel"])
+
+
+def _dot_shapes(jaxpr) -> set:
+    """Output shapes of every dot_general in `jaxpr` and its sub-jaxprs (remat, pjit, ...)."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.add(tuple(eqn.outvars[0].aval.shape))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes |= _dot_shapes(sub)
+    return shapes
+
+
+def test_attached_adapters_are_the_merged_model_without_a_kernel_sized_tensor():
+    boxed, params, forward = tiny_denoiser()
+    abstract, paths = lora.linear_targets(forward.init, "", jax.random.key(0))
+    assert jax.tree.structure(abstract) == jax.tree.structure(boxed)
+    # Every default target of the denoiser is a Linear's kernel, so none is merged in training.
+    assert sorted(paths) == lora.targeted(boxed, "") and len(paths) == 14
+    adapters = parallel.unbox(lora.init_adapters(jax.random.key(1), boxed, 3, ""))
+    at_init = forward(lora.attach(params, adapters, 0.5, paths))
+    np.testing.assert_array_equal(at_init, forward(params))  # B = 0: x W + (x A) 0 is x W
+    keys = iter(jax.random.split(jax.random.key(5), 64))
+    adapters = jax.tree.map(lambda x: 0.3 * jax.random.normal(next(keys), x.shape), adapters)
+
+    def loss(form):
+        return lambda ad: jnp.mean(forward(form(ad)) ** 2)
+
+    attached = loss(lambda ad: lora.attach(params, ad, 0.5, paths))
+    merged = loss(lambda ad: lora.apply(params, ad, 0.5))
+    np.testing.assert_allclose(attached(adapters), merged(adapters), rtol=1e-5)
+    assert not np.isclose(merged(adapters), jnp.mean(forward(params) ** 2), rtol=1e-3)
+    g_att, g_mer = jax.grad(attached)(adapters), jax.grad(merged)(adapters)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_att, g_mer)
+    # No matmul makes a kernel-sized array (W + s A B, or its gradient): the merged form does.
+    flat = flax.traverse_util.flatten_dict(boxed, sep="/")
+    kernel_shapes = set()
+    for path in paths:
+        shape = flat[path].value.shape
+        k = lora.num_in_axes(len(shape), tuple(flat[path].names))
+        m, n = int(np.prod(shape[:k])), int(np.prod(shape[k:]))
+        kernel_shapes |= {shape, (m, n), (n, m)}
+    assert not _dot_shapes(jax.make_jaxpr(jax.grad(attached))(adapters).jaxpr) & kernel_shapes
+    assert _dot_shapes(jax.make_jaxpr(jax.grad(merged))(adapters).jaxpr) & kernel_shapes
+    # A kernel that is not a Linear's (here: named by path only) is merged by attach instead.
+    q = "block_0/attn/query/kernel"
+    partly = lora.attach(params, adapters, 0.5, [p for p in paths if p != q])
+    assert "lora_a" not in partly["block_0"]["attn"]["query"]
+    np.testing.assert_allclose(
+        partly["block_0"]["attn"]["query"]["kernel"],
+        lora.apply(params, adapters, 0.5)["block_0"]["attn"]["query"]["kernel"],
+    )
+    np.testing.assert_allclose(
+        forward(partly), forward(lora.apply(params, adapters, 0.5)), rtol=1e-4, atol=1e-5
+    )
 
 
 def train(config, workdir):
@@ -127,6 +187,7 @@ def test_lora_trains_adapters_only_and_resumes_bit_exactly(base_run, tmp_path, c
     work = str(tmp_path / "tune")
     state = train(config, work)
     assert "LoraTask: 1,024 trainable parameters, 6,372 frozen" in capsys.readouterr().out
+    assert lora_task.wrap(ToyTask(config), config).unmerged == []  # nn.Dense: merged in the step
     # Only adapters in the state: A and B of fc1 (96x32) and fc2 (32x96) at rank 4.
     assert count_params(state.params) == 4 * 2 * (96 + 32)
     assert set(flax.traverse_util.flatten_dict(state.params, sep="/")) == {

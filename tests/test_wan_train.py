@@ -194,6 +194,8 @@ def test_lora_starts_as_the_base_trains_adapters_only_and_merges(tiny, tmp_path)
     adapters = flax.core.meta.unbox(task.init(jax.random.key(0), task.dummy_batch(1)))
     # At init B = 0: the merged weights are the pipeline's, bit for bit.
     jax.tree.map(np.testing.assert_array_equal, task.merged(adapters, frozen), base)
+    # Every adapted kernel is a Linear's: the train step computes x W + (x A)(s B), no merge.
+    assert sorted(task.unmerged) == lora.targeted(base, "") and task.unmerged
     workdir = str(tmp_path / "lora")
     state = train(config, workdir)
     paths = set(flax.traverse_util.flatten_dict(state.params, sep="/"))

@@ -57,6 +57,8 @@ class Linear(nn.Module):
     initialises a flattened 2-D kernel and reshapes it, which breaks a 3-name logical annotation
     when a mesh is active (flax then constrains the 2-D intermediate with a 3-axis spec).
     Params: `kernel` (input axes..., output axes...) named `names`, `bias` (output axes...).
+    LoRA training (`vdm.models.lora.attach`) adds `lora_a` [in..., r] and `lora_b` [r, out...]
+    beside the kernel: y = x W + (x A) B, so no kernel-sized merge or gradient is ever formed.
     """
 
     features: tuple[int, ...]  # output feature axes.
@@ -88,6 +90,9 @@ class Linear(nn.Module):
         )
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         y = _contract(x, kernel, self.n_in)
+        if self.has_variable("params", "lora_a"):
+            a, b = (self.get_variable("params", n).astype(self.dtype) for n in ("lora_a", "lora_b"))
+            y = y + _contract(_contract(x, a, self.n_in), b, 1)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -103,12 +108,11 @@ def _contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     """`x` contracted with `kernel` over `x`'s last `n_in` axes (the kernel's first `n_in`).
 
     On CPU every contraction is one 2-D matmul, `x [rows, prod(in)] @ kernel [prod(in),
-    prod(out)]` with all leading axes of `x` flattened into rows (reshapes are bitcasts). Same
-    sums; what changes is the backward. A dot_general's weight gradient contracts every leading
-    axis, and XLA:CPU canonicalises it by a transposed copy of the whole activation (2560 x 1024
-    float32: 16 ms on one core, as long as the matmul; likewise a multi-axis kernel per use); the
-    2-D `x^T dy` goes to YNNPACK with the transpose folded in. Other platforms keep the
-    multi-axis dot_general (their sharded layouts are planned on it; bench/README.md).
+    prod(out)]` (leading axes flattened into rows; bitcasts). Same sums; what changes is the
+    backward: a dot_general's weight gradient makes XLA:CPU copy the whole activation transposed
+    (2560 x 1024 float32: 16 ms on one core, as long as the matmul); the 2-D `x^T dy` goes to
+    YNNPACK with the transpose folded in. Other platforms keep the multi-axis dot_general
+    (their sharded layouts are planned on it; bench/README.md).
     """
     in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
     lead = x.shape[: x.ndim - n_in]
@@ -150,16 +154,9 @@ def dense(
     """
     features_t = (features,) if isinstance(features, int) else tuple(features)
     return Linear(
-        features=features_t,
-        names=tuple(names),
-        n_in=n_in,
-        use_bias=use_bias,
-        zero_init=zero_init,
-        init_std=init_std,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
+        features=features_t, names=tuple(names), n_in=n_in, use_bias=use_bias,
+        zero_init=zero_init, init_std=init_std, dtype=dtype, param_dtype=param_dtype, name=name,
+    )  # fmt: skip
 
 
 def layer_norm(name: str, *, affine: bool, param_dtype: Dtype) -> nn.LayerNorm:

@@ -8,14 +8,14 @@ gets A [heads, kv, r] and B [r, embed] (the trailing ("heads", "kv") axes are ou
 otherwise the last axis is the output, as for Dense and conv kernels). A and B carry the kernel's
 logical axis names on their in / out axes and None on r (replicated), so they shard like it.
 
-The train step computes the effective weights `apply(base, adapters, scale)` inside the jitted
-step, r * prod(in) * prod(out) multiply-adds per adapted kernel per step (small next to the
-forward pass over a batch), and the model runs unchanged on them. The base weights are a frozen
-input of the step: no optimizer state, no EMA, no gradient of their own. (The backward pass does
-form each adapted kernel's full-size gradient transiently before projecting it onto A and B;
-a model that computed x W + s (x A) B itself would avoid that, at the cost of touching its code.)
-`apply` is also the export's merge (`merge`), so a merged model computes what the training run
-evaluated.
+The train step runs the model on `attach(base, adapters, scale, paths)`: the base tree with A
+and s B placed beside each adapted kernel of a `vdm.models.layers.Linear`, which then computes
+x W + (x A)(s B) itself. No kernel-sized tensor is formed: neither a merged W + s A B (which
+block remat would keep, one per block, from the forward to the backward) nor its full-size
+gradient. A kernel of any other module (a conv, a user's layer) is merged instead, W + s A B
+inside the step. The base weights are a frozen input of the step: no optimizer state, no EMA,
+no gradient of their own. Sampling, evaluation and export use the merged weights (`apply`,
+`merge`); the two forms agree to float rounding, and exactly while B = 0.
 
 Which kernels: `optim.lora_targets`, a regex searched in "/"-joined parameter paths
 ("block_0/attn/query/kernel"); "" selects `DEFAULT_TARGETS`.
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from vdm.errors import ConfigError
+from vdm.models.layers import Linear
 
 PyTree = Any
 
@@ -95,6 +96,31 @@ def targeted(params: PyTree, targets: str) -> list[str]:
     return chosen
 
 
+def linear_targets(init, targets: str, *args) -> tuple[PyTree, list[str]]:
+    """(`jax.eval_shape(init, *args)`: abstract params, boxed as `init` makes them; the paths of
+    the targeted kernels that belong to a `vdm.models.layers.Linear` contracting the adapter's
+    input axes): the kernels `attach` gives to their layer unmerged. ConfigError when `targets`
+    selects nothing."""
+    linears = {}  # "/"-joined module path -> n_in, for every Linear the model builds
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, Linear) and context.method_name == "__call__":
+            linears["/".join(context.module.path)] = context.module.n_in
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        params = jax.eval_shape(init, *args)
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    paths = [
+        path
+        for path in targeted(params, targets)
+        if path.endswith("/kernel")
+        and linears.get(path[: -len("/kernel")])
+        == num_in_axes(len(_value(flat[path]).shape), _names(flat[path]))
+    ]
+    return params, paths
+
+
 def init_adapters(key: jax.Array, params: PyTree, rank: int, targets: str) -> PyTree:
     """Adapters {path of kernel: {"lora_a": A, "lora_b": B}} (nested like `params`).
 
@@ -149,6 +175,25 @@ def apply(params: PyTree, adapters: PyTree, factor: float) -> PyTree:
                 f"LoRA adapter for '{path}' makes {delta.shape}, the kernel is {w.shape}."
             )
         flat[path] = (w.astype(jnp.float32) + factor * delta).astype(w.dtype)
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def attach(params: PyTree, adapters: PyTree, factor: float, paths) -> PyTree:
+    """The tree a LoRA train step runs the model on: for each adapted kernel path in `paths`
+    ("block_0/attn/query/kernel", a `Linear`'s), `lora_a` = A and `lora_b` = factor * B beside
+    the kernel, which stays W; every other adapted kernel merged as `apply` does. Unboxed trees.
+    """
+    paths = set(paths)
+    pairs = flax.traverse_util.flatten_dict(adapters, sep="/")
+    kernels = {k.rsplit("/", 1)[0] for k in pairs}
+    merged = {k: v for k, v in pairs.items() if k.rsplit("/", 1)[0] not in paths}
+    flat = flax.traverse_util.flatten_dict(
+        apply(params, flax.traverse_util.unflatten_dict(merged, sep="/"), factor), sep="/"
+    )
+    for path in sorted(kernels & paths):
+        module = path.rsplit("/", 1)[0]
+        flat[f"{module}/{A}"] = pairs[f"{path}/{A}"]
+        flat[f"{module}/{B}"] = factor * pairs[f"{path}/{B}"]
     return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 

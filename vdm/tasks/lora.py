@@ -6,7 +6,9 @@ from `train.init_from` (EMA weights) or, when that is unset, the wrapped task's 
 weights (`Task.pretrained`, e.g. stage "wan"'s `model.pretrained`). The train state, the
 optimizer state, the EMA and therefore the checkpoints hold adapters only; the base is
 referenced (its absolute path recorded in each checkpoint's metadata under "lora"), not copied.
-Sampling, evaluation, export and `load_pipeline` see the merged weights W + (alpha / r) A B.
+The train step runs the base with the adapters beside its kernels (`vdm.models.lora.attach`:
+each `Linear` computes x W + (x A)(s B), no kernel-sized merge); sampling, evaluation, export
+and `load_pipeline` see the merged weights W + (alpha / r) A B.
 """
 
 from __future__ import annotations
@@ -84,10 +86,14 @@ class LoraTask(Task):
         # The base: a vdm checkpoint (train.init_from), else the task's pretrained weights.
         self.base_path = os.path.abspath(init_from) if init_from else base.pretrained_source
         self.from_checkpoint = bool(init_from)
-        self._boxed = jax.eval_shape(  # the base's parameter shapes and logical axis names
-            base.init, jax.random.key(0), jax.tree.map(jnp.asarray, base.dummy_batch(1))
+        # The base's parameter shapes and logical axis names, and which adapted kernels a Linear
+        # computes x W + (x A)(s B) for (the rest are merged; ConfigError when nothing matches).
+        self._boxed, self.unmerged = lora.linear_targets(
+            base.init,
+            self.targets,
+            jax.random.key(0),
+            jax.tree.map(jnp.asarray, base.dummy_batch(1)),
         )
-        lora.targeted(self._boxed, self.targets)  # ConfigError now when nothing matches
 
     @property
     def tokens_per_example(self):
@@ -141,7 +147,10 @@ class LoraTask(Task):
 
     def loss(self, params, frozen, batch, key):
         frozen = jax.lax.stop_gradient(frozen)
-        return self.base.loss(self.merged(params, frozen), frozen[TASK], batch, key)
+        base = parallel.unbox(frozen[BASE])
+        return self.base.loss(
+            lora.attach(base, params, self.factor, self.unmerged), frozen[TASK], batch, key
+        )
 
     def evaluate(self, params, frozen, step, workdir):
         return self.base.evaluate(self.merged(params, frozen), frozen[TASK], step, workdir)
