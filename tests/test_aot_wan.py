@@ -108,6 +108,7 @@ def test_train_programs_are_the_wan_stage_step(built):
     full = wan_train.step_config(built.config, "train")
     lora = wan_train.step_config(built.config, "lora")
     assert full.optim.lora_rank == 0 and lora.optim.lora_rank == 32 and lora.optim.lora_alpha == 32
+    assert full.model.param_dtype == "float32" and lora.model.param_dtype == "bfloat16"
     task = wan_train.AbstractWanTask(full, built)
     assert isinstance(task, WanTask) and task.loss.__func__ is WanTask.loss
     assert task.module.config == TINY and task.module.remat == "block"

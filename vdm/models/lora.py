@@ -15,7 +15,10 @@ block remat would keep, one per block, from the forward to the backward) nor its
 gradient. A kernel of any other module (a conv, a user's layer) is merged instead, W + s A B
 inside the step. The base weights are a frozen input of the step: no optimizer state, no EMA,
 no gradient of their own. Sampling, evaluation and export use the merged weights (`apply`,
-`merge`); the two forms agree to float rounding, and exactly while B = 0.
+`merge`); the two forms agree to float rounding, and exactly while B = 0. Measured: Wan 1.3B
+LoRA on v6e:2x2 holds 0.06 GiB of temporaries per block instead of 0.62, with 6.6% fewer HLO
+FLOPs; on the CPU quickstart (rank 8, batch 32) the step is ~6% slower than merging (rank-8
+matmuls are thin), the price of one code path (docs/aot.md).
 
 Which kernels: `optim.lora_targets`, a regex searched in "/"-joined parameter paths
 ("block_0/attn/query/kernel"); "" selects `DEFAULT_TARGETS`.

@@ -12,8 +12,9 @@ latent cache: its `loss`, `init`, `dummy_batch` and `frozen` structure are WanTa
 
   train  `optim.lora_rank` forced to 0: every param trains (param_dtype float32 by default:
          12 bytes per param of state + 4 of gradients).
-  lora   `optim.lora_rank` / `lora_alpha` / `learning_rate` of configs/wan_finetune.py:lora when
-         the config sets no rank: adapters train, the base (param_dtype) is a frozen input.
+  lora   `optim.lora_rank` / `lora_alpha` / `learning_rate` and `model.param_dtype` (bfloat16) of
+         configs/wan_finetune.py:lora when the config sets no rank: adapters train (float32),
+         the base is a frozen input.
 """
 
 from __future__ import annotations
@@ -85,16 +86,17 @@ class AbstractWanTask(WanTask):
 
 def step_config(config, kind: str):
     """`config` for the "train" (lora_rank 0) or "lora" program (configs/wan_finetune.py:lora's
-    rank, alpha and learning rate unless the config sets a rank)."""
+    rank, alpha, learning rate and base param_dtype unless the config sets a rank)."""
     c = config.copy_and_resolve_references()
     with c.unlocked():
         c.stage = "wan"
         if kind == "train":
             c.optim.lora_rank = 0
         elif int(c.optim.get("lora_rank", 0) or 0) == 0:
-            ref = load_config_file(WAN_FINETUNE, "lora").optim
-            c.optim.update(lora_rank=ref.lora_rank, lora_alpha=ref.lora_alpha,
-                           learning_rate=ref.learning_rate)  # fmt: skip
+            ref = load_config_file(WAN_FINETUNE, "lora")
+            c.optim.update(lora_rank=ref.optim.lora_rank, lora_alpha=ref.optim.lora_alpha,
+                           learning_rate=ref.optim.learning_rate)  # fmt: skip
+            c.model.param_dtype = ref.model.param_dtype  # the frozen base's storage
     return c
 
 
@@ -125,8 +127,11 @@ def compile_train(b: WanBuilt, kind: str, full_depth: bool = False):
     desc = (
         f"stage 'wan' train step (vdm.train.step via vdm.train.setup.build, vdm.tasks.wan"
         f"{'' if kind == 'train' else ' + vdm.tasks.lora'}), {what}, batch {batch}, cached "
-        f"latents + UMT5 states, params {m.param_dtype}, compute {m.dtype}, remat {m.remat}"
-    )
+        f"latents + UMT5 states, "
+        + (f"params {m.param_dtype}" if kind == "train" else f"frozen base {m.param_dtype}, "
+           "adapters float32")
+        + f", compute {m.dtype}, remat {m.remat}"
+    )  # fmt: skip
     f = forward_flops(b.arch, b.tokens, TEXT_LENGTH)
     extra = splash_flops(b, batch * train_passes(config))
     return report(kind, desc, fig, b, extra_flops=extra, model_flops=3.0 * batch * f)
