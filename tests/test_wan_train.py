@@ -12,6 +12,7 @@ import shutil
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -19,6 +20,7 @@ import torch
 import wan_tiny
 
 import vdm
+from vdm import parallel
 from vdm.config import load_config
 from vdm.data import cache
 from vdm.data.cache import build
@@ -226,6 +228,25 @@ def test_lora_starts_as_the_base_trains_adapters_only_and_merges(tiny, tmp_path)
     q = safetensors.numpy.load_file(part)["blocks.0.attn1.to_q.weight"]
     kernel = np.asarray(merged["blocks_0"]["attn1"]["to_q"]["kernel"])
     np.testing.assert_array_equal(q, kernel.reshape(kernel.shape[0], -1).T)
+
+
+def test_lora_on_a_bfloat16_base_trains_float32_adapters(tiny, tmp_path):
+    # configs/wan_finetune.py:lora keeps the frozen base in bfloat16 (tests/test_aot_wan.py).
+    root, _ = tiny
+    config = wan_config(root, f"cache:{root}/cache", {**LORA, "model.param_dtype": "bfloat16"})
+    task = lora_task.wrap(get_task(config), config)
+    base = parallel.unbox(task.frozen()[lora_task.BASE])
+    kernel = base["blocks_0"]["attn1"]["to_q"]["kernel"]
+    _, pipe = load_transformer(f"{root}/pipe")
+    want = pipe["blocks_0"]["attn1"]["to_q"]["kernel"].astype(jnp.bfloat16)
+    assert kernel.dtype == jnp.bfloat16 and np.array_equal(kernel, want)
+    batch = cached_batch(task, root)
+    loss_fn = jax.jit(lambda p, b, k: task.loss(p, task.frozen(), b, k)[0])
+    before = heldout_loss(loss_fn, parallel.unbox(task.init(jax.random.key(0), batch)), batch)
+    state = train(config, str(tmp_path / "lora_bf16"))
+    leaves = jax.tree.leaves(state.params)
+    assert leaves and all(x.dtype == jnp.float32 for x in leaves)
+    assert heldout_loss(loss_fn, state.params, batch) < before
 
 
 def test_bad_wan_configs_are_named(tiny):
