@@ -370,14 +370,18 @@ def test_denoiser_lora_trains_exports_merged_and_samples(trained, tmp_path):
     assert "init_train_log" in out  # the base run's log travels with the merged model
     bundled = pipeline.load_pipeline(bundle_dir)
     jax.tree.map(np.testing.assert_array_equal, bundled.params, want)
-    # Unmerged (W + s A B formed inside the jitted forward, as the train step does) equals the
-    # exported merged weights' output to float rounding.
+    # Unmerged (the train step's form: each Linear computes x W + (x A)(s B), lora.attach)
+    # equals the exported merged weights' output to float rounding.
     z = jax.random.normal(jax.random.key(3), (1, *run.latent_shape))
     ctx, mask = jnp.ones((1, 12, run.text.dim)), jnp.ones((1, 12), jnp.int32)
     t = jnp.full((1,), 0.5)
     fwd = lambda p: run.model.apply({"params": p}, z, t, ctx, mask)  # noqa: E731
+    init = lambda key: run.model.init(key, z, t, ctx, mask)["params"]  # noqa: E731
+    _, linear = lora.linear_targets(init, config.optim.lora_targets, jax.random.key(0))
+    assert {p.rsplit("/", 1)[0] for p in linear} == paths  # every adapted kernel is a Linear's
     factor = lora.scale(2, config.optim.lora_alpha)
-    unmerged = jax.jit(lambda b, ad: fwd(lora.apply(b, ad, factor)))(base, state.ema_params)
+    attach = lambda b, ad: fwd(lora.attach(b, ad, factor, linear))  # noqa: E731
+    unmerged = jax.jit(attach)(base, state.ema_params)
     np.testing.assert_allclose(unmerged, jax.jit(fwd)(bundled.params), rtol=1e-5, atol=1e-5)
     assert not np.allclose(unmerged, jax.jit(fwd)(base), atol=1e-6)
     video = bundled(prompt, seed=0, settings=bundled.settings.override(num_steps=2))
