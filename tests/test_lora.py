@@ -38,18 +38,18 @@ def tiny_denoiser():
     t, mask = jnp.full((1,), 0.3), jnp.ones((1, 5), jnp.int32)
     boxed = jax.jit(model.init)(jax.random.key(0), z, t, ctx, mask)["params"]
     forward = jax.jit(lambda p: model.apply({"params": p}, z, t, ctx, mask))
-    forward.init = lambda key: model.init(key, z, t, ctx, mask)["params"]
+    init = lambda key: model.init(key, z, t, ctx, mask)["params"]  # noqa: E731
     # adaLN-Zero makes a fresh denoiser output 0: perturb every weight to get a real function.
     leaves, tree = jax.tree.flatten(parallel.unbox(boxed))
     keys = jax.random.split(jax.random.key(2), len(leaves))
     params = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
     params = jax.tree.unflatten(tree, params)
     assert float(jnp.abs(forward(params)).mean()) > 1e-3
-    return boxed, params, forward
+    return boxed, params, forward, init
 
 
 def test_adapters_start_as_the_base_and_shard_like_their_kernels():
-    boxed, params, forward = tiny_denoiser()
+    boxed, params, forward, _ = tiny_denoiser()
     adapters = lora.init_adapters(jax.random.key(1), boxed, 4, "")
     flat = flax.traverse_util.flatten_dict(adapters, sep="/")
     paths = {k.rsplit("/", 1)[0] for k in flat}
@@ -67,7 +67,7 @@ def test_adapters_start_as_the_base_and_shard_like_their_kernels():
 
 
 def test_apply_is_the_flattened_low_rank_product():
-    boxed, params, forward = tiny_denoiser()
+    boxed, params, forward, _ = tiny_denoiser()
     adapters = parallel.unbox(lora.init_adapters(jax.random.key(1), boxed, 3, "query/kernel$"))
     adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # a nonzero B
     merged = lora.apply(params, adapters, 0.5)
@@ -94,8 +94,8 @@ def _dot_shapes(jaxpr) -> set:
 
 
 def test_attached_adapters_are_the_merged_model_without_a_kernel_sized_tensor():
-    boxed, params, forward = tiny_denoiser()
-    abstract, paths = lora.linear_targets(forward.init, "", jax.random.key(0))
+    boxed, params, forward, init = tiny_denoiser()
+    abstract, paths = lora.linear_targets(init, "", jax.random.key(0))
     assert jax.tree.structure(abstract) == jax.tree.structure(boxed)
     # Every default target of the denoiser is a Linear's kernel, so none is merged in training.
     assert sorted(paths) == lora.targeted(boxed, "") and len(paths) == 14

@@ -235,13 +235,14 @@ def test_lora_on_a_bfloat16_base_trains_float32_adapters(tiny, tmp_path):
     root, _ = tiny
     config = wan_config(root, f"cache:{root}/cache", {**LORA, "model.param_dtype": "bfloat16"})
     task = lora_task.wrap(get_task(config), config)
-    base = parallel.unbox(task.frozen()[lora_task.BASE])
+    frozen = task.frozen()
+    base = parallel.unbox(frozen[lora_task.BASE])
     kernel = base["blocks_0"]["attn1"]["to_q"]["kernel"]
     _, pipe = load_transformer(f"{root}/pipe")
     want = pipe["blocks_0"]["attn1"]["to_q"]["kernel"].astype(jnp.bfloat16)
     assert kernel.dtype == jnp.bfloat16 and np.array_equal(kernel, want)
     batch = cached_batch(task, root)
-    loss_fn = jax.jit(lambda p, b, k: task.loss(p, task.frozen(), b, k)[0])
+    loss_fn = jax.jit(lambda p, b, k: task.loss(p, frozen, b, k)[0])
     before = heldout_loss(loss_fn, parallel.unbox(task.init(jax.random.key(0), batch)), batch)
     state = train(config, str(tmp_path / "lora_bf16"))
     leaves = jax.tree.leaves(state.params)
